@@ -1,0 +1,29 @@
+"""Version-dependent imports, kept in one place (JAX 0.10.2 on CPU, 0.11.x on GPU)."""
+
+import jax
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def gpu_interpret_params():
+  """The Mosaic-GPU interpreter params class, public on 0.11, private on 0.10."""
+  try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is not None:
+      return cls
+  except ImportError:
+    pass
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret import InterpretGPUParams  # type: ignore
+    return InterpretGPUParams
+  except ImportError:
+    return None
+
+
+def auto_mesh(shape, names, devices=None):
+  """A mesh whose axes are all AxisType.Auto (sharding by constraints, not types)."""
+  axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+  if devices is None:
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types)
+  return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
