@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from flax.core import FrozenDict
+
 from jaxlab.config import ConfigError, require
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-  """RoPE frequency scaling as in HF `rope_scaling` (kind: linear, llama3, yarn, dynamic)."""
+  """RoPE frequency scaling as in HF `rope_scaling` (kind: linear, llama3, yarn)."""
   kind: str = "linear"
   factor: float = 1.0
   # llama3
@@ -26,8 +28,8 @@ class RopeScaling:
   truncate: bool = True
 
   def __post_init__(self):
-    require(self.kind in ("linear", "llama3", "yarn", "dynamic"), "RopeScaling", "kind",
-            f"unknown RoPE scaling {self.kind!r} (known: linear, llama3, yarn, dynamic)")
+    require(self.kind in ("linear", "llama3", "yarn"), "RopeScaling", "kind",
+            f"unknown RoPE scaling {self.kind!r} (known: linear, llama3, yarn)")
     require(self.factor > 0, "RopeScaling", "factor", f"must be > 0, got {self.factor}")
 
 
@@ -59,6 +61,10 @@ class ModelConfig:
 
   def __post_init__(self):
     c = "ModelConfig"
+    # Hashable, immutable options: the config is static metadata under jax.jit.
+    object.__setattr__(self, "mixer_options", FrozenDict(self.mixer_options))
+    if self.mixer_pattern is not None:
+      object.__setattr__(self, "mixer_pattern", tuple(self.mixer_pattern))
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
       v = getattr(self, f)
       require(isinstance(v, int) and v > 0, c, f, f"must be a positive integer, got {v!r}")

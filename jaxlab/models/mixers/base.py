@@ -53,6 +53,7 @@ _REGISTRY: dict[str, MixerFactory] = {}
 # do not cost import time and a broken one does not break the others).
 _LAZY = {
     "attention": "jaxlab.models.mixers.attention",
+    "nope": "jaxlab.models.mixers.attention",
     "path": "jaxlab.models.mixers.path",
     "path_fox": "jaxlab.models.mixers.path",
     "fox": "jaxlab.models.mixers.path",

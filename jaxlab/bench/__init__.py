@@ -1,0 +1,1 @@
+"""Benchmarks behind `jaxlab bench ...`; results are recorded in docs/benchmarks.md."""

@@ -1,0 +1,1 @@
+"""Command-line command groups (see jaxlab/cli.py)."""
