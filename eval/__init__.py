@@ -1,1 +1,1 @@
-"""jaxlab eval."""
+"""jaxlab eval: evaluation code (calibration: RLCR calibration metrics and test-time scaling)."""

@@ -27,3 +27,21 @@ def auto_mesh(shape, names, devices=None):
   if devices is None:
     return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types)
   return jax.make_mesh(tuple(shape), tuple(names), axis_types=axis_types, devices=devices)
+
+
+def mosaic_gpu_interpret_params():
+  """InterpretGPUParams: public `plgpu` name on 0.11; on 0.10.2 it lives in
+  `jax._src.pallas.mosaic_gpu.interpret.params` (not re-exported by the
+  package __init__, so `gpu_interpret_params` above finds nothing there)."""
+  try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is not None:
+      return cls
+  except ImportError:
+    pass
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # type: ignore
+    return InterpretGPUParams
+  except ImportError:
+    return None

@@ -1,0 +1,275 @@
+"""`jaxlab bench decode`: batch-1 decode step, ms/token and achieved bandwidth.
+
+Variants (each decodes the same greedy continuation from the same cache):
+  pallas        jaxlab/models/decode.py with the kernels/ Pallas kernels (unrolled layers)
+  xla-unrolled  the same step with the XLA reference ops, per-layer caches, donated state
+  xla-scan      the XLA step over stacked layers (lax.scan), cache rows written in place
+  model         the LM's own `extend` (what `jaxlab generate` runs), donated cache
+
+Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
+cache read. Bandwidth is compared with a lone large bf16 GEMV timed in the same
+run (the practical ceiling on this device; see docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONFIGS = {
+    # name: (ModelConfig kwargs, default kv_len, GEMV reference size)
+    "tiny": (dict(vocab_size=512, d_model=128, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32,
+                  ffn_dim=256, init_std=0.3, param_dtype="float32"), 64, 1024),
+    "llama-1b-bench": (dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                            head_dim=64, ffn_dim=8192, rope_theta=500000.0, tie_embeddings=True,
+                            param_dtype="bfloat16"), 1024, 16384),
+    "llama-8b-bench": (dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                            n_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=500000.0,
+                            tie_embeddings=False, param_dtype="bfloat16"), 1024, 16384),
+}
+VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model")
+
+
+def add_arguments(p: argparse.ArgumentParser):
+  p.add_argument("--config", default="llama-1b-bench", choices=sorted(CONFIGS),
+                 help="model shape (tiny runs on CPU in seconds)")
+  p.add_argument("--kv-len", type=int, default=None,
+                 help="cache length when timing starts (default: 1024, tiny: 64)")
+  p.add_argument("--steps", type=int, default=64, help="timed decode steps")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help=f"comma-separated subset of {','.join(VARIANTS)}")
+  p.add_argument("--interpret", default=None, choices=("hlo", "mosaic"),
+                 help="force a Pallas interpreter (default: interpret only on CPU)")
+  p.add_argument("--kernel-options", default=None,
+                 help='JSON per-op block options, e.g. \'{"decode_attention": {"num_splits": 8}}\'')
+  p.add_argument("--gemv-size", type=int, default=None,
+                 help="side of the square bf16 reference GEMV (default 16384; tiny: 1024)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _weight_bytes(cfg) -> int:
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  D, F, Dh = cfg.d_model, cfg.hidden_dim, cfg.dim_per_head
+  per_layer = D * (cfg.n_heads + 2 * cfg.kv_heads) * Dh + cfg.n_heads * Dh * D + 3 * D * F + 2 * D
+  return item * (cfg.n_layers * per_layer + cfg.vocab_size * D + D)
+
+
+def _kv_bytes(cfg, length: float) -> float:
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  return item * 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * length
+
+
+def _time(fn, repeats: int) -> float:
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def gemv_bandwidth(n: int, repeats: int, iters: int = 20) -> dict:
+  """GB/s of a lone y = W x with W [n, n] bf16 through XLA (the reference ceiling)."""
+  w = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(2), (n,), jnp.bfloat16)
+  f = jax.jit(lambda w, x: w @ x)
+  f(w, x).block_until_ready()
+
+  def run():
+    y = None
+    for _ in range(iters):
+      y = f(w, x)
+    y.block_until_ready()
+
+  s = _time(run, repeats) / iters
+  return dict(n=n, ms=1e3 * s, gbps=(n * n * 2 + 4 * n) / s / 1e9)
+
+
+def _random_cache(cfg, cache_len: int, key):
+  """Per-layer random K and V [Hkv, S, Dh]: timing does not depend on the values,
+  and every variant starts from the same cache."""
+  shape = (cfg.kv_heads, cache_len, cfg.dim_per_head)
+  dt = jnp.dtype(cfg.param_dtype)
+  ks = jax.random.split(key, 2 * cfg.n_layers)
+  k = [jax.random.normal(ks[2 * i], shape, jnp.float32).astype(dt) for i in range(cfg.n_layers)]
+  v = [jax.random.normal(ks[2 * i + 1], shape, jnp.float32).astype(dt)
+       for i in range(cfg.n_layers)]
+  return k, v
+
+
+def _synthetic_state(dec, cfg, pos: int, key):
+  k, v = _random_cache(cfg, dec.cache_len, key)
+  if dec.layers == "scan":
+    return dict(k=jnp.stack(k), v=jnp.stack(v), pos=jnp.int32(pos))
+  return dict(k=tuple(k), v=tuple(v), pos=jnp.int32(pos))
+
+
+def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key):
+  """Compile, warm up, then time `steps` chained greedy steps (no host syncs)."""
+  out = {}
+  state = _synthetic_state(dec, cfg, kv_len, key)
+  tok = jnp.int32(first_token)
+  t = time.perf_counter()
+  _, tok, state = dec.step_fn(dec.weights, state, tok)
+  tok.block_until_ready()
+  out["compile_s"] = time.perf_counter() - t
+  for _ in range(warmup):
+    _, tok, state = dec.step_fn(dec.weights, state, tok)
+  tok.block_until_ready()
+  ts, tokens = [], []
+  for _ in range(repeats):
+    toks = []
+    t = time.perf_counter()
+    for _ in range(steps):
+      _, tok, state = dec.step_fn(dec.weights, state, tok)
+      toks.append(tok)
+    tok.block_until_ready()
+    ts.append(time.perf_counter() - t)
+    tokens = [int(x) for x in toks]
+  out["ms_per_token"] = 1e3 * statistics.median(ts) / steps
+  out["tokens"] = tokens
+  return out
+
+
+def _run_model(model, cfg, kv_len, max_len, first_token, steps, warmup, repeats, key):
+  """The LM's own extend path with a donated cache (B = 1)."""
+  from flax import nnx
+  graphdef, mstate = nnx.split(model)
+
+  from jaxlab.models.decode import SLOT_MULTIPLE
+  cache_len = -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE   # as make_decoder rounds
+  ks, vs = _random_cache(cfg, cache_len, key)
+  m0 = nnx.merge(graphdef, mstate)
+  empty = m0.init_cache(1, cache_len)
+  layers = tuple(dict(c, k=jnp.transpose(k, (1, 0, 2))[None], v=jnp.transpose(v, (1, 0, 2))[None],
+                      valid=jnp.arange(cache_len)[None] < kv_len, index=jnp.int32(kv_len))
+                 for c, k, v in zip(empty["layers"], ks, vs))
+  cache = dict(layers=layers, next_pos=jnp.full((1,), kv_len, jnp.int32))
+  del ks, vs
+
+  def _step(mstate, cache, tok):
+    m = nnx.merge(graphdef, mstate)
+    logits, cache = m.extend(tok.reshape(1, 1), cache)
+    return jnp.argmax(logits[0, 0]).astype(jnp.int32), cache
+
+  step = jax.jit(_step, donate_argnums=(1,))
+  tok = jnp.int32(first_token)
+  out = {}
+  t = time.perf_counter()
+  tok, cache = step(mstate, cache, tok)
+  tok.block_until_ready()
+  out["compile_s"] = time.perf_counter() - t
+  for _ in range(warmup):
+    tok, cache = step(mstate, cache, tok)
+  tok.block_until_ready()
+  ts = []
+  for _ in range(repeats):
+    toks = []
+    t = time.perf_counter()
+    for _ in range(steps):
+      tok, cache = step(mstate, cache, tok)
+      toks.append(tok)
+    tok.block_until_ready()
+    ts.append(time.perf_counter() - t)
+    out["tokens"] = [int(x) for x in toks]
+  out["ms_per_token"] = 1e3 * statistics.median(ts) / steps
+  return out
+
+
+def run(args) -> dict:
+  from flax import nnx
+
+  from jaxlab.models import LM, ModelConfig
+  from jaxlab.models.decode import make_decoder
+  kwargs, default_kv, default_gemv = CONFIGS[args.config]
+  cfg = ModelConfig(**kwargs)
+  kv_len = args.kv_len if args.kv_len is not None else default_kv
+  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"--variants: unknown variant {v!r} (known: {', '.join(VARIANTS)})")
+  opts = json.loads(args.kernel_options) if args.kernel_options else None
+  backend = jax.default_backend()
+  dev = jax.devices()[0]
+  res = dict(config=args.config, device=getattr(dev, "device_kind", str(dev)), backend=backend,
+             jax=jax.__version__, dtype=cfg.param_dtype, kv_len=kv_len, steps=args.steps,
+             weight_bytes=_weight_bytes(cfg), variants={})
+  if backend == "cpu":
+    res["note"] = ("CPU backend: the Pallas kernels run in interpret mode, so their timings are "
+                   "meaningless (and XLA CPU timings say nothing about a GPU)")
+  res["gemv"] = gemv_bandwidth(args.gemv_size or default_gemv, args.repeats)
+  model = LM(cfg, rngs=nnx.Rngs(args.seed))
+  total = args.warmup + 1 + args.repeats * args.steps
+  max_len = kv_len + total
+  key = jax.random.key(args.seed + 1)
+  first = 1
+  mean_len = kv_len + 1 + args.warmup + (args.repeats * args.steps) / 2
+  bytes_tok = res["weight_bytes"] + _kv_bytes(cfg, mean_len)
+  res["bytes_per_token"] = bytes_tok
+  for v in variants:
+    if v == "model":
+      r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
+                     key)
+    else:
+      impl, layers = {"pallas": ("pallas", "unrolled"), "xla-unrolled": ("xla", "unrolled"),
+                      "xla-scan": ("xla", "scan")}[v]
+      dec = make_decoder(model, impl, max_len, layers=layers,
+                         interpret=args.interpret if impl == "pallas" else None,
+                         kernel_options=opts if impl == "pallas" else None)
+      r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
+      del dec
+    r["gbps"] = bytes_tok / (r["ms_per_token"] * 1e-3) / 1e9
+    r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
+    res["variants"][v] = r
+  ref = res["variants"].get("xla-unrolled", {}).get("tokens")
+  for v, r in res["variants"].items():
+    if ref is not None and "tokens" in r:
+      r["tokens_match_xla"] = f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}"
+  return res
+
+
+def format_table(res: dict) -> str:
+  g = res["gemv"]
+  lines = [f"config {res['config']}  device {res['device']} ({res['backend']}, jax {res['jax']})  "
+           f"dtype {res['dtype']}  kv_len {res['kv_len']}  steps {res['steps']}",
+           f"bytes/token {res['bytes_per_token'] / 1e6:.1f} MB (weights "
+           f"{res['weight_bytes'] / 1e6:.1f} MB + live KV cache)",
+           f"lone GEMV {g['n']}x{g['n']} bf16: {g['ms']:.3f} ms, {g['gbps']:.1f} GB/s "
+           "(reference bandwidth)"]
+  if "note" in res:
+    lines.append(f"NOTE: {res['note']}")
+  lines.append(f"{'variant':14s} {'ms/token':>9s} {'GB/s':>8s} {'of GEMV':>8s} {'compile s':>9s}"
+               f" {'tokens=xla':>10s}")
+  for v, r in res["variants"].items():
+    lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} "
+                 f"{r['compile_s']:9.1f} {r.get('tokens_match_xla', '-'):>10s}")
+  return "\n".join(lines)
+
+
+def main(args) -> int:
+  res = run(args)
+  print(format_table(res))
+  if args.json:
+    out = {k: v for k, v in res.items()}
+    out["variants"] = {k: {kk: vv for kk, vv in v.items() if kk != "tokens"}
+                       for k, v in res["variants"].items()}
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_arguments(p)
+  sys.exit(main(p.parse_args()))

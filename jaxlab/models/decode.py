@@ -1,0 +1,372 @@
+"""Batch-1 decode driver built from the kernels/ ops (issue 7, FlashFormer).
+
+One decode step of the jaxlab LM, op by op, each behind an explicit impl:
+
+  x = embed[token]
+  per layer:  qkv = rmsnorm_qkv(x)            (fused RMSNorm + QKV GEMV, + bias)
+              q, K, V = rope_append(qkv, pos)  (RoPE on q and k, cache row write)
+              o = decode_attention(q, K, V, pos + 1)   (split-K GQA, (m, l, o) merge)
+              x = out_proj_residual(o, x)
+              x = rmsnorm_swiglu(x)            (fused RMSNorm + SwiGLU + residual)
+  logits, token = lm_head_argmax(x)            (final norm + LM head + argmax)
+
+impl="xla" runs the fp32 references of the same ops (a plain-XLA decode step),
+impl="pallas" the Mosaic-GPU kernels (interpreted on CPU).
+
+Usage (what `jaxlab generate --impl pallas` does):
+
+    dec = make_decoder(model, impl="pallas", max_len=len(prompt) + n)
+    logits, state = dec.prefill(prompt)             # logits [V] fp32
+    tok = int(jnp.argmax(logits))
+    for _ in range(n - 1):
+      logits, greedy, state = dec.step(state, tok)  # greedy: int32 argmax of logits
+      tok = int(greedy)                             # or sample from logits
+
+Prefill runs the model's own `extend` (XLA) and converts its cache to the
+head-major layout [Hkv, S, Dh] the kernels stream.
+
+Positions: the cache has `max_len` usable slots. `Decoder.step` raises
+ValueError naming the position when the state is full; the jitted
+`Decoder.step_fn` (traced positions) cannot raise, so it returns NaN logits,
+token -1 and leaves the cache untouched instead (no silent wrap or clamp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlab.models.config import ModelConfig
+from jaxlab.models.rope import rope_cos_sin, rope_frequencies
+
+IMPLS = ("xla", "pallas")
+LAYER_MODES = ("unrolled", "scan")
+SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
+
+
+def _check_model(cfg: ModelConfig):
+  bad = [i for i in range(cfg.n_layers) if cfg.layer_mixer(i) not in ("attention", "nope")]
+  if bad:
+    raise ValueError(f"make_decoder: layer {bad[0]} uses mixer {cfg.layer_mixer(bad[0])!r}; the "
+                     "batch-1 decode kernels support softmax attention layers only")
+  if cfg.qk_norm:
+    raise ValueError("make_decoder: ModelConfig.qk_norm=True is not supported by the batch-1 "
+                     "decode kernels")
+  if cfg.mlp_bias:
+    raise ValueError("make_decoder: ModelConfig.mlp_bias=True is not supported by the batch-1 "
+                     "decode kernels")
+  if cfg.dim_per_head % 2:
+    raise ValueError(f"make_decoder: head_dim={cfg.dim_per_head} must be even (RoPE)")
+
+
+def _check_args(impl: str, max_len: int, layers: str):
+  if impl not in IMPLS:
+    raise ValueError(f"make_decoder: unknown impl {impl!r} (known: {', '.join(IMPLS)})")
+  if layers not in LAYER_MODES:
+    raise ValueError(f"make_decoder: unknown layers {layers!r} (known: {', '.join(LAYER_MODES)})")
+  if layers == "scan" and impl != "xla":
+    raise ValueError("make_decoder: layers='scan' is only supported with impl='xla'")
+  if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+    raise ValueError(f"make_decoder: max_len must be a positive integer, got {max_len!r}")
+
+
+def prepare_weights(model) -> dict[str, Any]:
+  """Decode-layout copies of the model's parameters (done once per decoder).
+
+  GEMV weights are stored [out, in] so each output is one contiguous row;
+  Q, K and V are concatenated into one matrix (one GEMV); the down projection
+  keeps its natural [F, D] layout (the MLP kernel splits over F).
+  """
+  cfg: ModelConfig = model.cfg
+  _check_model(cfg)
+  layers = []
+  for blk in model.layers:
+    att, mlp = blk.mixer, blk.mlp
+    w_qkv = jnp.concatenate([att.q_proj.kernel[...], att.k_proj.kernel[...],
+                             att.v_proj.kernel[...]], axis=1)
+    lw = dict(
+        attn_norm=blk.input_norm.scale[...],
+        w_qkv_t=jnp.asarray(w_qkv.T),
+        w_o_t=jnp.asarray(att.o_proj.kernel[...].T),
+        mlp_norm=blk.post_norm.scale[...],
+        w_gate_t=jnp.asarray(mlp.gate_proj.kernel[...].T),
+        w_up_t=jnp.asarray(mlp.up_proj.kernel[...].T),
+        w_down=mlp.down_proj.kernel[...],
+    )
+    if att.q_proj.bias is not None:
+      lw["b_qkv"] = jnp.concatenate([att.q_proj.bias[...], att.k_proj.bias[...],
+                                     att.v_proj.bias[...]])
+    layers.append(lw)
+  head = (model.embed.embedding[...] if model.lm_head is None
+          else jnp.asarray(model.lm_head.kernel[...].T))
+  return dict(layers=layers, embed=model.embed.embedding[...],
+              final_norm=model.final_norm.scale[...], w_head_t=head)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Static facts of one decoder (hashable: closed over by the jitted steps)."""
+  n_layers: int
+  n_heads: int
+  n_kv: int
+  head_dim: int
+  eps: float
+  use_rope: tuple[bool, ...]
+  inv_freq: tuple[float, ...]
+  attn_factor: float
+  max_len: int
+  cache_len: int
+  impl: str
+  layers: str
+  interpret: Any
+  options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+  def opts(self, op: str) -> dict:
+    return dict(dict(self.options).get(op, ()))
+
+
+def _ops():
+  from kernels.decode_attention import decode_attention
+  from kernels.lm_head_argmax import lm_head_argmax
+  from kernels.out_proj_residual import out_proj_residual
+  from kernels.rmsnorm_qkv import rmsnorm_qkv
+  from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+  from kernels.rope_append import rope_append
+  return rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, rmsnorm_swiglu, \
+      lm_head_argmax
+
+
+def _rope(spec: _Spec, pos):
+  cos, sin = rope_cos_sin(jnp.reshape(pos, (1, 1)), np.asarray(spec.inv_freq), spec.attn_factor)
+  return cos[0, 0], sin[0, 0]
+
+
+def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
+  """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
+  rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, rmsnorm_swiglu, _ = _ops()
+  kw = dict(impl=spec.impl)
+  if spec.impl == "pallas":
+    kw["interpret"] = spec.interpret
+  qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps, **kw,
+                    **spec.opts("rmsnorm_qkv"))
+  if not use_rope:   # "nope" layers: identity rotation
+    cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
+  q, k, v = rope_append(qkv, cos, sin, k, v, pos, n_heads=spec.n_heads, n_kv_heads=spec.n_kv,
+                        **kw)
+  length = jnp.minimum(pos + 1, spec.cache_len)
+  o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
+                       **spec.opts("decode_attention"))
+  x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, **kw, **spec.opts("out_proj_residual"))
+  x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
+                     eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu"))
+  return x, k, v
+
+
+def _head(spec: _Spec, weights, x, pos):
+  *_, lm_head_argmax = _ops()
+  kw = dict(impl=spec.impl)
+  if spec.impl == "pallas":
+    kw["interpret"] = spec.interpret
+  logits, tok = lm_head_argmax(x, weights["final_norm"], weights["w_head_t"], eps=spec.eps, **kw,
+                               **spec.opts("lm_head_argmax"))
+  ok = pos < spec.max_len
+  return jnp.where(ok, logits, jnp.nan), jnp.where(ok, tok, -1).astype(jnp.int32)
+
+
+def _step_unrolled(spec: _Spec, weights, state, token):
+  pos = state["pos"]
+  x = weights["embed"][token]
+  cos, sin = _rope(spec, pos)
+  ks, vs = [], []
+  for l, lw in enumerate(weights["layers"]):
+    x, k, v = _layer(spec, lw, x, state["k"][l], state["v"][l], pos, cos, sin,
+                     spec.use_rope[l])
+    ks.append(k)
+    vs.append(v)
+  logits, tok = _head(spec, weights, x, pos)
+  return logits, tok, dict(k=tuple(ks), v=tuple(vs), pos=pos + 1)
+
+
+def _step_scan(spec: _Spec, weights, state, token):
+  """Plain-XLA step over stacked layers: the cache row is written in place into the
+  stacked carry, and attention reads layer l's slab by dynamic slice (fused by XLA)."""
+  from kernels.decode_attention.reference import decode_attention
+  from kernels.out_proj_residual.reference import out_proj_residual
+  from kernels.rmsnorm_qkv.reference import rmsnorm_qkv
+  from kernels.rmsnorm_swiglu.reference import rmsnorm_swiglu
+  from kernels.rope_append.reference import rotate, split_qkv
+  if len(set(spec.use_rope)) > 1:
+    raise ValueError("layers='scan' needs the same mixer (attention or nope) in every layer")
+  pos = state["pos"]
+  x = weights["embed"][token]
+  cos, sin = _rope(spec, pos)
+  if not spec.use_rope[0]:
+    cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
+  ok = pos < spec.max_len
+  at = jnp.minimum(pos, spec.cache_len - 1)
+  length = jnp.minimum(pos + 1, spec.cache_len)
+
+  def body(carry, lw):
+    x, K, V, l = carry
+    qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps)
+    q, k, v = split_qkv(qkv, spec.n_heads, spec.n_kv)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    old_k = jax.lax.dynamic_slice(K, (l, 0, at, 0), (1, spec.n_kv, 1, spec.head_dim))
+    old_v = jax.lax.dynamic_slice(V, (l, 0, at, 0), (1, spec.n_kv, 1, spec.head_dim))
+    k = jnp.where(ok, k.astype(K.dtype)[None, :, None], old_k)
+    v = jnp.where(ok, v.astype(V.dtype)[None, :, None], old_v)
+    K = jax.lax.dynamic_update_slice(K, k, (l, 0, at, 0))
+    V = jax.lax.dynamic_update_slice(V, v, (l, 0, at, 0))
+    o = decode_attention(q, K[l], V[l], length, scale=spec.head_dim ** -0.5)
+    x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x)
+    x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
+                       eps=spec.eps)
+    return (x, K, V, l + 1), None
+
+  (x, K, V, _), _ = jax.lax.scan(body, (x, state["k"], state["v"], jnp.int32(0)),
+                                 weights["layers"])
+  logits, tok = _head(dataclasses.replace(spec, impl="xla"), weights, x, pos)
+  return logits, tok, dict(k=K, v=V, pos=pos + 1)
+
+
+@dataclasses.dataclass
+class Decoder:
+  """Jitted batch-1 prefill and decode step bound to prepared weights.
+
+  prefill(tokens) -> (logits [V] fp32, state)
+  step(state, token) -> (logits [V] fp32, greedy token int32, state)   (state donated)
+  prefill_fn(model_state, tokens_T), step_fn(weights, state, token): the raw
+  jitted functions (no host-side position check; see the module docstring).
+  """
+  impl: str
+  max_len: int
+  cache_len: int
+  layers: str
+  weights: dict
+  model_state: Any
+  prefill_fn: Callable
+  step_fn: Callable
+
+  def prefill(self, tokens: Sequence[int] | jax.Array):
+    toks = jnp.asarray(tokens, jnp.int32).reshape(-1)
+    if toks.shape[0] == 0:
+      raise ValueError("prefill: empty prompt")
+    if toks.shape[0] > self.max_len:
+      raise ValueError(f"prefill: prompt of {toks.shape[0]} tokens does not fit max_len="
+                       f"{self.max_len}")
+    return self.prefill_fn(self.model_state, toks)
+
+  def step(self, state, token):
+    pos = int(state["pos"])
+    if not 0 <= pos < self.max_len:
+      raise ValueError(f"decode step: position {pos} is past the end of the KV cache "
+                       f"(max_len={self.max_len}); make a decoder with a larger max_len")
+    return self.step_fn(self.weights, state, jnp.asarray(token, jnp.int32))
+
+
+def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
+                 interpret: bool | str | None = None,
+                 kernel_options: Mapping[str, Mapping[str, Any]] | None = None) -> Decoder:
+  """Batch-1 decoder for a jaxlab LM (softmax-attention layers).
+
+  impl: "xla" (reference ops) or "pallas" (Mosaic-GPU kernels; interpreted on
+  CPU, see kernels/_common.resolve_interpret for `interpret`).
+  layers: "unrolled" (per-layer weights and caches, both impls) or "scan"
+  (stacked layers, impl="xla" only: a Pallas kernel inside a scan would get a
+  copied per-layer slice as its operand).
+  kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
+  """
+  _check_args(impl, max_len, layers)
+  cfg: ModelConfig = model.cfg
+  weights = prepare_weights(model)
+  if layers == "scan":
+    weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
+  step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
+                                     kernel_options=kernel_options)
+  graphdef, mstate = nnx.split(model)
+  return Decoder(impl=impl, max_len=max_len, cache_len=cache_len, layers=layers, weights=weights,
+                 model_state=mstate, prefill_fn=_prefill_fn(graphdef, cache_len, layers),
+                 step_fn=step_fn)
+
+
+def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "unrolled",
+                  interpret: bool | str | None = None,
+                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None):
+  """(jitted step_fn(weights, state, token) -> (logits, token, state), cache_len).
+
+  Usable on abstract inputs, e.g. to lower the step for another platform."""
+  _check_args(impl, max_len, layers)
+  _check_model(cfg)
+  inv_freq, attn_factor = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+  cache_len = -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE
+  from kernels._common import resolve_interpret
+  spec = _Spec(
+      n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv=cfg.kv_heads, head_dim=cfg.dim_per_head,
+      eps=cfg.norm_eps, use_rope=tuple(cfg.layer_mixer(i) == "attention"
+                                       for i in range(cfg.n_layers)),
+      inv_freq=tuple(float(f) for f in inv_freq), attn_factor=float(attn_factor),
+      max_len=max_len, cache_len=cache_len, impl=impl, layers=layers,
+      interpret=resolve_interpret(interpret) if impl == "pallas" else None,
+      options=tuple(sorted((op, tuple(sorted(dict(o).items())))
+                           for op, o in (kernel_options or {}).items())))
+  return _step_fn(spec), cache_len
+
+
+def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", pos: int = 0):
+  """An empty decode state: per-layer caches [Hkv, S, Dh] (stacked for layers='scan')."""
+  shape = (cfg.kv_heads, cache_len, cfg.dim_per_head)
+  dt = jnp.dtype(cfg.param_dtype)
+  ks = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+  vs = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+  if layers == "scan":
+    ks, vs = jnp.stack(ks), jnp.stack(vs)
+  return dict(k=ks, v=vs, pos=jnp.int32(pos))
+
+
+@functools.lru_cache(maxsize=32)
+def _prefill_fn(graphdef, cache_len: int, layers: str):
+  """Jitted prefill through the model's own `extend` (XLA); cached per model
+  structure so that decoders of the same model share compilations."""
+
+  @jax.jit
+  def prefill_fn(model_state, tokens_T):
+    m = nnx.merge(graphdef, model_state)
+    T = tokens_T.shape[0]
+    cache = m.init_cache(1, cache_len)
+    logits, cache = m.extend(tokens_T[None], cache)
+    ks = tuple(jnp.transpose(c["k"][0], (1, 0, 2)) for c in cache["layers"])
+    vs = tuple(jnp.transpose(c["v"][0], (1, 0, 2)) for c in cache["layers"])
+    if layers == "scan":
+      ks, vs = jnp.stack(ks), jnp.stack(vs)
+    return logits[0, -1], dict(k=ks, v=vs, pos=jnp.int32(T))
+
+  return prefill_fn
+
+
+@functools.lru_cache(maxsize=32)
+def _step_fn(spec: _Spec):
+  step_impl = _step_scan if spec.layers == "scan" else _step_unrolled
+  return jax.jit(functools.partial(step_impl, spec), donate_argnums=(1,))
+
+
+def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
+                  max_len: int | None = None, interpret: bool | str | None = None,
+                  layers: str = "unrolled") -> np.ndarray:
+  """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n])."""
+  if n < 1:
+    raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
+  max_len = len(prompt_tokens) + n if max_len is None else max_len
+  dec = make_decoder(model, impl, max_len, layers=layers, interpret=interpret)
+  logits, state = dec.prefill(prompt_tokens)
+  tok = jnp.argmax(logits).astype(jnp.int32)
+  out = [tok]
+  for _ in range(n - 1):
+    _, tok, state = dec.step(state, tok)
+    out.append(tok)
+  return np.asarray(jnp.stack(out))

@@ -1,0 +1,259 @@
+"""Shared plumbing for the batch-1 decode kernels: impl checks, interpret mode,
+Mosaic-GPU layout helpers, block-size choice and small GMEM<->SMEM moves.
+
+Every kernel is written for Mosaic GPU (`plgpu.kernel`, Lane semantics, one
+warpgroup per CTA). On CPU it runs in the Mosaic-GPU interpreter
+(`InterpretGPUParams`), which simulates SMEM, TMA copies and barriers but knows
+nothing about register layouts; `Ctx` therefore turns layout casts into no-ops
+when interpreting and uses `plgpu.broadcasted_iota` only when compiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+IMPLS = ("xla", "pallas")
+
+
+def check_impl(impl: str, op: str) -> str:
+  """Validate an explicit impl choice; no silent fallback."""
+  if impl not in IMPLS:
+    raise ValueError(f"{op}: unknown impl {impl!r} (known: {', '.join(IMPLS)})")
+  return impl
+
+
+def default_interpret() -> bool:
+  """Pallas kernels must be interpreted on CPU (there is no CPU lowering)."""
+  return jax.default_backend() == "cpu"
+
+
+# How a kernel runs:
+#   "compile": Mosaic GPU lowering (Hopper); the only mode with real performance.
+#   "hlo":     Pallas' HLO interpreter (interpret=True): fast on CPU. TMA pipelines
+#              and SMEM staging are replaced by direct block reads/writes of the
+#              same blocks (same index maps, same tile math).
+#   "mosaic":  the Mosaic-GPU interpreter (InterpretGPUParams): runs the exact
+#              kernel (SMEM, TMA copies, barriers, emit_pipeline) on CPU, with
+#              NaN-filled uninitialized memory; ~10-50x slower than "hlo".
+MODES = ("compile", "hlo", "mosaic")
+
+
+def resolve_interpret(interpret: bool | str | None) -> str:
+  """interpret: None -> "hlo" on CPU else "compile"; True -> "hlo"; False -> "compile";
+  or a mode name."""
+  if interpret is None:
+    return "hlo" if default_interpret() else "compile"
+  if interpret is True:
+    return "hlo"
+  if interpret is False:
+    return "compile"
+  if interpret in MODES:
+    return interpret
+  raise ValueError(f"interpret: expected None, a bool or one of {MODES}, got {interpret!r}")
+
+
+def interpret_params(mode: str):
+  """`interpret=` value for plgpu.kernel in a given mode."""
+  if mode == "compile":
+    return None
+  if mode == "hlo":
+    return True
+  from jaxlab._compat import mosaic_gpu_interpret_params
+  cls = mosaic_gpu_interpret_params()
+  if cls is None:
+    raise RuntimeError("this JAX has no Mosaic-GPU interpreter (InterpretGPUParams); "
+                       "use interpret='hlo'")
+  return cls()
+
+
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)   # [m] vector: one value per row of a WGMMA tile
+COL = plgpu.Layout.WGMMA.reduce(0)   # [n] vector: one value per column of a WGMMA tile
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+  """Per-kernel switches that differ between compiling and interpreting.
+
+  Layout casts are no-ops when interpreting (neither interpreter models register
+  layouts); in "hlo" mode the TMA plumbing (`pipeline`, `load`, `store`) is
+  replaced by direct reads and writes of the same blocks.
+  """
+  mode: str
+  grid_names: tuple[str, ...] = ()
+
+  def axis(self, name: str):
+    """This CTA's index along grid axis `name`."""
+    if self.tma:
+      return lax.axis_index(name)
+    return pl.program_id(self.grid_names.index(name))
+
+  @property
+  def interpret(self) -> bool:
+    return self.mode != "compile"
+
+  @property
+  def tma(self) -> bool:
+    return self.mode != "hlo"
+
+  def cast(self, x, layout):
+    return x if self.interpret else plgpu.layout_cast(x, layout)
+
+  def ld(self, ref, layout=None):
+    """ref[...] in `layout` (cast right after the load so the load uses it)."""
+    v = ref[...]
+    return v if layout is None else self.cast(v, layout)
+
+  def iota(self, shape, dim, layout):
+    if self.interpret:
+      return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+  def zeros(self, shape, layout):
+    return self.cast(jnp.zeros(shape, jnp.float32), layout)
+
+  def full(self, shape, value, layout):
+    return self.cast(jnp.full(shape, value, jnp.float32), layout)
+
+  def pipeline(self, body, *, grid: tuple, in_specs, out_specs=(), stages: int = 2,
+               init_carry=None):
+    """plgpu.emit_pipeline over a 1-D (possibly dynamic) grid, or its "hlo" twin:
+    a fori_loop handing the body views of the same GMEM blocks."""
+    if self.tma:
+      return plgpu.emit_pipeline(body, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                                 max_concurrent_steps=stages, init_carry=init_carry)
+    (steps,) = grid
+
+    def views(specs, refs, idx):
+      out = []
+      for spec, r in zip(specs, refs):
+        bidx = spec.index_map(*idx)
+        out.append(r.at[tuple(pl.ds(b * n, n) for b, n in zip(bidx, spec.block_shape))])
+      return out
+
+    def run(*refs):
+      ins, outs = refs[:len(in_specs)], refs[len(in_specs):]
+
+      def step(i, carry):
+        idx = (i,)
+        args = views(in_specs, ins, idx) + views(out_specs, outs, idx)
+        if init_carry is None:
+          body(idx, *args)
+          return carry
+        return body(idx, *args, carry)
+
+      res = lax.fori_loop(0, steps, step, 0 if init_carry is None else init_carry)
+      return None if init_carry is None else res
+
+    return run
+
+  def store(self, val, dst_gmem):
+    """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling)."""
+    if not self.tma:
+      dst_gmem[...] = val.astype(dst_gmem.dtype)
+      return
+
+    def body(s):
+      s[...] = val.astype(s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(s, dst_gmem)
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype))
+
+  def load(self, src_gmem, fn, transforms=()):
+    """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""
+    if not self.tma:
+      return fn(src_gmem)
+
+    def body(s, bar):
+      plgpu.copy_gmem_to_smem(src_gmem, s, bar)
+      plgpu.barrier_wait(bar)
+      return fn(s)
+
+    return pl.run_scoped(body, plgpu.SMEM(src_gmem.shape, src_gmem.dtype, transforms=transforms),
+                         plgpu.Barrier(num_arrivals=1))
+
+
+def bcast_rows(v, shape):
+  """[n] column vector -> [m, n] (same vector in every row)."""
+  return lax.broadcast_in_dim(v, shape, (1,))
+
+
+def bcast_cols(v, shape):
+  """[m] row vector -> [m, n] (same value along each row)."""
+  return lax.broadcast_in_dim(v, shape, (0,))
+
+
+def tile_transforms(cols: int, dtype) -> tuple:
+  """SMEM tiling + swizzle for a [rows, cols] tile read in the WGMMA layout."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def pick_block(n: int, cap: int, multiple: int, name: str) -> int:
+  """Largest multiple of `multiple` that divides n and is <= cap."""
+  if n % multiple:
+    raise ValueError(f"{name}={n} must be a multiple of {multiple} for the Pallas decode kernels")
+  best = multiple
+  b = multiple
+  while b <= min(n, cap):
+    if n % b == 0:
+      best = b
+    b += multiple
+  return best
+
+
+def check_block(n: int, block: int, multiple: int, name: str):
+  if block <= 0 or block % multiple or n % block:
+    raise ValueError(f"block for {name}: {block} must be a positive multiple of {multiple} "
+                     f"dividing {name}={n}")
+
+
+def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[str, ...],
+                  mode: str, name: str):
+  """plgpu.kernel (new argument names, one warpgroup per CTA) when compiling or in
+  the Mosaic-GPU interpreter; a whole-array pl.pallas_call over the same grid in
+  "hlo" mode (the HLO interpreter does not bind plgpu grid axis names)."""
+  ctx = Ctx(mode, tuple(grid_names))
+  if mode == "hlo":
+    return pl.pallas_call(functools.partial(body, ctx=ctx), out_shape=out_type, grid=grid,
+                          interpret=True, name=name)
+  return plgpu.kernel(
+      functools.partial(body, ctx=ctx), out_type=out_type, grid=grid,
+      grid_names=grid_names, interpret=interpret_params(mode),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Lane),
+      kernel_name=name)
+
+
+def as_f32(x: Any):
+  return x.astype(jnp.float32)
+
+
+def inference_only(op: str, fn, *args):
+  """fn(*args), with a clear error instead of a gradient: the Pallas decode kernels
+  are forward-only (differentiate impl="xla" instead)."""
+
+  @jax.custom_vjp
+  def f(*a):
+    return fn(*a)
+
+  def fwd(*a):
+    raise TypeError(f"{op}: the Pallas kernel is inference-only and has no gradient; "
+                    "use impl='xla' to differentiate")
+
+  def bwd(res, g):  # pragma: no cover - fwd always raises
+    raise AssertionError
+
+  f.defvjp(fwd, bwd)
+  return f(*args)

@@ -1,0 +1,103 @@
+"""Shared Mosaic-GPU GEMV body for the decode kernels: y = W^T v with fused
+prologue (RMSNorm scale) and epilogues (bias, residual, block argmax).
+
+W^T is [N, K] (one output per row). Grid: one CTA per BN rows. Each CTA streams
+its [BN, K] slab through SMEM with a TMA pipeline of BK-wide stages, multiplies
+by the matching vector slice broadcast over rows (CUDA-core FMAs in the WGMMA
+register layout) and reduces along the row. Batch-1 decode is bandwidth-bound,
+so no tensor cores are needed; what matters is keeping enough TMA loads in
+flight (`stages`) across enough CTAs.
+
+RMSNorm fusion: norm(x) = x * g / RMS(x), and 1/RMS(x) is one scalar, so the
+CTA accumulates W^T (x * g) and sum(x^2) in the same pass and scales at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import _common as C
+
+ARGMAX_SENTINEL = 2 ** 30
+
+
+def _body(*refs, ctx: C.Ctx, K, BN, BK, eps, has_norm, has_bias, has_resid, argmax, stages,
+          out_f32):
+  refs = list(refs)
+  v_g = refs.pop(0)
+  g_g = refs.pop(0) if has_norm else None
+  w_g = refs.pop(0)
+  b_g = refs.pop(0) if has_bias else None
+  r_g = refs.pop(0) if has_resid else None
+  o_g = refs.pop(0)
+  if argmax:
+    bmax_g, barg_g = refs
+  n = ctx.axis("n")
+  f32 = jnp.float32
+  rows = pl.ds(n * BN, BN)
+
+  def step(_, *args):
+    if has_norm:
+      v_s, g_s, w_s, (acc, ss) = args
+    else:
+      v_s, w_s, (acc, ss) = args
+    v = ctx.ld(v_s, C.COL).astype(f32)
+    vg = v * ctx.ld(g_s, C.COL).astype(f32) if has_norm else v
+    w = w_s[...].astype(f32)
+    acc = acc + jnp.sum(w * C.bcast_rows(vg, (BN, BK)), axis=1)
+    return acc, (ss + v * v if has_norm else ss)
+
+  vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
+  in_specs = [vec_spec()] + ([vec_spec()] if has_norm else []) + [
+      C.plgpu.BlockSpec((BN, BK), lambda k: (n, k), transforms=C.tile_transforms(BK, w_g.dtype))]
+  ins = [v_g] + ([g_g] if has_norm else []) + [w_g]
+  carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
+  acc, ss = ctx.pipeline(step, grid=(K // BK,), in_specs=in_specs, stages=stages,
+                         init_carry=carry0)(*ins)
+  y = acc * lax.rsqrt(jnp.sum(ss) / K + eps) if has_norm else acc
+  if has_bias:
+    y = y + ctx.load(b_g.at[rows], lambda s: ctx.ld(s, C.ROW).astype(f32))
+  if has_resid:
+    y = y + ctx.load(r_g.at[rows], lambda s: ctx.ld(s, C.ROW).astype(f32))
+  if not out_f32:
+    y = y.astype(o_g.dtype).astype(f32)   # what the caller sees (argmax must agree)
+  ctx.store(y, o_g.at[rows])
+  if argmax:
+    m = jnp.max(y)
+    idx = ctx.iota((BN,), 0, C.ROW) + n * BN
+    bmax_g[n] = m
+    barg_g[n] = jnp.min(jnp.where(y == m, idx, ARGMAX_SENTINEL))
+
+
+def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0.0,
+         argmax: bool = False, out_dtype=None, mode: str, block_n: int | None = None,
+         block_k: int | None = None, stages: int = 2, name: str = "gemv"):
+  """y = W^T (norm(v) or v) (+ bias) (+ resid), and optionally per-block (max, argmax).
+
+  Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
+  block_argmax int32 [N/BN]) when argmax=True.
+  """
+  N, K = w_t_NK.shape
+  interp = mode != "compile"
+  BN = block_n or C.pick_block(N, 256 if interp else 64, 64, "N")
+  BK = block_k or C.pick_block(K, 512 if interp else 128, 32, "K")
+  C.check_block(N, BN, 64, "N")
+  C.check_block(K, BK, 32, "K")
+  out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
+  flags = dict(has_norm=scale_K is not None, has_bias=bias_N is not None,
+               has_resid=resid_N is not None)
+  out_type = [jax.ShapeDtypeStruct((N,), out_dtype)]
+  if argmax:
+    out_type += [jax.ShapeDtypeStruct((N // BN,), jnp.float32),
+                 jax.ShapeDtypeStruct((N // BN,), jnp.int32)]
+  kern = C.mosaic_kernel(
+      lambda *r, ctx: _body(*r, ctx=ctx, K=K, BN=BN, BK=BK, eps=eps, argmax=argmax,
+                            stages=stages, out_f32=out_dtype == jnp.float32, **flags),
+      out_type=tuple(out_type) if argmax else out_type[0], grid=(N // BN,), grid_names=("n",),
+      mode=mode, name=name)
+  args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
+  args += ([bias_N] if flags["has_bias"] else []) + ([resid_N] if flags["has_resid"] else [])
+  return kern(*args)

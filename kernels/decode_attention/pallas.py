@@ -1,0 +1,93 @@
+"""Mosaic-GPU kernel: GQA decode attention over the KV cache, split-K over length.
+
+Grid (Hkv, P). CTA (h, p) owns the G = Hq/Hkv query heads of KV head h and a
+contiguous share of the live cache blocks: with nb = ceil(length / BS) blocks,
+split p reads blocks [p*ceil(nb/P), ...) — a *dynamic* number, so cache slots
+past `length` are never read (only the tail of the last live block, which is
+masked). K and V blocks [BS, Dh] stream through SMEM with a TMA pipeline; for
+each query head the CTA keeps an online softmax (m, l, o) in registers, and
+writes the unnormalised partial (m_p, l_p, o_p). The standard merge
+(kernels/decode_attention/reference.merge_splits) runs in XLA on
+Hkv*P*G*(Dh+2) floats.
+
+Masking: scores of slots >= length are -inf and their V rows are zeroed before
+the product (0 * NaN would be NaN), so NaN garbage in unused slots is harmless.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import _common as C
+from kernels.decode_attention import reference
+
+
+def _body(len_g, q_g, k_g, v_g, o_g, m_g, l_g, *, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages):
+  h = ctx.axis("h")
+  p = ctx.axis("p")
+  f32 = jnp.float32
+  length = len_g[0]
+  nb = (length + BS - 1) // BS
+  per = (nb + P - 1) // P
+  n_blocks = jnp.clip(nb - p * per, 0, per)
+  start = jnp.minimum(p * per, S // BS - 1)   # in range even for an empty split
+
+  def qrow(q_s):
+    return [ctx.ld(q_s.at[g], C.COL).astype(f32) * scale for g in range(G)]
+
+  q = ctx.load(q_g.at[h], qrow)
+
+  def step(idx, k_s, v_s, carry):
+    slot = ctx.iota((BS,), 0, C.ROW) + (start + idx[0]) * BS
+    valid = slot < length
+    k = k_s[...].astype(f32)
+    v = jnp.where(C.bcast_cols(valid, (BS, Dh)), v_s[...].astype(f32), 0.0)
+    out = []
+    for g, (acc, m, l) in enumerate(carry):
+      s = jnp.where(valid, jnp.sum(k * C.bcast_rows(q[g], (BS, Dh)), axis=1), -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s))
+      alpha = jnp.exp(m - m_new)
+      pr = jnp.exp(s - m_new)
+      acc = acc * alpha + jnp.sum(v * C.bcast_cols(pr, (BS, Dh)), axis=0)
+      out.append((acc, m_new, l * alpha + jnp.sum(pr)))
+    return tuple(out)
+
+  tr = C.tile_transforms(Dh, k_g.dtype)
+  spec = lambda: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0), transforms=tr)
+  carry0 = tuple((ctx.zeros((Dh,), C.COL), f32(-jnp.inf), f32(0.0)) for _ in range(G))
+  res = ctx.pipeline(step, grid=(n_blocks,), in_specs=[spec(), spec()], stages=stages,
+                     init_carry=carry0)(k_g.at[h], v_g.at[h])
+  for g, (acc, m, l) in enumerate(res):
+    ctx.store(acc, o_g.at[h, p, g])
+    m_g[h, p, g] = m
+    l_g[h, p, g] = l
+
+
+def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
+             block_s=None, stages=2):
+  """The kernel alone: (o_p [Hkv, P, G, Dh], m_p [Hkv, P, G], l_p [Hkv, P, G]), fp32."""
+  Hq, Dh = q_HD.shape
+  Hkv, S, _ = k_cache_KSD.shape
+  G = Hq // Hkv
+  interp = mode != "compile"
+  BS = block_s or C.pick_block(S, 64, 8, "S")
+  C.check_block(S, BS, 8, "S (cache length)")
+  P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
+  if P < 1:
+    raise ValueError(f"num_splits must be >= 1, got {P}")
+  kern = C.mosaic_kernel(
+      lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
+                            stages=stages),
+      out_type=(jax.ShapeDtypeStruct((Hkv, P, G, Dh), jnp.float32),
+                jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32),
+                jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32)),
+      grid=(Hkv, P), grid_names=("h", "p"), mode=mode, name="decode_attention")
+  length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+  return kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD)
+
+
+def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, **kw):
+  o, m, l = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode, **kw)
+  return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype)

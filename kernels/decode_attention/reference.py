@@ -1,0 +1,34 @@
+"""Reference: one query token against the first `length` cache slots, fp32 softmax,
+materialized. Slots >= length are excluded, and their values zeroed, so garbage
+(even NaN) there cannot reach the output."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HI = jax.lax.Precision.HIGHEST
+
+
+def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float):
+  Hq, Dh = q_HD.shape
+  Hkv, S, _ = k_cache_KSD.shape
+  q = q_HD.astype(jnp.float32).reshape(Hkv, Hq // Hkv, Dh)
+  valid = jnp.arange(S) < length                                       # [S]
+  k = jnp.where(valid[None, :, None], k_cache_KSD.astype(jnp.float32), 0.0)
+  v = jnp.where(valid[None, :, None], v_cache_KSD.astype(jnp.float32), 0.0)
+  s = jnp.einsum("kgd,ksd->kgs", q, k, precision=HI) * scale
+  s = jnp.where(valid, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("kgs,ksd->kgd", p, v, precision=HI)
+  return o.reshape(Hq, Dh).astype(q_HD.dtype)
+
+
+def merge_splits(o_KPGD, m_KPG, l_KPG):
+  """Combine split-K partials: m = max_p m_p, l = sum_p e^{m_p - m} l_p,
+  o = sum_p e^{m_p - m} o_p / l. Empty splits carry m_p = -inf, l_p = 0, o_p = 0."""
+  m = jnp.max(m_KPG, axis=1, keepdims=True)                             # [K, 1, G]
+  w = jnp.where(jnp.isneginf(m_KPG), 0.0, jnp.exp(m_KPG - m))          # [K, P, G]
+  l = jnp.sum(w * l_KPG, axis=1)                                        # [K, G]
+  o = jnp.sum(w[..., None] * o_KPGD, axis=1)                            # [K, G, D]
+  return o / l[..., None]

@@ -1,0 +1,55 @@
+"""Log-linear attention decode step (Mamba-2 or Gated DeltaNet flavour) on the
+O(log T) level states: merge, transition, insert, read (papers.md 1.1).
+
+state [H, L, dk, dv] fp32 holds tokens 0..t-1; returns (o [H, dv] fp32, new
+state). lam [H, L] are the token's level weights, log_decay [H] its g <= 0,
+beta [H] the GDN step size (variant="gdn" only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels import _common as C
+from kernels.log_linear_state import reference
+
+
+def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax.Array,
+                            v_HV: jax.Array, lam_HL: jax.Array, log_decay_H: jax.Array,
+                            beta_H: jax.Array | None = None, *, variant: str, impl: str,
+                            interpret: bool | str | None = None, **kw):
+  C.check_impl(impl, "log_linear_state_update")
+  if variant not in reference.VARIANTS:
+    raise ValueError(f"log_linear_state_update: unknown variant {variant!r} "
+                     f"(known: {', '.join(reference.VARIANTS)})")
+  if state_HLKV.ndim != 4:
+    raise ValueError(f"log_linear_state_update: state_HLKV {state_HLKV.shape} must be "
+                     "[H, L, dk, dv]")
+  H, L, dk, dv = state_HLKV.shape
+  for name, x, shape in (("q_HK", q_HK, (H, dk)), ("k_HK", k_HK, (H, dk)), ("v_HV", v_HV, (H, dv)),
+                         ("lam_HL", lam_HL, (H, L)), ("log_decay_H", log_decay_H, (H,))):
+    if x.shape != shape:
+      raise ValueError(f"log_linear_state_update: {name} {x.shape} must be {list(shape)}")
+  if (variant == "gdn") != (beta_H is not None):
+    raise ValueError("log_linear_state_update: beta_H is required for variant='gdn' and "
+                     "not accepted for 'mamba2'")
+  if beta_H is not None and beta_H.shape != (H,):
+    raise ValueError(f"log_linear_state_update: beta_H {beta_H.shape} must be [{H}]")
+  try:
+    tc = int(t)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    tc = None
+  if tc is not None and not 0 <= tc < 2 ** (L - 1):
+    raise ValueError(f"log_linear_state_update: t={tc} needs more than L={L} levels "
+                     f"(t must be in 0..{2 ** (L - 1) - 1})")
+  if impl == "xla":
+    return reference.log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL,
+                                             log_decay_H, beta_H, variant=variant)
+  from kernels.log_linear_state import pallas
+  mode = C.resolve_interpret(interpret)
+  o, new = C.inference_only(
+      "log_linear_state_update",
+      lambda *a: pallas.log_linear_state_update(*a, gdn=variant == "gdn", mode=mode, **kw),
+      state_HLKV, reference.ctz_or_neg1(t), q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H)
+  return jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan), new

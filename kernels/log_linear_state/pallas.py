@@ -1,0 +1,79 @@
+"""Mosaic-GPU kernel: log-linear Mamba-2 / GDN decode step on the level states.
+
+Grid (H, dv / BV). CTA (h, j) streams the L level tiles S[h, l, :, j-block]
+([dk, BV], fp32) through SMEM in level order and, in registers:
+  - keeps the running sum of levels <= z (z = ctz(t), a scalar) and drops it
+    into level z + 1 (the "merge up to the lowest set bit" rule),
+  - applies the transition (scalar decay, or GDN's a (I - beta k k^T)),
+  - overwrites level 0 with the inserted k v^T,
+  - accumulates o_j += lambda_l S[l]^T q,
+  - stores the new tile.
+One read and one write of the O(L dk dv) state per token; no KV cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import _common as C
+
+
+def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, L, dk, BV,
+          gdn, stages):
+  h = ctx.axis("h")
+  j = ctx.axis("j")
+  f32 = jnp.float32
+  z = z_g[0]
+  a = jnp.exp(ld_g[h])
+  beta = b_g[h]
+  q = C.bcast_cols(ctx.load(q_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
+  k = C.bcast_cols(ctx.load(k_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
+  v = C.bcast_rows(ctx.load(v_g.at[h, pl.ds(j * BV, BV)], lambda s: ctx.ld(s, C.COL)), (dk, BV))
+  ins = k * v * beta if gdn else k * v
+
+  def step(idx, s_s, carry):
+    merged, o = carry
+    lvl = idx[0]
+    S = s_s[...]
+    below = lvl <= z
+    S1 = jnp.where(below, 0.0, S) + jnp.where(lvl == z + 1, merged, 0.0)
+    merged = merged + jnp.where(below, S, 0.0)
+    if gdn:
+      kS = C.bcast_rows(jnp.sum(k * S1, axis=0), (dk, BV))
+      S2 = a * (S1 - beta * k * kS)
+    else:
+      S2 = a * S1
+    S3 = jnp.where(lvl == 0, ins, S2)
+    o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
+    ctx.store(S3, new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)])
+    return merged, o
+
+  carry0 = (ctx.zeros((dk, BV), C.WGMMA), ctx.zeros((BV,), C.COL))
+  _, o = ctx.pipeline(
+      step, grid=(L,),
+      in_specs=[C.plgpu.BlockSpec((dk, BV), lambda l: (l, j),
+                                  transforms=C.tile_transforms(BV, jnp.float32))],
+      stages=stages, init_carry=carry0)(st_g.at[h])
+  ctx.store(o, o_g.at[h, pl.ds(j * BV, BV)])
+
+
+def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, *,
+                            gdn: bool, mode: str, block_v: int | None = None, stages: int = 2):
+  H, L, dk, dv = state_HLKV.shape
+  f32 = jnp.float32
+  BV = block_v or C.pick_block(dv, 64 if dk <= 64 else 32, 8, "dv")
+  C.check_block(dv, BV, 8, "dv")
+  if dk % 64:
+    raise ValueError(f"log_linear_state_update: dk={dk} must be a multiple of 64 for the "
+                     "Pallas kernel (WGMMA row tiles)")
+  kern = C.mosaic_kernel(
+      lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages),
+      out_type=(jax.ShapeDtypeStruct((H, dv), f32), jax.ShapeDtypeStruct((H, L * dk, dv), f32)),
+      grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update")
+  z_1 = jnp.reshape(jnp.asarray(z, jnp.int32), (1,))
+  beta = jnp.zeros((H,), f32) if beta_H is None else beta_H.astype(f32)
+  o, new = kern(z_1, q_HK.astype(f32), k_HK.astype(f32), v_HV.astype(f32), lam_HL.astype(f32),
+                log_decay_H.astype(f32), beta, state_HLKV.astype(f32).reshape(H, L * dk, dv))
+  return o, new.reshape(H, L, dk, dv)

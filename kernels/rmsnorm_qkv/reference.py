@@ -1,0 +1,21 @@
+"""Reference: y = W^T (rmsnorm(x) * g) (+ b), materialized in fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_scale(x_D: jax.Array, eps: float) -> jax.Array:
+  """1 / RMS(x) in fp32 (a scalar)."""
+  x = x_D.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(x * x) + eps)
+
+
+def rmsnorm_qkv(x_D, scale_D, w_t_ND, bias_N=None, *, eps: float):
+  xn = x_D.astype(jnp.float32) * rms_scale(x_D, eps) * scale_D.astype(jnp.float32)
+  y = jnp.einsum("nd,d->n", w_t_ND.astype(jnp.float32), xn,
+                 precision=jax.lax.Precision.HIGHEST)
+  if bias_N is not None:
+    y = y + bias_N.astype(jnp.float32)
+  return y.astype(x_D.dtype)

@@ -1,0 +1,36 @@
+"""Fused RMSNorm + SwiGLU MLP + residual for one token:
+y = x + W_down^T (silu(W_gate^T n) * (W_up^T n)),  n = x * g / RMS(x).
+
+Gate/up weights are [F, D] (transposed, one hidden unit per row); the down
+weight is the natural [F, D] `kernel` layout, so every CTA reads contiguous rows.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels import _common as C
+from kernels.rmsnorm_swiglu import reference
+
+
+def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
+                   w_up_t_FD: jax.Array, w_down_FD: jax.Array, *, eps: float, impl: str,
+                   interpret: bool | str | None = None, **block) -> jax.Array:
+  """x [D], g [D], W_gate^T [F, D], W_up^T [F, D], W_down [F, D] -> [D] in x.dtype."""
+  C.check_impl(impl, "rmsnorm_swiglu")
+  D = x_D.shape[0]
+  if x_D.ndim != 1 or scale_D.shape != x_D.shape:
+    raise ValueError(f"rmsnorm_swiglu: x_D {x_D.shape} and scale_D {scale_D.shape} must be "
+                     "equal 1-D")
+  F = w_gate_t_FD.shape[0]
+  for name, w in (("w_gate_t_FD", w_gate_t_FD), ("w_up_t_FD", w_up_t_FD),
+                  ("w_down_FD", w_down_FD)):
+    if w.shape != (F, D):
+      raise ValueError(f"rmsnorm_swiglu: {name} {w.shape} must be [{F}, {D}]")
+  if impl == "xla":
+    return reference.rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, eps=eps)
+  from kernels.rmsnorm_swiglu import pallas
+  mode = C.resolve_interpret(interpret)
+  return C.inference_only(
+      "rmsnorm_swiglu", lambda *a: pallas.rmsnorm_swiglu(*a, eps=eps, mode=mode, **block),
+      x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)

@@ -1,0 +1,321 @@
+"""Decode kernels (kernels/) against their fp32 references, Pallas in interpret mode.
+
+Shapes are small but multi-block (several CTAs, several pipeline stages), head
+dims 64/128, GQA ratios 1/4, cache lengths that are not block multiples, and
+NaN in every cache slot past the live length. On a GPU the same tests run the
+compiled Mosaic kernels (interpret=None picks the mode from the backend).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.testing import assert_rel_close, tol
+from kernels.decode_attention import decode_attention
+from kernels.decode_attention import pallas as attn_pallas
+from kernels.decode_attention import reference as attn_ref
+from kernels.lm_head_argmax import lm_head_argmax
+from kernels.log_linear_state import log_linear_state_update
+from kernels.log_linear_state import reference as ll_ref
+from kernels.out_proj_residual import out_proj_residual
+from kernels.path_key_update import path_key_update
+from kernels.rmsnorm_qkv import rmsnorm_qkv
+from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+from kernels.rope_append import rope_append
+from jaxlab.models.rope import rope_cos_sin, rope_frequencies
+
+F32 = jnp.float32
+EPS = 1e-6
+
+
+def _keys(seed, n):
+  return jax.random.split(jax.random.key(seed), n)
+
+
+def _close(out, ref, reduction, name):
+  assert_rel_close(np.asarray(out), np.asarray(ref), rtol=tol(F32, reduction), name=name)
+
+
+# ---------------------------------------------------------------- GEMV family
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rmsnorm_qkv(bias):
+  D, N = 128, 320                     # 5 CTAs of 64 rows, 2 stages of 64 columns
+  k = _keys(0, 4)
+  x = 3.0 * jax.random.normal(k[0], (D,))
+  g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
+  w = jax.random.normal(k[2], (N, D)) / np.sqrt(D)
+  b = jax.random.normal(k[3], (N,)) if bias else None
+  f = jax.jit(functools.partial(rmsnorm_qkv, eps=EPS, impl="pallas", block_n=64, block_k=64))
+  ref = rmsnorm_qkv(x, g, w, b, eps=EPS, impl="xla")
+  _close(f(x, g, w, b), ref, D, "rmsnorm_qkv")
+
+
+def test_out_proj_residual():
+  M, D = 192, 128
+  k = _keys(1, 3)
+  o, r = jax.random.normal(k[0], (M,)), jax.random.normal(k[1], (D,))
+  w = jax.random.normal(k[2], (D, M)) / np.sqrt(M)
+  f = jax.jit(functools.partial(out_proj_residual, impl="pallas", block_n=64, block_k=64))
+  _close(f(o, w, r), out_proj_residual(o, w, r, impl="xla"), M, "out_proj_residual")
+
+
+def test_rmsnorm_swiglu():
+  D, F = 128, 256                     # 4 CTAs over the hidden dim
+  k = _keys(2, 5)
+  x = jax.random.normal(k[0], (D,))
+  g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
+  wg, wu, wd = (jax.random.normal(kk, (F, D)) / np.sqrt(D) for kk in k[2:5])
+  f = jax.jit(functools.partial(rmsnorm_swiglu, eps=EPS, impl="pallas", block_f=64,
+                                block_k=64, block_d=64))
+  ref = rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla")
+  _close(f(x, g, wg, wu, wd), ref, F, "rmsnorm_swiglu")
+
+
+def test_lm_head_argmax_values_and_ties():
+  D, V = 128, 512                     # 4 blocks of 128 logits
+  k = _keys(3, 3)
+  x = jax.random.normal(k[0], (D,))
+  g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
+  E = jax.random.normal(k[2], (V, D)) / np.sqrt(D)
+  f = jax.jit(functools.partial(lm_head_argmax, eps=EPS, impl="pallas", block_n=128))
+  logits, tok = f(x, g, E)
+  ref_logits, ref_tok = lm_head_argmax(x, g, E, eps=EPS, impl="xla")
+  _close(logits, ref_logits, D, "logits")
+  assert int(tok) == int(ref_tok) == int(jnp.argmax(logits))
+  # An exact tie between two blocks (rows 300 and 100) and inside a block (rows 100, 101):
+  # the lowest index wins, as in jnp.argmax.
+  top = 10.0 * (x * g) / jnp.linalg.norm(x * g)
+  E2 = E.at[300].set(top).at[100].set(top).at[101].set(top)
+  _, tok2 = f(x, g, E2)
+  assert int(tok2) == 100 == int(lm_head_argmax(x, g, E2, eps=EPS, impl="xla")[1])
+
+
+# ------------------------------------------------------- RoPE + cache append
+
+ATTN_SHAPES = [  # (Hq, Hkv, Dh): GQA ratio 1 and 4, head dims 64 and 128
+    (4, 4, 64), (16, 4, 64), (2, 2, 128), (8, 2, 128)]
+
+
+@pytest.mark.parametrize("Hq,Hkv,Dh", ATTN_SHAPES)
+def test_rope_append(Hq, Hkv, Dh):
+  S = 96
+  k = _keys(4, 3)
+  qkv = jax.random.normal(k[0], ((Hq + 2 * Hkv) * Dh,))
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  inv, af = rope_frequencies(Dh, 10000.0, None)
+  f = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl="pallas"))
+  for pos in (0, 37, S - 1):
+    cos, sin = (a[0, 0] for a in rope_cos_sin(jnp.array([[pos]]), inv, af))
+    out = f(qkv, cos, sin, kc, vc, jnp.int32(pos))
+    ref = rope_append(qkv, cos, sin, kc, vc, pos, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
+    _close(out[0], ref[0], 2, "q")
+    _close(out[1], ref[1], 2, "k_cache")
+    np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]))
+    others = np.arange(S) != pos
+    np.testing.assert_array_equal(np.asarray(out[1])[:, others], np.asarray(kc)[:, others])
+
+
+def test_rope_append_position_outside_cache():
+  Hq, Hkv, Dh, S = 4, 4, 64, 32
+  qkv = jnp.ones(((Hq + 2 * Hkv) * Dh,))
+  kc = jnp.zeros((Hkv, S, Dh))
+  cos, sin = jnp.ones((Dh,)), jnp.zeros((Dh,))
+  for impl in ("xla", "pallas"):
+    with pytest.raises(ValueError, match="pos=32"):
+      rope_append(qkv, cos, sin, kc, kc, 32, n_heads=Hq, n_kv_heads=Hkv, impl=impl)
+    # Traced positions cannot raise: an out-of-range write leaves the cache unchanged.
+    f = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl=impl))
+    _, k2, v2 = f(qkv, cos, sin, kc, kc, jnp.int32(S))
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kc))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(kc))
+
+
+# ---------------------------------------------------------- decode attention
+
+
+@pytest.mark.parametrize("Hq,Hkv,Dh", ATTN_SHAPES)
+def test_decode_attention(Hq, Hkv, Dh):
+  S, BS = 96, 32
+  k = _keys(5, 3)
+  q = jax.random.normal(k[0], (Hq, Dh))
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  f = jax.jit(functools.partial(decode_attention, scale=Dh ** -0.5, impl="pallas", block_s=BS,
+                                num_splits=2))
+  for L in (1, 31, 32, 77, 96):      # one slot, partial blocks, exact block ends, full cache
+    nan = jnp.arange(S)[None, :, None] >= L
+    kn, vn = jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc)
+    out = f(q, kn, vn, jnp.int32(L))
+    ref = decode_attention(q, kc, vc, L, scale=Dh ** -0.5, impl="xla")
+    _close(out, ref, L * Dh, f"attention L={L}")
+    np.testing.assert_array_equal(np.asarray(decode_attention(q, kn, vn, L, scale=Dh ** -0.5,
+                                                              impl="xla")), np.asarray(ref))
+
+
+def test_decode_attention_partials_and_merge():
+  """The kernel's (m, l, o) partials against direct per-split sums; empty splits."""
+  Hq, Hkv, Dh, S, BS, P, L = 8, 2, 64, 96, 16, 4, 40   # 3 live blocks over 4 splits
+  k = _keys(6, 3)
+  q = jax.random.normal(k[0], (Hq, Dh))
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  scale = Dh ** -0.5
+  o, m, l = jax.jit(functools.partial(attn_pallas.partials, scale=scale, mode="hlo", block_s=BS,
+                                      num_splits=P))(q, kc, vc, jnp.int32(L))
+  qg = np.asarray(q, np.float64).reshape(Hkv, Hq // Hkv, Dh) * scale
+  s = np.einsum("kgd,ksd->kgs", qg, np.asarray(kc, np.float64))
+  ranges = [(0, 16), (16, 32), (32, 40), (40, 40)]     # ceil(3 blocks / 4) = 1 block per split
+  for p, (a, b) in enumerate(ranges):
+    if a == b:
+      assert np.all(np.isneginf(np.asarray(m)[:, p])) and np.all(np.asarray(l)[:, p] == 0)
+      continue
+    mp = s[..., a:b].max(-1)
+    e = np.exp(s[..., a:b] - mp[..., None])
+    np.testing.assert_allclose(np.asarray(m)[:, p], mp, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(l)[:, p], e.sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(o)[:, p],
+                               np.einsum("kgs,ksd->kgd", e, np.asarray(vc, np.float64)[:, a:b]),
+                               rtol=1e-4, atol=1e-5)
+  merged = attn_ref.merge_splits(o, m, l).reshape(Hq, Dh)
+  _close(merged, decode_attention(q, kc, vc, L, scale=scale, impl="xla"), L * Dh, "merge")
+
+
+# ------------------------------------------------------------ PaTH key update
+
+
+@pytest.mark.parametrize("Dh", [64, 128])
+def test_path_key_update(Dh):
+  Hkv, S, BS = 2, 96, 32
+  k = _keys(7, 3)
+  kc = jax.random.normal(k[0], (Hkv, S, Dh))
+  w = jax.random.normal(k[1], (Hkv, Dh))
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jax.random.uniform(k[2], (Hkv,), minval=1.5, maxval=2.0)
+  f = jax.jit(functools.partial(path_key_update, impl="pallas", block_s=BS, num_splits=2))
+  for L in (1, 50, 96):
+    kn = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, kc)
+    out = np.asarray(f(kn, w, beta, jnp.int32(L)))[:, :L]
+    ref = path_key_update(kc, w, beta, L, impl="xla")[:, :L]
+    _close(out, ref, Dh, f"path L={L}")
+  # The update is the Householder-like map: it scales the w-component by (1 - beta).
+  ref = path_key_update(kc, w, beta, S, impl="xla")
+  np.testing.assert_allclose(np.einsum("ksd,kd->ks", ref, w),
+                             (1 - beta[:, None]) * np.einsum("ksd,kd->ks", kc, w), atol=1e-5)
+
+
+def test_path_key_update_bf16_accumulates_in_fp32():
+  Hkv, S, Dh = 2, 64, 64
+  k = _keys(8, 3)
+  kc = jax.random.normal(k[0], (Hkv, S, Dh)).astype(jnp.bfloat16)
+  w = jax.random.normal(k[1], (Hkv, Dh))
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jnp.full((Hkv,), 1.9)
+  out = path_key_update(kc, w, beta, S, impl="pallas", block_s=32)
+  ref = path_key_update(kc, w, beta, S, impl="xla")
+  assert out.dtype == jnp.bfloat16
+  # Both accumulate in fp32 and round once: at most one bf16 ulp apart.
+  assert_rel_close(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                   rtol=tol(jnp.bfloat16, 1, factor=1.0), name="path bf16")
+
+
+# ------------------------------------------------------- log-linear decode
+
+
+def _ll_inputs(T, H, L, dk, dv, seed=9):
+  k = _keys(seed, 6)
+  q = jax.random.normal(k[0], (T, H, dk))
+  kk = jax.random.normal(k[1], (T, H, dk))
+  kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+  v = jax.random.normal(k[2], (T, H, dv))
+  lam = jax.nn.softplus(jax.random.normal(k[3], (T, H, L)))
+  g = -jax.nn.softplus(jax.random.normal(k[4], (T, H)) - 1.0)
+  beta = jax.nn.sigmoid(jax.random.normal(k[5], (T, H)))
+  return q, kk, v, lam, g, beta
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
+def test_log_linear_state_update(variant):
+  T, H, L, dk, dv = 15, 2, 5, 64, 32      # t = 0..14 uses every level of L = 5
+  q, k, v, lam, g, beta = _ll_inputs(T, H, L, dk, dv)
+  gdn = variant == "gdn"
+  kern = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="pallas",
+                                   block_v=16))
+  S_ref = S_ker = jnp.zeros((H, L, dk, dv))
+  flat = np.zeros((H, dk, dv))
+  outs_ref, outs_ker = [], []
+  for t in range(T):
+    b = beta[t] if gdn else None
+    o_r, S_ref = log_linear_state_update(S_ref, t, q[t], k[t], v[t], lam[t], g[t], b,
+                                         variant=variant, impl="xla")
+    o_k, S_ker = kern(S_ker, jnp.int32(t), q[t], k[t], v[t], lam[t], g[t], b)
+    outs_ref.append(o_r)
+    outs_ker.append(o_k)
+    _close(S_ker, S_ref, L, f"state t={t}")
+    if gdn:  # the ordinary GDN state, S <- a (I - beta k k^T) S + beta k v^T
+      a, bb, kt = np.exp(np.asarray(g[t])), np.asarray(beta[t]), np.asarray(k[t], np.float64)
+      flat = a[:, None, None] * (flat - bb[:, None, None] * kt[:, :, None]
+                                 * np.einsum("hk,hkv->hv", kt, flat)[:, None, :])
+      flat = flat + bb[:, None, None] * kt[:, :, None] * np.asarray(v[t])[:, None, :]
+      # Invariant: the levels sum to the ordinary state.
+      np.testing.assert_allclose(np.asarray(S_ref).sum(1), flat, rtol=1e-5, atol=1e-5)
+  outs_ref, outs_ker = np.stack(outs_ref), np.stack(outs_ker)
+  _close(outs_ker, outs_ref, L * dk, "o")
+  if not gdn:  # the materialized parallel form (QK^T * M^S * M^H) V
+    par = np.stack([ll_ref.mamba2_parallel(q[:, h], k[:, h], v[:, h], lam[:, h], g[:, h])
+                    for h in range(H)], 1)
+    _close(outs_ref, par, T * dk, "parallel form")
+
+
+def test_log_linear_level_overflow():
+  H, L, dk, dv = 1, 3, 64, 8
+  S = jnp.zeros((H, L, dk, dv))
+  args = (jnp.ones((H, dk)), jnp.ones((H, dk)), jnp.ones((H, dv)), jnp.ones((H, L)),
+          jnp.zeros((H,)))
+  for impl in ("xla", "pallas"):
+    with pytest.raises(ValueError, match="t=4"):
+      log_linear_state_update(S, 4, *args, variant="mamba2", impl=impl)
+    f = jax.jit(functools.partial(log_linear_state_update, variant="mamba2", impl=impl))
+    assert np.all(np.isnan(np.asarray(f(S, jnp.int32(4), *args)[0])))
+    assert np.all(np.isfinite(np.asarray(f(S, jnp.int32(3), *args)[0])))
+
+
+# ------------------------------------------------------------ API contracts
+
+
+def test_unknown_impl_and_bad_arguments():
+  x = jnp.ones((64,))
+  with pytest.raises(ValueError, match="'triton'"):
+    rmsnorm_qkv(x, x, jnp.ones((64, 64)), eps=EPS, impl="triton")
+  with pytest.raises(ValueError, match="'cuda'"):
+    decode_attention(jnp.ones((2, 64)), jnp.ones((2, 8, 64)), jnp.ones((2, 8, 64)), 3,
+                     scale=1.0, impl="cuda")
+  with pytest.raises(ValueError, match="w_t_ND"):
+    rmsnorm_qkv(x, x, jnp.ones((64, 32)), eps=EPS, impl="xla")
+  with pytest.raises(ValueError, match="length=9"):
+    decode_attention(jnp.ones((2, 64)), jnp.ones((2, 8, 64)), jnp.ones((2, 8, 64)), 9,
+                     scale=1.0, impl="xla")
+  with pytest.raises(ValueError, match="variant"):
+    log_linear_state_update(jnp.zeros((1, 2, 64, 8)), 0, jnp.ones((1, 64)), jnp.ones((1, 64)),
+                            jnp.ones((1, 8)), jnp.ones((1, 2)), jnp.zeros((1,)),
+                            variant="mamba3", impl="xla")
+  with pytest.raises(ValueError, match="interpret"):
+    out_proj_residual(x, jnp.ones((64, 64)), x, impl="pallas", interpret="triton")
+  with pytest.raises(ValueError, match="multiple of 64"):
+    rmsnorm_qkv(x, x, jnp.ones((96, 64)), eps=EPS, impl="pallas")
+
+
+def test_pallas_forms_are_inference_only():
+  x = jnp.ones((64,))
+  w = jnp.ones((64, 64))
+  with pytest.raises(TypeError, match="inference-only"):
+    jax.grad(lambda x: jnp.sum(out_proj_residual(x, w, x, impl="pallas")))(x)
+  g = jax.grad(lambda x: jnp.sum(out_proj_residual(x, w, x, impl="xla")))(x)
+  np.testing.assert_allclose(np.asarray(g), 65.0)
