@@ -429,6 +429,7 @@ def run_job(job: RLCRJobConfig, run_dir, *, progress: bool = True, plot: bool = 
   write_run_config(run_dir, cfg_dict)
   timings: dict[str, float] = {}
   t_all = time.perf_counter()
+  cpu_all = time.process_time()
   mesh = shd.make_mesh(job.grpo.mesh)
 
   # -- source and starting weights
@@ -481,6 +482,7 @@ def run_job(job: RLCRJobConfig, run_dir, *, progress: bool = True, plot: bool = 
       _save_model(learner, state.params, job, run_dir / method / "final")
     del state
   timings["total_s"] = time.perf_counter() - t_all
+  timings["total_cpu_s"] = time.process_time() - cpu_all
 
   if jax.process_index() == 0:
     out = {"results": results, "timings": timings, "config": cfg_dict}
