@@ -107,9 +107,9 @@ class Ctx:
   def cast(self, x, layout):
     return x if self.interpret else plgpu.layout_cast(x, layout)
 
-  def ld(self, ref, layout=None):
-    """ref[...] in `layout` (cast right after the load so the load uses it)."""
-    v = ref[...]
+  def ld(self, ref, layout=None, idx=...):
+    """ref[idx] in `layout` (cast right after the load so the load uses it)."""
+    v = ref[idx]
     return v if layout is None else self.cast(v, layout)
 
   def iota(self, shape, dim, layout):

@@ -121,6 +121,11 @@ def test_rope_append(Hq, Hkv, Dh):
     np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]))
     others = np.arange(S) != pos
     np.testing.assert_array_equal(np.asarray(out[1])[:, others], np.asarray(kc)[:, others])
+  # Any cos/sin (not only rope_cos_sin's, whose two halves are equal).
+  cos, sin = jax.random.normal(k[0], (Dh,)), jax.random.normal(k[1], (Dh,))
+  out = f(qkv, cos, sin, kc, vc, jnp.int32(3))
+  ref = rope_append(qkv, cos, sin, kc, vc, 3, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
+  _close(out[0], ref[0], 2, "q (general cos/sin)")
 
 
 def test_rope_append_position_outside_cache():
@@ -143,14 +148,14 @@ def test_rope_append_position_outside_cache():
 
 @pytest.mark.parametrize("Hq,Hkv,Dh", ATTN_SHAPES)
 def test_decode_attention(Hq, Hkv, Dh):
-  S, BS = 96, 32
+  S, BS = 192, 64
   k = _keys(5, 3)
   q = jax.random.normal(k[0], (Hq, Dh))
   kc = jax.random.normal(k[1], (Hkv, S, Dh))
   vc = jax.random.normal(k[2], (Hkv, S, Dh))
   f = jax.jit(functools.partial(decode_attention, scale=Dh ** -0.5, impl="pallas", block_s=BS,
                                 num_splits=2))
-  for L in (1, 31, 32, 77, 96):      # one slot, partial blocks, exact block ends, full cache
+  for L in (1, 63, 64, 77, 150, 192):  # one slot, partial blocks, block ends, full cache
     nan = jnp.arange(S)[None, :, None] >= L
     kn, vn = jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc)
     out = f(q, kn, vn, jnp.int32(L))
@@ -162,7 +167,7 @@ def test_decode_attention(Hq, Hkv, Dh):
 
 def test_decode_attention_partials_and_merge():
   """The kernel's (m, l, o) partials against direct per-split sums; empty splits."""
-  Hq, Hkv, Dh, S, BS, P, L = 8, 2, 64, 96, 16, 4, 40   # 3 live blocks over 4 splits
+  Hq, Hkv, Dh, S, BS, P, L = 8, 2, 64, 256, 64, 4, 150   # 3 live blocks over 4 splits
   k = _keys(6, 3)
   q = jax.random.normal(k[0], (Hq, Dh))
   kc = jax.random.normal(k[1], (Hkv, S, Dh))
@@ -172,7 +177,7 @@ def test_decode_attention_partials_and_merge():
                                       num_splits=P))(q, kc, vc, jnp.int32(L))
   qg = np.asarray(q, np.float64).reshape(Hkv, Hq // Hkv, Dh) * scale
   s = np.einsum("kgd,ksd->kgs", qg, np.asarray(kc, np.float64))
-  ranges = [(0, 16), (16, 32), (32, 40), (40, 40)]     # ceil(3 blocks / 4) = 1 block per split
+  ranges = [(0, 64), (64, 128), (128, 150), (150, 150)]  # ceil(3 / 4) = 1 block per split
   for p, (a, b) in enumerate(ranges):
     if a == b:
       assert np.all(np.isneginf(np.asarray(m)[:, p])) and np.all(np.asarray(l)[:, p] == 0)
@@ -193,14 +198,14 @@ def test_decode_attention_partials_and_merge():
 
 @pytest.mark.parametrize("Dh", [64, 128])
 def test_path_key_update(Dh):
-  Hkv, S, BS = 2, 96, 32
+  Hkv, S, BS = 2, 192, 64
   k = _keys(7, 3)
   kc = jax.random.normal(k[0], (Hkv, S, Dh))
   w = jax.random.normal(k[1], (Hkv, Dh))
   w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
   beta = jax.random.uniform(k[2], (Hkv,), minval=1.5, maxval=2.0)
   f = jax.jit(functools.partial(path_key_update, impl="pallas", block_s=BS, num_splits=2))
-  for L in (1, 50, 96):
+  for L in (1, 100, 192):
     kn = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, kc)
     out = np.asarray(f(kn, w, beta, jnp.int32(L)))[:, :L]
     ref = path_key_update(kc, w, beta, L, impl="xla")[:, :L]
@@ -218,7 +223,7 @@ def test_path_key_update_bf16_accumulates_in_fp32():
   w = jax.random.normal(k[1], (Hkv, Dh))
   w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
   beta = jnp.full((Hkv,), 1.9)
-  out = path_key_update(kc, w, beta, S, impl="pallas", block_s=32)
+  out = path_key_update(kc, w, beta, S, impl="pallas", block_s=64)
   ref = path_key_update(kc, w, beta, S, impl="xla")
   assert out.dtype == jnp.bfloat16
   # Both accumulate in fp32 and round once: at most one bf16 ulp apart.
@@ -243,11 +248,11 @@ def _ll_inputs(T, H, L, dk, dv, seed=9):
 
 @pytest.mark.parametrize("variant", ["mamba2", "gdn"])
 def test_log_linear_state_update(variant):
-  T, H, L, dk, dv = 15, 2, 5, 64, 32      # t = 0..14 uses every level of L = 5
+  T, H, L, dk, dv = 15, 2, 5, 64, 64      # t = 0..14 uses every level of L = 5
   q, k, v, lam, g, beta = _ll_inputs(T, H, L, dk, dv)
   gdn = variant == "gdn"
   kern = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="pallas",
-                                   block_v=16))
+                                   block_v=32))
   S_ref = S_ker = jnp.zeros((H, L, dk, dv))
   flat = np.zeros((H, dk, dv))
   outs_ref, outs_ker = [], []
@@ -275,7 +280,7 @@ def test_log_linear_state_update(variant):
 
 
 def test_log_linear_level_overflow():
-  H, L, dk, dv = 1, 3, 64, 8
+  H, L, dk, dv = 1, 3, 64, 32
   S = jnp.zeros((H, L, dk, dv))
   args = (jnp.ones((H, dk)), jnp.ones((H, dk)), jnp.ones((H, dv)), jnp.ones((H, L)),
           jnp.zeros((H,)))

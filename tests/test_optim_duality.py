@@ -206,3 +206,22 @@ def test_svd_refresh_equals_merge_with_gradient_basis(refresh_state):
                              optax.adam(1e-2), batch, STEPS, merge_every=every,
                              basis_fn=basis_after_merge, reset_on_merge=refresh_state == "reset")
   assert_rel_close(w_ad, w_gt, rtol=tol(jnp.float32, STEPS), name=f"svd/{refresh_state}")
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_scale_conventions(inner):
+  """Adapter scale s (W = W0 + s P A) vs projected scale: with SGD the adapter's s enters
+  squared (ΔW = -η s² P Pᵀ G); with Adam it is the same s once Adam's eps is scaled by s
+  too (Adam(s g) with eps s ε == Adam(g) with ε), i.e. equal up to ε in practice."""
+  m, n, r, s = 24, 40, 5, 0.5
+  w0, batch = _problem(m, n, jnp.float32, seed=6)
+  basis = _fixed_basis("gaussian", m, r, jax.random.key(8))
+  if inner == "sgd":
+    tx, opt = projected(optax.sgd(0.1), rank=r, projector={"w": basis}, scale=s * s), optax.sgd(0.1)
+  else:
+    tx = projected(optax.adam(1e-2, eps=1e-8), rank=r, projector={"w": basis}, scale=s)
+    opt = optax.adam(1e-2, eps=s * 1e-8)
+  w_gt, w_ad, _ = _joint_run(tx, OneSidedLoRA(w0, rank=r, basis=basis, scale=s), opt, batch,
+                             STEPS)
+  assert float(jnp.linalg.norm(w_gt - w0)) > 1e-3 * float(jnp.linalg.norm(w0))
+  assert_rel_close(w_ad, w_gt, rtol=tol(jnp.float32, STEPS), name=f"scale/{inner}")

@@ -334,6 +334,10 @@ def test_bad_arguments(kwargs, match):
 def test_bad_inner():
   with pytest.raises(ValueError, match="inner must be an optax GradientTransformation"):
     projected(lambda g: g, rank=2)
+  tx = projected(optax.adamw(1e-3), rank=2)
+  params = {"w": jnp.ones((4, 6))}
+  with pytest.raises(ValueError, match="inner needs params"):
+    tx.update(params, tx.init(params), params)
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [

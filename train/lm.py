@@ -17,8 +17,9 @@ from train.trainer import TrainConfig
 
 # The main job's embedded default.
 DEFAULT_TASK = "mqar"
-DEFAULT_MODEL = dict(d_model=128, n_layers=2, n_heads=4, max_seq_len=4096)
-DEFAULT_TRAIN = dict(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=50,
+DEFAULT_TASK_OPTIONS = {"mqar": dict(num_kv_pairs=4, vocab_size=64, seq_len=32)}
+DEFAULT_MODEL = dict(d_model=64, n_layers=2, n_heads=2, max_seq_len=4096)
+DEFAULT_TRAIN = dict(steps=1000, batch_size=64, learning_rate=3e-3, warmup_steps=100,
                      eval_every=100, checkpoint_every=100, log_every=10)
 
 
@@ -38,7 +39,7 @@ RESUMABLE_FIELDS = ("train.steps", "train.eval_every", "train.eval_batches",
                     "train.mesh.tensor")
 
 
-def build_job(*, task: str = DEFAULT_TASK, task_options: dict | None = None,
+def build_job(*, task: str | None = None, task_options: dict | None = None,
               model_overrides: dict | None = None, train_overrides: dict | None = None,
               config_file: str | None = None) -> LMJobConfig:
   """Merge defaults < config file < explicit overrides, checking every field by name."""
@@ -46,6 +47,7 @@ def build_job(*, task: str = DEFAULT_TASK, task_options: dict | None = None,
   model = dict(DEFAULT_MODEL)
   train = dict(DEFAULT_TRAIN)
   topts = dict(task_options or {})
+  file_topts = {}
   if config_file:
     path = Path(config_file)
     if not path.exists():
@@ -60,10 +62,12 @@ def build_job(*, task: str = DEFAULT_TASK, task_options: dict | None = None,
     if unknown:
       raise ConfigError(f"{path}: unknown field {sorted(unknown)[0]!r} "
                         "(known: model, task, task_options, train)")
-    task = raw.get("task", task)
-    topts = {**raw.get("task_options", {}), **topts}
+    task = task or raw.get("task")
+    file_topts = dict(raw.get("task_options", {}))
     model.update(raw.get("model", {}))
     train.update(raw.get("train", {}))
+  task = task or DEFAULT_TASK
+  topts = {**DEFAULT_TASK_OPTIONS.get(task, {}), **file_topts, **topts}
   model.update(model_overrides or {})
   train.update(train_overrides or {})
   t = get_task(task, seed=int(train.get("seed", 0)), **topts)

@@ -14,7 +14,7 @@ run (the practical ceiling on this device; see docs/kernels.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser):
                  help='JSON per-op block options, e.g. \'{"decode_attention": {"num_splits": 8}}\'')
   p.add_argument("--gemv-size", type=int, default=None,
                  help="side of the square bf16 reference GEMV (default 16384; tiny: 1024)")
+  p.add_argument("--ops", action="store_true",
+                 help="also time each op alone (Pallas vs XLA) at one layer of the config")
+  p.add_argument("--sweep", action="store_true",
+                 help="with --ops: also time decode_attention num_splits and GEMV pipeline "
+                      "depths (tuning hints for the next GPU session)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -187,6 +192,73 @@ def _run_model(model, cfg, kv_len, max_len, first_token, steps, warmup, repeats,
   return out
 
 
+def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
+             sweep: bool = False) -> dict:
+  """Per-op time and bandwidth, Pallas vs its XLA reference, at one layer's shapes."""
+  from kernels.decode_attention import decode_attention
+  from kernels.lm_head_argmax import lm_head_argmax
+  from kernels.out_proj_residual import out_proj_residual
+  from kernels.rmsnorm_qkv import rmsnorm_qkv
+  from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+  dt = jnp.dtype(cfg.param_dtype)
+  D, F, V, Dh = cfg.d_model, cfg.hidden_dim, cfg.vocab_size, cfg.dim_per_head
+  Hq, Hkv = cfg.n_heads, cfg.kv_heads
+  N, M, S = (Hq + 2 * Hkv) * Dh, Hq * Dh, -(-(kv_len + 1) // 64) * 64
+  r = lambda i, *shape: (jax.random.normal(jax.random.key(i), shape) / np.sqrt(shape[-1])
+                         ).astype(dt)
+  x, g = r(0, D), (1.0 + r(1, D)).astype(dt)
+  opts = opts or {}
+  cases = {
+      "rmsnorm_qkv": (lambda impl, **k: functools.partial(rmsnorm_qkv, eps=1e-6, impl=impl, **k),
+                      (x, g, r(2, N, D)), N * D),
+      "decode_attention": (
+          lambda impl, **k: functools.partial(decode_attention, scale=Dh ** -0.5, impl=impl, **k),
+          (r(3, Hq, Dh), r(4, Hkv, S, Dh), r(5, Hkv, S, Dh), jnp.int32(kv_len)),
+          2 * Hkv * kv_len * Dh),
+      "out_proj_residual": (lambda impl, **k: functools.partial(out_proj_residual, impl=impl, **k),
+                            (r(6, M), r(7, D, M), x), D * M),
+      "rmsnorm_swiglu": (lambda impl, **k: functools.partial(rmsnorm_swiglu, eps=1e-6, impl=impl,
+                                                             **k),
+                         (x, g, r(8, F, D), r(9, F, D), r(10, F, D)), 3 * F * D),
+      "lm_head_argmax": (lambda impl, **k: functools.partial(lm_head_argmax, eps=1e-6, impl=impl,
+                                                             **k),
+                         (x, g, r(11, V, D)), V * D),
+  }
+  def timed(f, args, nbytes):
+    jax.block_until_ready(f(*args))
+
+    def loop():
+      y = None
+      for _ in range(iters):
+        y = f(*args)
+      jax.block_until_ready(y)
+
+    us = 1e6 * _time(loop, repeats) / iters
+    return dict(us=us, gbps=nbytes / (us * 1e-6) / 1e9)
+
+  out = {}
+  for op, (make, args, elems) in cases.items():
+    row = {"bytes": elems * dt.itemsize}
+    for impl in ("pallas", "xla"):
+      kw = dict(opts.get(op, {}), interpret=interpret) if impl == "pallas" else {}
+      row[impl] = timed(jax.jit(make(impl, **kw)), args, row["bytes"])
+    out[op] = row
+  if sweep:
+    sw = {}
+    make, args, elems = cases["decode_attention"]
+    for p in (1, 2, 4, 8, 16, 32):
+      if p * 64 <= S:
+        sw[f"decode_attention num_splits={p}"] = timed(
+            jax.jit(make("pallas", num_splits=p, interpret=interpret)), args, elems * dt.itemsize)
+    for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
+      make, args, elems = cases[op]
+      for st in (2, 3, 4):
+        sw[f"{op} stages={st}"] = timed(jax.jit(make("pallas", stages=st, interpret=interpret)),
+                                        args, elems * dt.itemsize)
+    out["sweep"] = sw
+  return out
+
+
 def run(args) -> dict:
   from flax import nnx
 
@@ -232,6 +304,8 @@ def run(args) -> dict:
     r["gbps"] = bytes_tok / (r["ms_per_token"] * 1e-3) / 1e9
     r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
     res["variants"][v] = r
+  if args.ops:
+    res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
   ref = res["variants"].get("xla-unrolled", {}).get("tokens")
   for v, r in res["variants"].items():
     if ref is not None and "tokens" in r:
@@ -254,6 +328,16 @@ def format_table(res: dict) -> str:
   for v, r in res["variants"].items():
     lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} "
                  f"{r['compile_s']:9.1f} {r.get('tokens_match_xla', '-'):>10s}")
+  if "ops" in res:
+    lines.append(f"per op (one layer): {'op':18s} {'MB':>7s} {'pallas us':>10s} {'GB/s':>7s} "
+                 f"{'xla us':>9s} {'GB/s':>7s}")
+    for op, r in res["ops"].items():
+      if op == "sweep":
+        continue
+      lines.append(f"{'':20s}{op:18s} {r['bytes'] / 1e6:7.2f} {r['pallas']['us']:10.1f} "
+                   f"{r['pallas']['gbps']:7.1f} {r['xla']['us']:9.1f} {r['xla']['gbps']:7.1f}")
+    for name, r in res["ops"].get("sweep", {}).items():
+      lines.append(f"{'sweep':20s}{name:38s} {r['us']:9.1f} us {r['gbps']:7.1f} GB/s")
   return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ def _train_lm(args) -> int:
       raise UserError(f"--mesh: expected DATA,FSDP,TENSOR integers, got {args.mesh!r}") from None
     train["mesh"] = dict(data=d, fsdp=f, tensor=t)
   topts = parse_task_options(task, args.task_option)
-  job = build_job(task=task, task_options=topts, model_overrides=model, train_overrides=train,
+  job = build_job(task=args.task, task_options=topts, model_overrides=model, train_overrides=train,
                   config_file=args.config)
   out = run_job(job, args.run_dir, progress=not args.no_progress)
   fin = out["final"]

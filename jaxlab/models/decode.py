@@ -157,7 +157,10 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
                     **spec.opts("rmsnorm_qkv"))
   if not use_rope:   # "nope" layers: identity rotation
     cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
-  q, k, v = rope_append(qkv, cos, sin, k, v, pos, n_heads=spec.n_heads, n_kv_heads=spec.n_kv,
+  # Past max_len the write goes to slot cache_len, which write_slot ignores: a full
+  # cache is never modified (the head turns the step's logits into NaN).
+  wpos = jnp.where(pos < spec.max_len, pos, spec.cache_len)
+  q, k, v = rope_append(qkv, cos, sin, k, v, wpos, n_heads=spec.n_heads, n_kv_heads=spec.n_kv,
                         **kw)
   length = jnp.minimum(pos + 1, spec.cache_len)
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,

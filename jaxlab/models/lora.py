@@ -132,7 +132,7 @@ class LoRALinear(nnx.Module):
     self.cfg = cfg
     self.merged = False
     axes = tuple(base.kernel.get_metadata().get("logical_axes") or (None, None))
-    dtype = base.kernel[...].dtype
+    dtype = base.kernel.get_value().dtype
     bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)) as in PEFT
     a = jax.random.uniform(rngs.params(), (base.in_features, cfg.rank), jnp.float32, -bound, bound)
     self.lora_a = LoRAParam(a.astype(dtype), logical_axes=(axes[0], "lora_rank"))

@@ -37,7 +37,6 @@ is ``log_linear_attention_step`` / ``log_linear_gated_delta_step``.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -358,29 +357,33 @@ def _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state):
   bsz, nh, nc, c, _ = q_start.shape
   gx = jnp.cumsum(last, axis=-1) - last                               # log decay at chunk starts
   gend = gx + last
-  cs = np.arange(nc)
+
+  def grouped(x, span, mode):
+    """Pad the chunk axis (2) to a multiple of span and split it as [groups, 2, span/2]."""
+    ng = -(-nc // span)
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, ng * span - nc)] + [(0, 0)] * (x.ndim - 3), mode=mode)
+    return x.reshape(x.shape[:2] + (ng, 2, span // 2) + x.shape[3:])
+
   snaps = []
   for j in range(nj):
-    rd = cs[(cs >> j) & 1 == 1]
-    ngr = int(rd[-1] >> (j + 1)) + 1                                   # groups that have readers
-    wr = cs[((cs >> j) & 1 == 0) & ((cs >> (j + 1)) < ngr)]
-    mid = (np.arange(ngr) << (j + 1)) + (1 << j)                       # first reader of a group
-    g_wr, g_rd = wr >> (j + 1), rd >> (j + 1)
-    wdec = jnp.exp(gx[..., mid[g_wr]] - gend[..., wr])                 # writer end -> middle
-    x = jnp.zeros((bsz, nh, ngr) + write.shape[3:], jnp.float32)
-    x = x.at[:, :, g_wr].add(wdec[..., None, None] * write[:, :, wr])
-    rdec = jnp.exp(gx[..., rd] - gx[..., mid[g_rd]])                   # middle -> reader start
-    qs = q_start[:, :, rd] * (rdec[..., None] * lam_hi[..., j][:, :, rd])[..., None]
-    o = o.at[:, :, rd].add(_ein("bhrck,bhrkv->bhrcv", qs, x[:, :, g_rd]))
+    span = 2 << j
+    gxg, gendg = grouped(gx, span, "edge"), grouped(gend, span, "edge")   # [B,H,G,2,half]
+    gmid = gxg[:, :, :, 1, 0]                                          # first reader's start
+    wdec = jnp.exp(gmid[..., None] - gendg[:, :, :, 0])                # writer end -> middle
+    x = _ein("bhgi,bhgikv->bhgkv", wdec, grouped(write, span, "constant")[:, :, :, 0])
+    rdec = jnp.exp(gxg[:, :, :, 1] - gmid[..., None])                  # middle -> reader start
+    scale_r = rdec[..., None] * grouped(lam_hi[..., j], span, "constant")[:, :, :, 1]
+    qs = grouped(q_start, span, "constant")[:, :, :, 1] * scale_r[..., None]
+    o_r = _ein("bhgick,bhgkv->bhgicv", qs, x)                          # readers only
+    o_j = jnp.stack([jnp.zeros_like(o_r), o_r], axis=3)
+    o = o + o_j.reshape(o_j.shape[:2] + (-1,) + o_j.shape[5:])[:, :, :nc]
     if return_state:
-      gce = jnp.minimum(ce >> (j + 1), ngr - 1)
-      pick = lambda a: jnp.take_along_axis(a, gce.reshape((bsz, 1, 1) + (1,) * (a.ndim - 3)),
-                                           axis=2)[:, :, 0]
-      mid_ce = jnp.asarray(mid)[gce]
-      dec = jnp.exp(jnp.take_along_axis(gx, ce[:, None, None], -1)[..., 0]
-                    - jnp.take_along_axis(gx, mid_ce[:, None, None], -1)[..., 0])
+      gce = ce >> (j + 1)
+      sel = lambda a: jnp.take_along_axis(
+          a, gce.reshape((bsz, 1, 1) + (1,) * (a.ndim - 3)), axis=2)[:, :, 0]
+      dec = jnp.exp(jnp.take_along_axis(gx, ce[:, None, None], -1)[..., 0] - sel(gmid))
       on = ((ce >> j) & 1 == 1)[:, None, None, None]
-      snaps.append(jnp.where(on, dec[..., None, None] * pick(x), 0.0))
+      snaps.append(jnp.where(on, dec[..., None, None] * sel(x), 0.0))
   snap = jnp.stack(snaps) if return_state else None
   return o, snap
 

@@ -421,7 +421,15 @@ def projected(
       blank = inner_init(leaves, treedef, plans)
       inner_state = jax.tree.map(
           lambda b, s: jnp.where(refresh, b.astype(s.dtype), s), blank, inner_state)
-    low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
+    try:
+      low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
+    except ValueError as e:
+      if "requires the current value of parameters" not in str(e):
+        raise
+      raise ValueError(
+          f"{fn}: inner needs params (e.g. adamw's weight decay), but projected leaves have "
+          "none in the low-rank space; use a gradient-only inner (scale_by_adam, adam, sgd) "
+          "and chain optax.add_decayed_weights after projected, as galore() does") from None
 
     out = []
     for u, g, p, f in zip(treedef.flatten_up_to(low_updates), leaves, plans, factors):

@@ -72,8 +72,8 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   Hkv, S, _ = k_cache_KSD.shape
   G = Hq // Hkv
   interp = mode != "compile"
-  BS = block_s or C.pick_block(S, 64, 8, "S")
-  C.check_block(S, BS, 8, "S (cache length)")
+  BS = block_s or C.pick_block(S, 64, 64, "S (cache length)")
+  C.check_block(S, BS, 64, "S (cache length)")   # WGMMA row tiles: 64-row blocks
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")

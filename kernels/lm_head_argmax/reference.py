@@ -1,15 +1,15 @@
-"""Reference: logits = E (rmsnorm(x) * g) in fp32, token = argmax(logits)."""
+"""Reference: logits = E (rmsnorm(x) * g) (fp32 accumulation), token = argmax(logits)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kernels._reference import gemv
 from kernels.rmsnorm_qkv.reference import rms_scale
 
 
 def lm_head_argmax(x_D, scale_D, w_t_VD, *, eps: float):
   xn = x_D.astype(jnp.float32) * rms_scale(x_D, eps) * scale_D.astype(jnp.float32)
-  logits = jnp.einsum("vd,d->v", w_t_VD.astype(jnp.float32), xn,
-                      precision=jax.lax.Precision.HIGHEST)
+  logits = gemv("vd,d->v", w_t_VD, xn)
   return logits, jnp.argmax(logits).astype(jnp.int32)

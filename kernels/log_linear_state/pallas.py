@@ -63,8 +63,9 @@ def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H
                             gdn: bool, mode: str, block_v: int | None = None, stages: int = 2):
   H, L, dk, dv = state_HLKV.shape
   f32 = jnp.float32
-  BV = block_v or C.pick_block(dv, 64 if dk <= 64 else 32, 8, "dv")
-  C.check_block(dv, BV, 8, "dv")
+  # fp32 [BV] rows: TMA copies need a multiple of 128 bytes (one warpgroup), so BV % 32 == 0.
+  BV = block_v or C.pick_block(dv, 64 if dk <= 64 else 32, 32, "dv")
+  C.check_block(dv, BV, 32, "dv")
   if dk % 64:
     raise ValueError(f"log_linear_state_update: dk={dk} must be a multiple of 64 for the "
                      "Pallas kernel (WGMMA row tiles)")

@@ -1,12 +1,13 @@
-"""Reference: y = resid + W_o^T o, materialized in fp32."""
+"""Reference: y = resid + W_o^T o, fp32-accumulated."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kernels._reference import gemv
+
 
 def out_proj_residual(o_M, w_t_DM, resid_D):
-  y = jnp.einsum("dm,m->d", w_t_DM.astype(jnp.float32), o_M.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
+  y = gemv("dm,m->d", w_t_DM, o_M)
   return (resid_D.astype(jnp.float32) + y).astype(resid_D.dtype)

@@ -48,8 +48,8 @@ def path_key_update(k_cache_KSD, w_KD, beta_K, length, *, mode: str, num_splits=
                     block_s=None, stages=2):
   Hkv, S, Dh = k_cache_KSD.shape
   interp = mode != "compile"
-  BS = block_s or C.pick_block(S, 64, 8, "S")
-  C.check_block(S, BS, 8, "S (cache length)")
+  BS = block_s or C.pick_block(S, 64, 64, "S (cache length)")
+  C.check_block(S, BS, 64, "S (cache length)")   # WGMMA row tiles: 64-row blocks
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, Dh=Dh, BS=BS, P=P, stages=stages),

@@ -1,9 +1,11 @@
-"""Reference: y = W^T (rmsnorm(x) * g) (+ b), materialized in fp32."""
+"""Reference: y = W^T (rmsnorm(x) * g) (+ b): fp32 norm, fp32-accumulated GEMV."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels._reference import gemv
 
 
 def rms_scale(x_D: jax.Array, eps: float) -> jax.Array:
@@ -14,8 +16,7 @@ def rms_scale(x_D: jax.Array, eps: float) -> jax.Array:
 
 def rmsnorm_qkv(x_D, scale_D, w_t_ND, bias_N=None, *, eps: float):
   xn = x_D.astype(jnp.float32) * rms_scale(x_D, eps) * scale_D.astype(jnp.float32)
-  y = jnp.einsum("nd,d->n", w_t_ND.astype(jnp.float32), xn,
-                 precision=jax.lax.Precision.HIGHEST)
+  y = gemv("nd,d->n", w_t_ND, xn)
   if bias_N is not None:
     y = y + bias_N.astype(jnp.float32)
   return y.astype(x_D.dtype)

@@ -46,7 +46,7 @@ def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps,
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
   h = _silu(acc_g * r) * (acc_u * r)                       # [BF], ROW layout
   if jnp.dtype(wd_g.dtype) != jnp.float32:
-    h = h.astype(x_g.dtype).astype(f32)   # the activation dtype, as the unfused model rounds
+    h = h.astype(wd_g.dtype).astype(f32)   # the down projection's operand dtype, as in XLA
 
   def down_step(idx, wd_s):
     y = jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)

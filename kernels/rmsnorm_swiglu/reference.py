@@ -1,20 +1,20 @@
-"""Reference: x + W_down^T (silu(W_gate^T n) * W_up^T n), n = rmsnorm(x) * g, in fp32."""
+"""Reference: x + W_down^T (silu(W_gate^T n) * W_up^T n), n = rmsnorm(x) * g; fp32 norm,
+fp32-accumulated GEMVs, h in the weights' dtype for the down projection (as the model)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from kernels._reference import gemv
 from kernels.rmsnorm_qkv.reference import rms_scale
-
-HI = jax.lax.Precision.HIGHEST
 
 
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: float):
   f32 = jnp.float32
   xn = x_D.astype(f32) * rms_scale(x_D, eps) * scale_D.astype(f32)
-  gate = jnp.einsum("fd,d->f", w_gate_t_FD.astype(f32), xn, precision=HI)
-  up = jnp.einsum("fd,d->f", w_up_t_FD.astype(f32), xn, precision=HI)
+  gate = gemv("fd,d->f", w_gate_t_FD, xn)
+  up = gemv("fd,d->f", w_up_t_FD, xn)
   h = jax.nn.silu(gate) * up
-  y = jnp.einsum("fd,f->d", w_down_FD.astype(f32), h, precision=HI)
+  y = gemv("fd,f->d", w_down_FD, h)
   return (x_D.astype(f32) + y).astype(x_D.dtype)

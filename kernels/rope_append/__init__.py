@@ -2,8 +2,8 @@
 
 Cache layout is head-major [Hkv, S, Dh] (each head's keys contiguous, which is
 what the split-K attention kernel streams). cos/sin are the token's [Dh] RoPE
-vectors (HF "rotate_half" layout: both halves equal), so any frequency scaling
-(linear, llama3, yarn) stays outside the kernel.
+vectors (HF "rotate_half" convention, as jaxlab.models.rope.rope_cos_sin makes
+them), so any frequency scaling (linear, llama3, yarn) stays outside the kernel.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The q and k heads ([Hq + Hkv, Dh], contiguous at the front of the fused qkv
 vector) are viewed as [H, 2, Dh/2] (first/second half of each head), so
 rotate_half needs no register shuffles: the kernel reads the two halves as
-strided SMEM views and writes (x1 c - x2 s, x2 c + x1 s).
+strided SMEM views and writes (x1 c1 - x2 s1, x2 c2 + x1 s2), where c1, c2
+(s1, s2) are the two halves of cos (sin), pre-broadcast over heads.
 
 The one-row cache write stays an XLA dynamic_update_slice on the donated cache,
 which XLA performs in place: plgpu.kernel has no input_output_aliases, and the
@@ -33,11 +34,11 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
   lay = C.plgpu.Layout.WG_STRIDED((H, half), vec_size=vec)
 
   def rope(x_s, cs_s):
-    x1 = ctx.ld(x_s.at[:, 0, :], lay).astype(f32)
-    x2 = ctx.ld(x_s.at[:, 1, :], lay).astype(f32)
-    c = ctx.ld(cs_s.at[0], lay)
-    s = ctx.ld(cs_s.at[1], lay)
-    return (x1 * c - x2 * s), (x2 * c + x1 * s)
+    x1 = ctx.ld(x_s, lay, (slice(None), 0, slice(None))).astype(f32)
+    x2 = ctx.ld(x_s, lay, (slice(None), 1, slice(None))).astype(f32)
+    c1, c2 = ctx.ld(cs_s, lay, 0), ctx.ld(cs_s, lay, 1)
+    s1, s2 = ctx.ld(cs_s, lay, 2), ctx.ld(cs_s, lay, 3)
+    return (x1 * c1 - x2 * s1), (x2 * c2 + x1 * s2)
 
   def inner(cs_s):
     return ctx.load(x_g, lambda x_s: rope(x_s, cs_s))
@@ -62,8 +63,8 @@ def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, 
   half = Dh // 2
   H = n_heads + n_kv_heads
   x = qkv_N[:H * Dh].reshape(H, 2, half)
-  cs = jnp.stack([jnp.broadcast_to(cos_D[:half].astype(jnp.float32), (H, half)),
-                  jnp.broadcast_to(sin_D[:half].astype(jnp.float32), (H, half))])
+  cs = jnp.stack([jnp.broadcast_to(a.astype(jnp.float32), (H, half))
+                  for a in (cos_D[:half], cos_D[half:], sin_D[:half], sin_D[half:])])
   kern = C.mosaic_kernel(_body, out_type=jax.ShapeDtypeStruct((H, 2, half), qkv_N.dtype),
                          grid=(1,), grid_names=("one",), mode=mode, name="rope")
   qk = kern(x, cs).reshape(H, Dh)

@@ -333,7 +333,7 @@ class GRPOLearner:
                                                         zeros_m), mbs)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                      n_tokens=n_tokens, lr=self.lr(state.step))
       return GRPOState(state.step + 1, params, opt_state), metrics
 

@@ -1,0 +1,98 @@
+"""Each decode kernel, exactly as written for the GPU (SMEM staging, TMA copies,
+barriers, emit_pipeline), in the Mosaic-GPU interpreter on CPU: uninitialized
+SMEM is NaN and out-of-bounds reads raise, so a wrong index map, a missed
+barrier or a read past the live cache shows up here. One small multi-block
+config per kernel (this interpreter is slow); test_kernels_ops.py covers the
+shape matrix with the fast HLO interpreter."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.testing import assert_rel_close, tol
+from kernels.decode_attention import decode_attention
+from kernels.lm_head_argmax import lm_head_argmax
+from kernels.log_linear_state import log_linear_state_update
+from kernels.out_proj_residual import out_proj_residual
+from kernels.path_key_update import path_key_update
+from kernels.rmsnorm_qkv import rmsnorm_qkv
+from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+from kernels.rope_append import rope_append
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpreter test (CPU only)"),
+]
+M = "mosaic"
+EPS = 1e-6
+
+
+def _close(out, ref, n, name):
+  assert_rel_close(np.asarray(out), np.asarray(ref), rtol=tol(jnp.float32, n), name=name)
+
+
+def _r(seed, *shape):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_gemv_kernels_mosaic():
+  D, N, F, V = 128, 192, 128, 256
+  x, g = _r(0, D), 1.0 + 0.1 * _r(1, D)
+  w = _r(2, N, D) / 11
+  _close(rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="pallas", interpret=M, block_n=64,
+                     block_k=64),
+         rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="xla"), D, "qkv")
+  wo = _r(4, D, N) / 14
+  _close(out_proj_residual(_r(5, N), wo, x, impl="pallas", interpret=M, block_n=64, block_k=64),
+         out_proj_residual(_r(5, N), wo, x, impl="xla"), N, "oproj")
+  wg, wu, wd = _r(6, F, D) / 11, _r(7, F, D) / 11, _r(8, F, D) / 11
+  _close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,
+                        block_k=64, block_d=64),
+         rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla"), F, "mlp")
+  E = _r(9, V, D) / 11
+  lg, tk = lm_head_argmax(x, g, E, eps=EPS, impl="pallas", interpret=M, block_n=64)
+  lr, tr = lm_head_argmax(x, g, E, eps=EPS, impl="xla")
+  _close(lg, lr, D, "logits")
+  assert int(tk) == int(tr)
+
+
+def test_rope_and_attention_mosaic():
+  Hq, Hkv, Dh, S, L = 8, 2, 64, 192, 77
+  qkv = _r(10, (Hq + 2 * Hkv) * Dh)
+  kc, vc = _r(11, Hkv, S, Dh), _r(12, Hkv, S, Dh)
+  cos, sin = jnp.cos(0.1 * jnp.arange(Dh)), jnp.sin(0.1 * jnp.arange(Dh))
+  out = rope_append(qkv, cos, sin, kc, vc, 40, n_heads=Hq, n_kv_heads=Hkv, impl="pallas",
+                    interpret=M)
+  ref = rope_append(qkv, cos, sin, kc, vc, 40, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
+  for a, b, name in zip(out, ref, "qkv"):
+    _close(a, b, 2, name)
+  nan = jnp.arange(S)[None, :, None] >= L
+  kn, vn = jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc)
+  o = decode_attention(_r(13, Hq, Dh), kn, vn, L, scale=0.125, impl="pallas", interpret=M,
+                       block_s=64, num_splits=3)
+  _close(o, decode_attention(_r(13, Hq, Dh), kc, vc, L, scale=0.125, impl="xla"), L * Dh,
+         "attention")
+
+
+def test_path_and_log_linear_mosaic():
+  Hkv, S, Dh, L = 2, 192, 64, 100
+  kc = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, _r(14, Hkv, S, Dh))
+  w = _r(15, Hkv, Dh)
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jnp.array([1.6, 1.9])
+  out = path_key_update(kc, w, beta, L, impl="pallas", interpret=M, block_s=64, num_splits=2)
+  _close(np.asarray(out)[:, :L], path_key_update(kc, w, beta, L, impl="xla")[:, :L], Dh, "path")
+  H, Lv, dk, dv = 2, 4, 64, 64
+  S0 = _r(16, H, Lv, dk, dv)
+  args = (_r(17, H, dk), _r(18, H, dk) / 8, _r(19, H, dv), jax.nn.softplus(_r(20, H, Lv)),
+          -jax.nn.softplus(_r(21, H)), jax.nn.sigmoid(_r(22, H)))
+  f = functools.partial(log_linear_state_update, variant="gdn")
+  o, S1 = f(S0, 6, *args, impl="pallas", interpret=M, block_v=32)
+  o_r, S1_r = f(S0, 6, *args, impl="xla")
+  _close(o, o_r, Lv * dk, "o")
+  _close(S1, S1_r, Lv, "state")
