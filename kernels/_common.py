@@ -2,18 +2,16 @@
 Mosaic-GPU layout helpers, block-size choice and small GMEM<->SMEM moves.
 
 Every kernel is written for Mosaic GPU (`plgpu.kernel`, Lane semantics, one
-warpgroup per CTA). On CPU it runs in the Mosaic-GPU interpreter
-(`InterpretGPUParams`), which simulates SMEM, TMA copies and barriers but knows
-nothing about register layouts; `Ctx` therefore turns layout casts into no-ops
-when interpreting and uses `plgpu.broadcasted_iota` only when compiling.
+warpgroup per CTA). On CPU it runs interpreted (see MODES below). Neither
+interpreter knows register layouts, so `Ctx` turns layout casts into no-ops when
+interpreting and uses `plgpu.broadcasted_iota` only when compiling; in the fast
+"hlo" mode it also swaps the TMA plumbing for direct block reads and writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -120,15 +118,15 @@ class Ctx:
   def zeros(self, shape, layout):
     return self.cast(jnp.zeros(shape, jnp.float32), layout)
 
-  def full(self, shape, value, layout):
-    return self.cast(jnp.full(shape, value, jnp.float32), layout)
-
-  def pipeline(self, body, *, grid: tuple, in_specs, out_specs=(), stages: int = 2,
-               init_carry=None):
+  def pipeline(self, body, *, grid: tuple, in_specs, stages: int = 2, init_carry=None):
     """plgpu.emit_pipeline over a 1-D (possibly dynamic) grid, or its "hlo" twin:
-    a fori_loop handing the body views of the same GMEM blocks."""
+    a fori_loop handing the body views of the same GMEM blocks.
+
+    Inputs only: bodies store their outputs with `store` (the Mosaic-GPU
+    interpreter of JAX 0.10.2 cannot run emit_pipeline out_specs, whose copies
+    are predicated)."""
     if self.tma:
-      return plgpu.emit_pipeline(body, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      return plgpu.emit_pipeline(body, grid=grid, in_specs=in_specs,
                                  max_concurrent_steps=stages, init_carry=init_carry)
     (steps,) = grid
 
@@ -140,11 +138,9 @@ class Ctx:
       return out
 
     def run(*refs):
-      ins, outs = refs[:len(in_specs)], refs[len(in_specs):]
-
       def step(i, carry):
         idx = (i,)
-        args = views(in_specs, ins, idx) + views(out_specs, outs, idx)
+        args = views(in_specs, refs, idx)
         if init_carry is None:
           body(idx, *args)
           return carry
@@ -155,8 +151,9 @@ class Ctx:
 
     return run
 
-  def store(self, val, dst_gmem):
-    """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling)."""
+  def store(self, val, dst_gmem, transforms=()):
+    """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
+    2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM)."""
     if not self.tma:
       dst_gmem[...] = val.astype(dst_gmem.dtype)
       return
@@ -167,7 +164,7 @@ class Ctx:
       plgpu.copy_smem_to_gmem(s, dst_gmem)
       plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype))
+    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype, transforms=transforms))
 
   def load(self, src_gmem, fn, transforms=()):
     """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""
@@ -234,10 +231,6 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Lane),
       kernel_name=name)
-
-
-def as_f32(x: Any):
-  return x.astype(jnp.float32)
 
 
 def inference_only(op: str, fn, *args):

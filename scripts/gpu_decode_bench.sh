@@ -24,7 +24,7 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
 # 1. Correctness of the compiled kernels (interpret=None -> compile on a GPU backend).
 if $PY -c "import pytest" 2>/dev/null; then
-  timeout 170 $PY -m pytest tests/test_kernels_ops.py tests/test_kernels_decode.py \
+  timeout 150 $PY -m pytest tests/test_kernels_ops.py tests/test_kernels_decode.py \
     tests/test_kernels_lowering.py -q -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
   stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 else
@@ -32,12 +32,12 @@ else
 fi
 
 # 2. Llama-1B shape: every variant, per-op Pallas vs XLA, and a small tuning sweep.
-timeout 190 $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
+timeout 180 $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
   --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
 
 # 3. Llama-8B shape (16 GB of bf16 weights + a transposed copy): fewer variants and steps.
-timeout 150 $PY -m jaxlab.bench.decode --config llama-8b-bench \
+timeout 140 $PY -m jaxlab.bench.decode --config llama-8b-bench \
   --variants pallas,xla-unrolled,model --steps 32 --repeats 2 \
   --json "$OUT/llama-8b.json" > "$OUT/llama-8b.txt" 2>&1
 stamp "llama-8b-bench rc=$?"

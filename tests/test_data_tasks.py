@@ -321,7 +321,8 @@ def test_bad_batch_arguments():
 
 
 def test_task_options_and_parsing():
-  assert task_options("mqar") == dict(num_kv_pairs=8, seq_len=64, vocab_size=128, num_queries=None)
+  assert task_options("mqar") == dict(num_kv_pairs=8, seq_len=64, vocab_size=128, num_queries=None,
+                                     min_kv_pairs=None)
   assert task_options("flipflop")["p_ignore"] == 0.8
   opts = parse_task_options("mqar", ["num_kv_pairs=4", "num_queries=none", "vocab_size = 64"])
   assert opts == dict(num_kv_pairs=4, num_queries=None, vocab_size=64)

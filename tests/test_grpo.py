@@ -154,6 +154,24 @@ def test_on_policy_gradient_equals_reinforce():
       -(b["advantages"][:, None] * b["loss_mask"]).sum() / n, rel=1e-5)
 
 
+def test_kl_term_vanishes_when_policy_equals_reference():
+  """policy == reference: k3 = 0 and its gradient is 0, so beta changes nothing."""
+  model = LM(TINY, rngs=nnx.Rngs(0))
+  gd, params = nnx.split(model)
+  b = _seq_batch()
+
+  def loss(p, beta):
+    lp, _ = policy_logprobs(nnx.merge(gd, p), b["tokens"], b["attn_mask"])
+    return grpo_loss(lp, jax.lax.stop_gradient(lp), b["advantages"], b["loss_mask"],
+                     ref_logp_NT=jax.lax.stop_gradient(lp), kl_beta=beta)
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (l0, m0), g0 = f(params, 0.0)
+  (l1, m1), g1 = f(params, 0.5)
+  assert float(m1["kl"]) == 0.0 and float(l1) == float(l0)
+  assert_close(g1, g0, rtol=0, atol=0, name="gradient")
+
+
 def test_policy_logprobs_match_reference_loop():
   """Logprob of token t+1 from a forward over the unpadded prefix, one sequence at a time."""
   model = LM(TINY, rngs=nnx.Rngs(1))

@@ -68,6 +68,25 @@ def test_good_checkpoint_loads(good):
                                 t["model.layers.0.self_attn.k_proj.weight"].T)
 
 
+def test_bf16_checkpoint_keeps_dtype_and_values(good, tmp_path):
+  import ml_dtypes
+  _, cfg = good
+  t = {k: v.astype(ml_dtypes.bfloat16) for k, v in _llama_tensors(cfg).items()}
+  path = _write(tmp_path / "bf16", dict(cfg, dtype="bfloat16"), t)
+  model = hf.load(path)
+  assert model.cfg.param_dtype == "bfloat16"
+  k = model.layers[0].mixer.o_proj.kernel[...]
+  assert k.dtype == np.dtype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(np.asarray(k), t["model.layers.0.self_attn.o_proj.weight"].T)
+  assert hf.load(path, dtype="float32").embed.embedding[...].dtype == np.float32
+  out = tmp_path / "saved"
+  hf.save(model, str(out))
+  back = load_file(str(out / "model.safetensors"))
+  assert back["lm_head.weight"].dtype == np.dtype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(back["lm_head.weight"], t["lm_head.weight"])
+  assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"
+
+
 def test_missing_tensor(good, tmp_path):
   _, cfg = good
   t = _llama_tensors(cfg)

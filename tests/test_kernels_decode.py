@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxlab.models import LM, ModelConfig
-from jaxlab.models.decode import decode_greedy, make_decoder
+from jaxlab.models.decode import DecodeStreamer, decode_greedy, make_decoder
 from jaxlab.models.generate import generate
 
 # GQA ratio 3, head dim 32, two layers, shapes that also compile for GPU.
@@ -40,6 +40,16 @@ def test_greedy_64_tokens_identical(model, reference_tokens, impl, layers):
   toks = decode_greedy(model, PROMPT, N, impl=impl, layers=layers)
   assert len(set(reference_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
   np.testing.assert_array_equal(toks, reference_tokens)
+
+
+def test_streamer_interface_for_the_cli(model, reference_tokens):
+  """`jaxlab generate --impl pallas` loads jaxlab.models.decode:DecodeStreamer."""
+  s = DecodeStreamer(model, max_len=MAX_LEN, seed=0)
+  np.testing.assert_array_equal(np.array(list(s.stream(PROMPT, N))), reference_tokens)
+  eos = int(reference_tokens[5])
+  assert list(s.stream(PROMPT, N, eos_ids=(eos,)))[-1] == eos
+  with pytest.raises(ValueError, match="exceeds"):
+    next(s.stream(PROMPT, N + 1))
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])

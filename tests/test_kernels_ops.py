@@ -112,10 +112,11 @@ def test_rope_append(Hq, Hkv, Dh):
   vc = jax.random.normal(k[2], (Hkv, S, Dh))
   inv, af = rope_frequencies(Dh, 10000.0, None)
   f = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl="pallas"))
+  r = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl="xla"))
   for pos in (0, 37, S - 1):
     cos, sin = (a[0, 0] for a in rope_cos_sin(jnp.array([[pos]]), inv, af))
     out = f(qkv, cos, sin, kc, vc, jnp.int32(pos))
-    ref = rope_append(qkv, cos, sin, kc, vc, pos, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
+    ref = r(qkv, cos, sin, kc, vc, jnp.int32(pos))
     _close(out[0], ref[0], 2, "q")
     _close(out[1], ref[1], 2, "k_cache")
     np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]))
@@ -124,7 +125,7 @@ def test_rope_append(Hq, Hkv, Dh):
   # Any cos/sin (not only rope_cos_sin's, whose two halves are equal).
   cos, sin = jax.random.normal(k[0], (Dh,)), jax.random.normal(k[1], (Dh,))
   out = f(qkv, cos, sin, kc, vc, jnp.int32(3))
-  ref = rope_append(qkv, cos, sin, kc, vc, 3, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
+  ref = r(qkv, cos, sin, kc, vc, jnp.int32(3))
   _close(out[0], ref[0], 2, "q (general cos/sin)")
 
 
@@ -155,14 +156,14 @@ def test_decode_attention(Hq, Hkv, Dh):
   vc = jax.random.normal(k[2], (Hkv, S, Dh))
   f = jax.jit(functools.partial(decode_attention, scale=Dh ** -0.5, impl="pallas", block_s=BS,
                                 num_splits=2))
+  r = jax.jit(functools.partial(decode_attention, scale=Dh ** -0.5, impl="xla"))
   for L in (1, 63, 64, 77, 150, 192):  # one slot, partial blocks, block ends, full cache
     nan = jnp.arange(S)[None, :, None] >= L
     kn, vn = jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc)
     out = f(q, kn, vn, jnp.int32(L))
-    ref = decode_attention(q, kc, vc, L, scale=Dh ** -0.5, impl="xla")
+    ref = r(q, kc, vc, jnp.int32(L))
     _close(out, ref, L * Dh, f"attention L={L}")
-    np.testing.assert_array_equal(np.asarray(decode_attention(q, kn, vn, L, scale=Dh ** -0.5,
-                                                              impl="xla")), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(r(q, kn, vn, jnp.int32(L))), np.asarray(ref))
 
 
 def test_decode_attention_partials_and_merge():
@@ -205,10 +206,11 @@ def test_path_key_update(Dh):
   w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
   beta = jax.random.uniform(k[2], (Hkv,), minval=1.5, maxval=2.0)
   f = jax.jit(functools.partial(path_key_update, impl="pallas", block_s=BS, num_splits=2))
+  r = jax.jit(functools.partial(path_key_update, impl="xla"))
   for L in (1, 100, 192):
     kn = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, kc)
     out = np.asarray(f(kn, w, beta, jnp.int32(L)))[:, :L]
-    ref = path_key_update(kc, w, beta, L, impl="xla")[:, :L]
+    ref = r(kc, w, beta, jnp.int32(L))[:, :L]
     _close(out, ref, Dh, f"path L={L}")
   # The update is the Householder-like map: it scales the w-component by (1 - beta).
   ref = path_key_update(kc, w, beta, S, impl="xla")
@@ -253,13 +255,13 @@ def test_log_linear_state_update(variant):
   gdn = variant == "gdn"
   kern = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="pallas",
                                    block_v=32))
+  ref = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="xla"))
   S_ref = S_ker = jnp.zeros((H, L, dk, dv))
   flat = np.zeros((H, dk, dv))
   outs_ref, outs_ker = [], []
   for t in range(T):
     b = beta[t] if gdn else None
-    o_r, S_ref = log_linear_state_update(S_ref, t, q[t], k[t], v[t], lam[t], g[t], b,
-                                         variant=variant, impl="xla")
+    o_r, S_ref = ref(S_ref, jnp.int32(t), q[t], k[t], v[t], lam[t], g[t], b)
     o_k, S_ker = kern(S_ker, jnp.int32(t), q[t], k[t], v[t], lam[t], g[t], b)
     outs_ref.append(o_r)
     outs_ker.append(o_k)

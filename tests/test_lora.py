@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxlab.config import ConfigError
 from jaxlab.models import LM, ModelConfig
-from jaxlab.models import lora
+from jaxlab.models import hf, lora
 from jaxlab.models.layers import Linear
 from jaxlab.testing import assert_rel_close, tol
 
@@ -155,7 +155,7 @@ def test_only_adapters_train():
   assert all(jax.tree.leaves(changed))
 
 
-def test_merge_unmerge_remove():
+def test_merge_unmerge_remove(tmp_path):
   m = _model(cfg=CFG1)
   base_q = np.asarray(m.layers[0].mixer.q_proj.kernel[...])
   toks = _tokens()
@@ -175,8 +175,12 @@ def test_merge_unmerge_remove():
   q = m.layers[0].mixer.q_proj
   np.testing.assert_allclose(q.base.kernel[...], base_q, atol=1e-6, rtol=0)
   assert_rel_close(m(toks), unmerged, rtol=tol(jnp.float32, reduction=CFG.d_model * 4, factor=32))
+  with pytest.raises(hf.CheckpointError, match="remove_lora"):
+    hf.save(m, str(tmp_path / "with_lora"))
   lora.remove_lora(m, merge_weights=True)
   assert type(m.layers[0].mixer.q_proj) is Linear and not lora.lora_modules(m)
+  hf.save(m, str(tmp_path / "merged"))  # a plain model again (Qwen3 layout: q/k norm)
+  np.testing.assert_array_equal(hf.load(str(tmp_path / "merged"))(toks), m(toks))
   assert not any(isinstance(v, lora.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(m)))
   assert_rel_close(m(toks), unmerged, rtol=tol(jnp.float32, reduction=CFG.d_model * 4, factor=32))
 

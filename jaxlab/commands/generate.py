@@ -101,8 +101,10 @@ class _Session:
       from jaxlab.models import lora
       lora.load_adapters(self.model, args.adapter)
       lora.remove_lora(self.model, merge_weights=True)
+    t1 = time.perf_counter()
     self.tok = load_tokenizer(args.model)
-    self.load_s = time.perf_counter() - t0
+    self.load_s = t1 - t0
+    self.tok_s = time.perf_counter() - t1
     self.seed = args.seed
     self.max_new = args.max_new_tokens
     self.stats = args.stats
@@ -150,7 +152,8 @@ class _Session:
     if self.stats and t_first is not None:
       t_end = time.perf_counter()
       rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
-      print(f"jaxlab: loaded in {self.load_s:.2f} s; {len(prompt_ids)} prompt tokens; "
+      print(f"jaxlab: model loaded in {self.load_s:.2f} s, tokenizer in {self.tok_s:.2f} s; "
+            f"{len(prompt_ids)} prompt tokens; "
             f"{n} tokens in {t_end - t0:.2f} s (first {t_first - t0:.2f} s incl. compile; "
             f"{rate:.1f} tokens/s after)", file=sys.stderr)
     return dec.emitted

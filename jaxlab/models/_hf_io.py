@@ -101,6 +101,10 @@ class SafetensorsFiles:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._open(self.file_of(name)).get_slice(name).get_shape())
 
+  def dtype_code(self, name: str) -> str:
+    """The stored dtype, as safetensors names it (F32, BF16, ...)."""
+    return self._open(self.file_of(name)).get_slice(name).get_dtype()
+
   def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """Tensor `name`, or only `index` (a tuple of slices in its stored layout)."""
     f = self.file_of(name)

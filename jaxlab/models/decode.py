@@ -10,7 +10,8 @@ One decode step of the jaxlab LM, op by op, each behind an explicit impl:
               x = rmsnorm_swiglu(x)            (fused RMSNorm + SwiGLU + residual)
   logits, token = lm_head_argmax(x)            (final norm + LM head + argmax)
 
-impl="xla" runs the fp32 references of the same ops (a plain-XLA decode step),
+impl="xla" runs the XLA references of the same ops (fp32 norms, softmax and
+accumulation; operands in the weights' dtype: a plain-XLA decode step),
 impl="pallas" the Mosaic-GPU kernels (interpreted on CPU).
 
 Usage (what `jaxlab generate --impl pallas` does):
@@ -22,8 +23,9 @@ Usage (what `jaxlab generate --impl pallas` does):
       logits, greedy, state = dec.step(state, tok)  # greedy: int32 argmax of logits
       tok = int(greedy)                             # or sample from logits
 
-Prefill runs the model's own `extend` (XLA) and converts its cache to the
-head-major layout [Hkv, S, Dh] the kernels stream.
+`DecodeStreamer` wraps this in the interface of jaxlab.models.generate.Streamer
+(for the CLI). Prefill runs the model's own `extend` (XLA) and converts its
+cache to the head-major layout [Hkv, S, Dh] the kernels stream.
 
 Positions: the cache has `max_len` usable slots. `Decoder.step` raises
 ValueError naming the position when the state is full; the jitted
@@ -373,3 +375,44 @@ def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
     _, tok, state = dec.step(state, tok)
     out.append(tok)
   return np.asarray(jnp.stack(out))
+
+
+class DecodeStreamer:
+  """Token streaming on the decode driver, with the interface of
+  jaxlab.models.generate.Streamer (what `jaxlab generate --impl NAME` loads):
+  `DecodeStreamer(model, *, max_len, sampling, seed)`, `.stream(prompt_ids,
+  max_new_tokens, eos_ids)` yields token ids. Batch 1; impl="pallas" by default.
+
+  It has no `.state` attribute on purpose: the CLI's streamer cache then builds a
+  new one per model (cheap: the jitted steps are cached per decoder shape)."""
+
+  def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0, impl: str = "pallas",
+               interpret: bool | str | None = None):
+    from jaxlab.models.sampling import SamplingConfig
+    self.dec = make_decoder(model, impl, max_len, interpret=interpret)
+    self.max_len = max_len
+    self.sampling = SamplingConfig() if sampling is None else sampling
+    self.rng = jax.random.key(seed)
+
+  def stream(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()):
+    from jaxlab.models.sampling import sample_logits
+    if len(prompt) == 0:
+      raise ValueError("empty prompt")
+    if len(prompt) + max_new_tokens > self.max_len:
+      raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                       f"max_len={self.max_len}")
+    logits, state = self.dec.prefill(list(prompt))
+    for i in range(max_new_tokens):
+      self.rng, sub = jax.random.split(self.rng)
+      t = int(sample_logits(logits[None], sub, self.sampling)[0])
+      yield t
+      if t in eos_ids or i == max_new_tokens - 1:
+        return
+      logits, _, state = self.dec.step(state, t)
+
+
+class XLADecodeStreamer(DecodeStreamer):
+  """DecodeStreamer on the XLA reference ops (the same step, impl="xla")."""
+
+  def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0):
+    super().__init__(model, max_len=max_len, sampling=sampling, seed=seed, impl="xla")

@@ -126,7 +126,7 @@ def load(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, *,
     if got != want:
       raise CheckpointError(f"{files.file_of(name)}: tensor {name} has shape {list(got)}, "
                             f"expected {list(want)} from config.json")
-    code = files._open(files.file_of(name)).get_slice(name).get_dtype()
+    code = files.dtype_code(name)
     if code not in _FLOAT_CODES:
       raise CheckpointError(f"{files.file_of(name)}: tensor {name} has dtype {code}, "
                             "expected a float type")
@@ -154,14 +154,16 @@ def load(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, *,
 
 
 def _hf_tensors(model: LM) -> dict[str, np.ndarray]:
-  out = {}
-  for p, var in nnx.to_flat_state(nnx.state(model)):
+  flat = list(nnx.to_flat_state(nnx.state(model)))
+  for p, var in flat:  # refuse adapters and other non-Param state before mapping names
     if type(var) is not nnx.Param:
       kind = type(var).__name__
-      hint = (" (LoRA adapters: merge them with jaxlab.models.lora.remove(model, merge=True) or "
+      hint = (" (LoRA adapters: merge them with jaxlab.models.lora.remove_lora(model) or "
               "save them with lora.save_adapters)") if "LoRA" in kind else ""
       raise CheckpointError(f"cannot save {kind} {'.'.join(map(str, p))} in a Hugging Face "
                             f"model{hint}")
+  out = {}
+  for p, var in flat:
     name, transposed = hf_name(p)
     a = np.asarray(jax.device_get(var.get_value()))
     out[name] = np.ascontiguousarray(a.T if transposed else a)

@@ -47,7 +47,8 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
       S2 = a * S1
     S3 = jnp.where(lvl == 0, ins, S2)
     o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
-    ctx.store(S3, new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)])
+    ctx.store(S3, new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
+              transforms=C.tile_transforms(BV, jnp.float32))
     return merged, o
 
   carry0 = (ctx.zeros((dk, BV), C.WGMMA), ctx.zeros((BV,), C.COL))

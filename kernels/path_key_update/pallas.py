@@ -36,7 +36,8 @@ def _body(len_g, w_g, b_g, k_g, o_g, *, ctx: C.Ctx, S, Dh, BS, P, stages):
     k = k_s[...].astype(f32)
     kw = jnp.sum(k * w2, axis=1)                                   # [BS], ROW
     y = k - C.bcast_cols(kw * beta, (BS, Dh)) * w2
-    ctx.store(y, o_g.at[h, pl.ds((start + idx[0]) * BS, BS)])
+    ctx.store(y, o_g.at[h, pl.ds((start + idx[0]) * BS, BS)],
+              transforms=C.tile_transforms(Dh, o_g.dtype))
 
   ctx.pipeline(step, grid=(n_blocks,),
                in_specs=[C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
