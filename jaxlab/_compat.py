@@ -5,22 +5,6 @@ import jax
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 
-def gpu_interpret_params():
-  """The Mosaic-GPU interpreter params class, public on 0.11, private on 0.10."""
-  try:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    cls = getattr(plgpu, "InterpretGPUParams", None)
-    if cls is not None:
-      return cls
-  except ImportError:
-    pass
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret import InterpretGPUParams  # type: ignore
-    return InterpretGPUParams
-  except ImportError:
-    return None
-
-
 def auto_mesh(shape, names, devices=None):
   """A mesh whose axes are all AxisType.Auto (sharding by constraints, not types)."""
   axis_types = (jax.sharding.AxisType.Auto,) * len(names)
@@ -32,7 +16,7 @@ def auto_mesh(shape, names, devices=None):
 def mosaic_gpu_interpret_params():
   """InterpretGPUParams: public `plgpu` name on 0.11; on 0.10.2 it lives in
   `jax._src.pallas.mosaic_gpu.interpret.params` (not re-exported by the
-  package __init__, so `gpu_interpret_params` above finds nothing there)."""
+  package __init__)."""
   try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
     cls = getattr(plgpu, "InterpretGPUParams", None)

@@ -1,4 +1,4 @@
-"""A checkpoint's tokenizer and chat template (transformers AutoTokenizer, local files only).
+"""A checkpoint's tokenizer and chat template (transformers tokenizers, local files only).
 
 `load_tokenizer(path)` wraps whatever tokenizer files the directory holds
 (tokenizer.json alone, or with tokenizer_config.json / chat_template.jinja /
@@ -117,6 +117,21 @@ class StreamDecoder:
     return new
 
 
+# tokenizer_config.json classes that are the generic tokenizers-backed class: loading them
+# directly is what AutoTokenizer would do, minus importing torch (seconds of CLI start-up).
+_GENERIC_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _tokenizer_class(path: str):
+  tc = os.path.join(path, "tokenizer_config.json")
+  cls_name = _read_json(tc).get("tokenizer_class") if os.path.isfile(tc) else None
+  if cls_name in _GENERIC_CLASSES and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast
+  from transformers import AutoTokenizer
+  return AutoTokenizer
+
+
 def has_tokenizer(path: str) -> bool:
   return any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_MARKERS)
 
@@ -133,9 +148,8 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not has_tokenizer(path):
     raise CheckpointError(f"{path}: no tokenizer files (expected one of "
                           f"{', '.join(_TOKENIZER_MARKERS)})")
-  from transformers import AutoTokenizer
   try:
-    hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    hf_tok = _tokenizer_class(path).from_pretrained(path, local_files_only=True)
   except (OSError, ValueError, TypeError, KeyError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CheckpointError(f"{path}: cannot load tokenizer ({msg})") from None

@@ -321,8 +321,7 @@ def test_bad_batch_arguments():
 
 
 def test_task_options_and_parsing():
-  assert task_options("mqar") == dict(num_kv_pairs=8, seq_len=64, vocab_size=128, num_queries=None,
-                                     min_kv_pairs=None)
+  assert task_options("mqar") == dict(num_kv_pairs=8, seq_len=64, vocab_size=128, num_queries=None)
   assert task_options("flipflop")["p_ignore"] == 0.8
   opts = parse_task_options("mqar", ["num_kv_pairs=4", "num_queries=none", "vocab_size = 64"])
   assert opts == dict(num_kv_pairs=4, num_queries=None, vocab_size=64)
@@ -404,29 +403,3 @@ def test_metric_on_task_batch():
   assert m["exact_match"] == 0.0
   assert m["token_accuracy"] == pytest.approx((q - 1) / q)
 
-
-def test_mqar_variable_pairs():
-  """min_kv_pairs: train examples have N in [min, max] pairs, held-out ones always max."""
-  task = get_task("mqar", num_kv_pairs=6, min_kv_pairs=2, seq_len=32, vocab_size=40)
-  half = (40 - 1) // 2
-  seen_n = {"train": set(), "test": set()}
-  for split in task.splits:
-    b = task.batch(split, 0, 64)
-    x, y, m = b["inputs"], b["targets"], b["loss_mask"]
-    for row in range(64):
-      # Parse the context: key/value pairs until a filler or a repeated key.
-      lookup, i = {}, 0
-      while i + 1 < task.seq_len and 1 <= x[row, i] <= half and int(x[row, i]) not in lookup:
-        assert x[row, i + 1] > half
-        lookup[int(x[row, i])] = int(y[row, i])
-        i += 2
-      n = len(lookup)
-      seen_n[split].add(n)
-      scored = np.nonzero(m[row])[0]
-      assert len(scored) == n and (scored >= 2 * n).all()
-      for t in scored:
-        assert y[row, t] == lookup[int(x[row, t])]
-  assert seen_n["test"] == {6}
-  assert seen_n["train"] == {2, 3, 4, 5, 6}
-  with pytest.raises(ValueError, match="min_kv_pairs"):
-    get_task("mqar", num_kv_pairs=4, min_kv_pairs=5)

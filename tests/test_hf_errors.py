@@ -128,7 +128,8 @@ def test_non_float_tensor(good, tmp_path):
   _one_line(e, "model.norm.weight", "I32")
 
 
-@pytest.mark.parametrize("arch,mt", [("Gemma2ForCausalLM", "gemma2"), ("Gemma3ForCausalLM", "gemma3_text"),
+@pytest.mark.parametrize("arch,mt", [("Gemma2ForCausalLM", "gemma2"),
+                                     ("Gemma3ForCausalLM", "gemma3_text"),
                                      ("MistralForCausalLM", "mistral")])
 def test_unsupported_architecture(good, tmp_path, arch, mt):
   _, cfg = good

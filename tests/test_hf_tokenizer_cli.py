@@ -17,6 +17,7 @@ from jaxlab.models.hf import CheckpointError  # noqa: E402
 from jaxlab.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT = "hello world, naïve café 東京 jumps"
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def test_tokenizer_matches_transformers(ckpt):
 
   tok = load_tokenizer(ckpt)
   ref = AutoTokenizer.from_pretrained(ckpt)
+  assert type(tok.hf) is type(ref)  # the class AutoTokenizer picks, without importing torch
   ids = tok.encode(TEXT)
   assert ids == ref.encode(TEXT) and len(ids) > 5
   assert tok.decode(ids) == TEXT
@@ -54,6 +56,20 @@ def test_tokenizer_matches_transformers(ckpt):
   assert chat_ids == ref.encode(text, add_special_tokens=False)
   assert tok.decode(chat_ids, skip_special_tokens=False) == text
   assert chat_ids[0] == ref.convert_tokens_to_ids("<|system|>")
+
+
+def test_named_tokenizer_class_goes_through_auto(ckpt, tmp_path):
+  import shutil
+  from transformers import AutoTokenizer
+
+  d = tmp_path / "gpt2cls"
+  shutil.copytree(ckpt, d)
+  cfg = json.load(open(d / "tokenizer_config.json"))
+  cfg["tokenizer_class"] = "GPT2Tokenizer"
+  json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+  tok, ref = load_tokenizer(str(d)), AutoTokenizer.from_pretrained(str(d))
+  assert type(tok.hf).__name__ == type(ref).__name__ == "GPT2Tokenizer"
+  assert tok.encode(TEXT) == ref.encode(TEXT)
 
 
 def test_stream_decoder_pieces(ckpt):
@@ -158,3 +174,28 @@ def test_save_carries_tokenizer(ckpt, tmp_path):
   cfg = json.load(open(out / "config.json"))
   assert cfg["eos_token_id"] == 0 and cfg["architectures"] == ["LlamaForCausalLM"]
   assert load_tokenizer(str(out)).encode(TEXT) == load_tokenizer(ckpt).encode(TEXT)
+
+
+def test_generate_command_with_adapter(ckpt, tmp_path, capsys):
+  """--adapter merges a PEFT adapter: the output is transformers + peft's greedy text."""
+  peft = pytest.importorskip("peft")
+  import jax
+  from flax import nnx
+  from jaxlab.models import lora
+
+  m = hf.load(ckpt)
+  lora.apply_lora(m, lora.LoRAConfig(rank=4, targets=("q_proj", "v_proj", "down_proj")),
+                  rngs=nnx.Rngs(0))
+  for i, (_, mm) in enumerate(lora.lora_modules(m)):
+    mm.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(i), mm.lora_b[...].shape)
+  ad = str(tmp_path / "adapter")
+  lora.save_adapters(m, ad)
+  rc = cli.main(["generate", "--model", ckpt, "--prompt", "hello world", "--max-new-tokens", "12",
+                 "--adapter", ad])
+  out = capsys.readouterr().out
+  tok = load_tokenizer(ckpt)
+  ref = peft.PeftModel.from_pretrained(T.make_hf_model("llama"), ad).eval()
+  want = _expected(ref, tok, tok.encode("hello world"), 12)
+  assert rc == 0 and out == want + "\n"
+  plain = _expected(T.make_hf_model("llama"), tok, tok.encode("hello world"), 12)
+  assert want != plain  # the adapter changes the output

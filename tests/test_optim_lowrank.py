@@ -36,10 +36,8 @@ def _adapter(cls, shape, rank, side, dtype, bias=True):
 
 @pytest.mark.parametrize("cls,shape,side,dtype", [
     (OneSidedLoRA, (13, 7), "left", jnp.float32),
-    (OneSidedLoRA, (13, 7), "right", jnp.bfloat16),
-    (OneSidedLoRA, (9, 17), "auto", jnp.float32),
+    (OneSidedLoRA, (9, 17), "right", jnp.bfloat16),
     (TwoSidedLoRA, (11, 6), "both", jnp.float32),
-    (TwoSidedLoRA, (11, 6), "both", jnp.bfloat16),
 ])
 def test_factored_forward_and_grads_match_reference(cls, shape, side, dtype):
   """x W0 + s((x P) A)Qᵀ never forms ΔW; it equals x (W0 + s P A Qᵀ) and so do the

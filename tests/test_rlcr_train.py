@@ -52,6 +52,22 @@ def test_sft_arrays_mask_completion_targets_only():
     sft_arrays([([1] * 5, [2] * 3)], seq_len=6, pad_id=0)
 
 
+def test_overconfident_sft_confidences():
+  """p ** (1/3) on the grid for a share sft_mix of examples, uniform otherwise; same prompts."""
+  from train.rlcr.synthetic import SyntheticQA
+  task = SyntheticQA(seed=0, sft_confidence="overconfident")
+  ex = task.sft_examples(4000)
+  assert [e.prompt for e in ex] == [e.prompt for e in SyntheticQA(seed=0).sft_examples(4000)]
+  conf = np.array([R.parse_completion(e.completion).confidence for e in ex])
+  cls = np.array([task.key_class(e.prompt) for e in ex])
+  for c, want in enumerate((1.0, 0.9, 0.8, 0.6)):
+    share = np.mean(conf[cls == c] == want)
+    # 0.5 + 0.5/11 expected; 5 binomial standard errors at n ~ 1000.
+    assert abs(share - (0.5 + 0.5 / 11)) < 5 * np.sqrt(0.25 / (cls == c).sum()), (c, share)
+  with pytest.raises(ValueError, match="sft_mix"):
+    SyntheticQA(sft_mix=1.5)
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 CFG = ModelConfig(vocab_size=24, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
@@ -203,11 +219,13 @@ def test_cli_help_and_flag_mapping(capsys):
   from train.rlcr.cli import args_to_overrides
   args = build_parser().parse_args(
       ["train", "rlcr", "--steps", "7", "--seed", "2", "--group-size", "4", "--temperature",
-       "0.7", "--lora-rank", "4", "--model", "m", "--data", "a.jsonl", "--kind", "math"])
+       "0.7", "--lora-rank", "4", "--model", "m", "--data", "a.jsonl", "--kind", "math",
+       "--sft-confidence", "random"])
   ov = args_to_overrides(args)
   assert ov["grpo"] == {"steps": 7, "temperature": 0.7} and ov["seed"] == 2
   assert ov["rollout"] == {"group_size": 4, "temperature": 0.7}
   assert ov["lora"] == {"rank": 4} and ov["model_path"] == "m" and ov["data"] == ["a.jsonl"]
+  assert ov["task"] == {"sft_confidence": "random"}
   job = build_job(ov)
   assert job.grpo.steps == 7 and job.lora.rank == 4 and job.kind == "math"
 
@@ -224,6 +242,7 @@ def test_real_data_path_on_a_tiny_random_llama(tmp_path):
   data = tmp_path / "hotpot.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   job = build_job(dict(model_path=str(ckpt), data=[str(data)], kind="hotpot", max_prompt_len=192,
+                       rlvr_format="rlvr",
                        lora=dict(rank=2), grpo=dict(steps=2), prompts_per_step=2,
                        rollout=dict(group_size=2, max_new_tokens=6), eval_size=2,
                        eval_batch_size=2, eval_every=0, checkpoint_every=1))
@@ -233,3 +252,42 @@ def test_real_data_path_on_a_tiny_random_llama(tmp_path):
     recs = (tmp_path / "run" / method / "metrics.jsonl").read_text().splitlines()
     assert len(recs) == 2
     assert (tmp_path / "run" / method / "final" / "adapter_model.safetensors").exists()
+
+
+_MULTI = textwrap.dedent("""
+    import jax, numpy as np
+    from flax import nnx
+    from jaxlab import sharding as shd
+    from jaxlab.models import LM, ModelConfig
+    from train.rlcr.grpo import GRPOConfig, GRPOLearner
+    from train.rlcr.rollout import RolloutConfig, Sampler
+    assert jax.device_count() == 4
+    cfg = ModelConfig(vocab_size=24, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+    rc = RolloutConfig(group_size=2, max_new_tokens=5, temperature=1.0, stop_token_ids=(3,))
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    out = {}
+    for name, mesh in (("one", shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])),
+                       ("four", shd.make_mesh(shd.MeshConfig(data=2, tensor=2)))):
+      lr = GRPOLearner(LM(cfg, rngs=nnx.Rngs(0)), GRPOConfig(steps=2, log_kl=False), mesh=mesh)
+      s = Sampler(lr.graphdef, rc, max_prompt_len=4, pad_id=0, mesh=mesh)
+      st = lr.init_state()
+      ro = s.sample(lr.sampling_states(st.params), prompts, jax.random.key(1))
+      st, m = lr.train_on_rollout(st, ro, np.arange(6.0))
+      out[name] = (ro.tokens, float(m["loss"]), jax.tree.map(np.asarray, st.params))
+    a, b = out["one"], out["four"]
+    np.testing.assert_array_equal(a[0], b[0])   # same samples: sharding-invariant RNG
+    assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1]) + 1e-7, (a[1], b[1])
+    for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_rollout_and_update_on_a_4_device_mesh_match_one_device():
+  """Sharded (data=2, tensor=2) rollouts and update equal the single-device ones (subprocess)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
+  r = subprocess.run([sys.executable, "-c", _MULTI], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]

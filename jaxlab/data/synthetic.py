@@ -83,14 +83,11 @@ class MQARConfig:
     random even offsets, each key one of k1..kN (distinct).
   Token 0 fills the gaps; keys come from [1, 1 + K), values from [1 + K, vocab_size),
   K = (vocab_size - 1) // 2. Scored: the targets at query keys (= their values).
-  With min_kv_pairs set, each "train" example has N ~ U[min_kv_pairs, num_kv_pairs]
-  pairs (and min(N, Q) queries); held-out splits always use num_kv_pairs.
   """
   num_kv_pairs: int = 8
   seq_len: int = 64
   vocab_size: int = 128
   num_queries: int | None = None    # None: one query per pair
-  min_kv_pairs: int | None = None   # None: every example has num_kv_pairs pairs
 
   def __post_init__(self):
     c = "MQARConfig"
@@ -100,9 +97,6 @@ class MQARConfig:
     q = self.queries
     require(0 < q <= self.num_kv_pairs, c, "num_queries",
             f"must be in [1, num_kv_pairs={self.num_kv_pairs}], got {q}")
-    m = self.min_kv_pairs
-    require(m is None or 0 < m <= self.num_kv_pairs, c, "min_kv_pairs",
-            f"must be in [1, num_kv_pairs={self.num_kv_pairs}], got {m}")
     require(self.num_keys >= self.num_kv_pairs, c, "vocab_size",
             f"{self.vocab_size} leaves {self.num_keys} key tokens for "
             f"{self.num_kv_pairs} distinct keys (need vocab_size >= {2 * self.num_kv_pairs + 1})")
@@ -135,39 +129,26 @@ class MQARTask(SyntheticTask):
     self.key_lo = 1
     self.value_lo = 1 + config.num_keys
 
-  def _split_params(self, split):
-    c = self.config
-    lo = c.min_kv_pairs if (split == "train" and c.min_kv_pairs is not None) else c.num_kv_pairs
-    return lo, c.num_kv_pairs
-
   def _draw(self, rng, params):
     c = self.config
-    lo, hi = params
-    n = int(rng.integers(lo, hi + 1)) if lo < hi else hi
-    q = min(c.queries, n)
-    slots = (c.seq_len + 1 - 2 * n) // 2
+    n, q = c.num_kv_pairs, c.queries
     keys = rng.choice(c.num_keys, size=n, replace=False) + self.key_lo
     values = rng.integers(self.value_lo, c.vocab_size, size=n)
     seq = np.zeros(c.seq_len + 1, np.int32)
     seq[0:2 * n:2] = keys
     seq[1:2 * n:2] = values
     asked = rng.choice(n, size=q, replace=False)
-    pos = 2 * n + 2 * rng.choice(slots, size=q, replace=False)
+    pos = 2 * n + 2 * rng.choice(c.num_slots, size=q, replace=False)
     seq[pos] = keys[asked]
     seq[pos + 1] = values[asked]
     return seq
 
   def _label(self, seqs_BL):
-    """Scored: key tokens seen before in the same row (keys are distinct in the context,
-    so the second occurrence of a key is its query)."""
+    """Scored: key tokens in the query region (there, keys occur only as queries)."""
     inputs, targets = seqs_BL[:, :-1], seqs_BL[:, 1:]
-    b, t = inputs.shape
+    t = np.arange(self.seq_len)[None, :]
     is_key = (inputs >= self.key_lo) & (inputs < self.value_lo)
-    row_tokens = inputs.astype(np.int64) + np.arange(b)[:, None] * self.vocab_size
-    _, first = np.unique(row_tokens.ravel(), return_index=True)
-    is_first = np.zeros(b * t, bool)
-    is_first[first] = True
-    mask = is_key & ~is_first.reshape(b, t)
+    mask = is_key & (t >= 2 * self.config.num_kv_pairs)
     return make_batch(inputs, targets, mask)
 
 

@@ -68,10 +68,9 @@ def _get(hf, key, typ, where, default=dataclasses.MISSING):
       raise CheckpointError(f"{where}: missing key {key!r}")
     return default
   v = hf[key]
-  ok = (isinstance(v, typ) and not isinstance(v, bool)) if typ in (int, float) else isinstance(v, typ)
   if typ is float and isinstance(v, int) and not isinstance(v, bool):
     return float(v)
-  if not ok:
+  if not isinstance(v, typ) or (typ in (int, float) and isinstance(v, bool)):
     raise CheckpointError(f"{where}: key {key!r} should be {typ.__name__}, got {v!r}")
   return v
 
@@ -186,7 +185,8 @@ def config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32",
       param_dtype=param_dtype,
   )
   if kw["head_dim"] is None and d % n_heads:
-    raise CheckpointError(f"{where}: hidden_size={d} not divisible by num_attention_heads={n_heads}")
+    raise CheckpointError(f"{where}: hidden_size={d} not divisible by "
+                          f"num_attention_heads={n_heads}")
   try:
     return ModelConfig(**kw)
   except ConfigError as e:
@@ -221,8 +221,8 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
               high_freq_factor=s.high_freq_factor,
               original_max_position_embeddings=s.original_max_position)
   else:
-    rp.update(rope_type="yarn", factor=s.factor, original_max_position_embeddings=s.original_max_position,
-              beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+    rp.update(rope_type="yarn", factor=s.factor,
+              original_max_position_embeddings=s.original_max_position, beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
     for k in ("mscale", "mscale_all_dim", "attention_factor"):
       if getattr(s, k) is not None:
         rp[k] = getattr(s, k)

@@ -106,10 +106,14 @@ def load(path: str, dtype=None, mesh: jax.sharding.Mesh | None = None, *,
 
   if mesh is not None:
     fn = sharding_fn or _default_sharding_fn()
-    shard_of = lambda var, shape: fn(var.get_metadata().get("logical_axes"), mesh, shape)  # noqa: E731
+
+    def shard_of(var, shape):
+      return fn(var.get_metadata().get("logical_axes"), mesh, shape)
   else:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shard_of = lambda var, shape: dev  # noqa: E731
+
+    def shard_of(var, shape):
+      return dev
 
   # Check names, shapes and dtypes of every tensor before reading any.
   plan = []

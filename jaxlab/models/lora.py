@@ -105,8 +105,23 @@ def lora_delta_reference(x, a, b, scale: float):
   return y.reshape(*x32.shape[:-1], dw.shape[-1])
 
 
-def lora_delta(x, a, b, scale: float):
-  """scale * (x @ A) @ B, factored, in x's dtype (see lora_delta_reference)."""
+LORA_IMPLS = ("factored", "reference")
+
+
+def lora_delta(x, a, b, scale: float, *, impl: str = "factored"):
+  """The LoRA update of x: scale * (x @ A) @ B.
+
+  impl="factored" (default): two small einsums in x's dtype, never forming A @ B;
+  impl="reference": `lora_delta_reference` (materialized, fp32, cast back to x's dtype).
+  """
+  if impl == "reference":
+    return lora_delta_reference(x, a, b, scale).astype(x.dtype)
+  if impl != "factored":
+    raise ValueError(f"lora_delta: unknown impl {impl!r} (known: {', '.join(LORA_IMPLS)})")
+  return _lora_delta_factored(x, a, b, scale)
+
+
+def _lora_delta_factored(x, a, b, scale: float):
   a = a.astype(x.dtype)
   b = b.astype(x.dtype)
   if a.ndim == 2:
@@ -186,6 +201,7 @@ def apply_lora(model, cfg: LoRAConfig, *, rngs: nnx.Rngs):
   for i in layers:
     if not 0 <= i < n:
       raise ValueError(f"LoRAConfig.layers: layer {i} out of range (model has {n})")
+  todo = []  # check every target before changing anything
   for i in layers:
     block = model.layers[i]
     for t in cfg.targets:
@@ -197,7 +213,9 @@ def apply_lora(model, cfg: LoRAConfig, *, rngs: nnx.Rngs):
       if not isinstance(lin, Linear):
         raise ValueError(f"LoRAConfig.targets: layer {i} ({type(parent).__name__}) has no "
                          f"Linear {t}")
-      setattr(parent, attr, LoRALinear(lin, cfg, rngs=rngs))
+      todo.append((parent, attr, lin))
+  for parent, attr, lin in todo:
+    setattr(parent, attr, LoRALinear(lin, cfg, rngs=rngs))
   return model
 
 
@@ -382,25 +400,37 @@ def read_adapter_config(path: str) -> LoRAConfig:
     raise CheckpointError(f"{f}: {e}") from None
 
 
+def _target_layers(model, cfg: LoRAConfig) -> list[tuple[tuple, Any]]:
+  """(module path, Linear or LoRALinear) for every target `cfg` names, in apply order."""
+  n = len(model.layers)
+  out = []
+  for i in (range(n) if cfg.layers is None else cfg.layers):
+    if not 0 <= i < n:
+      raise CheckpointError(f"adapter layer {i} out of range (model has {n})")
+    for t in cfg.targets:
+      parent_name, attr = TARGETS[t]
+      lin = getattr(getattr(model.layers[i], parent_name, None), attr, None)
+      out.append((("layers", i, parent_name, attr), lin))
+  return out
+
+
 def load_adapters(model, path: str, *, rngs: nnx.Rngs | None = None):
   """Load PEFT adapters from dir `path` into `model` (adding LoRALinear layers first
-  if it has none); returns `model`. Tensors are checked by name and shape."""
+  if it has none); returns `model`. Every tensor is checked by name and shape and read
+  before the model is changed, so a bad adapter leaves the model as it was."""
   from safetensors import SafetensorError, safe_open
 
   cfg = read_adapter_config(path)
-  mods = lora_modules(model)
-  if not mods:
-    apply_lora(model, cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
-    mods = lora_modules(model)
-  else:
-    have, _ = _model_lora_config(model)
+  has_lora = bool(lora_modules(model))
+  if has_lora:
+    have, mods = _model_lora_config(model)
     if (have.targets, have.layers, have.rank) != (cfg.targets, cfg.layers, cfg.rank):
       raise CheckpointError(f"{path}: adapters (targets={cfg.targets}, layers={cfg.layers}, "
                             f"r={cfg.rank}) do not match the model's LoRA layers "
                             f"(targets={have.targets}, layers={have.layers}, r={have.rank})")
-  for _, m in mods:
-    if m.merged:
+    if any(m.merged for _, m in mods):
       raise ValueError("load_adapters: unmerge the model first")
+  targets = _target_layers(model, cfg)
   f = os.path.join(path, "adapter_model.safetensors")
   if not os.path.isfile(f):
     raise CheckpointError(f"{f}: missing")
@@ -409,25 +439,34 @@ def load_adapters(model, path: str, *, rngs: nnx.Rngs | None = None):
     names = set(fh.keys())
   except (SafetensorError, OSError) as e:
     raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-  used = set()
-  for p, m in mods:
+  values = {}  # module path -> (A [in, r], B [r, out])
+  for p, lin in targets:
+    if not isinstance(lin, (Linear, LoRALinear)):
+      raise CheckpointError(f"{f}: model has no Linear {'.'.join(map(str, p))} for the adapter")
     base = _peft_module_name(p)
-    for suffix, var, transpose in ((".lora_A.weight", m.lora_a, True),
-                                   (".lora_B.weight", m.lora_b, True)):
+    pair = []
+    for suffix, want in ((".lora_A.weight", (cfg.rank, lin.in_features)),
+                         (".lora_B.weight", (lin.out_features, cfg.rank))):
       name = base + suffix
       if name not in names:
         raise CheckpointError(f"{f}: missing tensor {name}")
-      want = tuple(var[...].shape[::-1])
       got = tuple(fh.get_slice(name).get_shape())
       if got != want:
         raise CheckpointError(f"{f}: tensor {name} has shape {list(got)}, expected {list(want)}")
       try:
-        arr = fh.get_tensor(name)
+        pair.append(fh.get_tensor(name).T)
       except SafetensorError as e:
         raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
-      var[...] = jnp.asarray(arr.T, var[...].dtype)
-      used.add(name)
-  extra = sorted(names - used)
+    values[p] = pair
+  expected = {_peft_module_name(p) + s for p, _ in targets for s in (".lora_A.weight",
+                                                                     ".lora_B.weight")}
+  extra = sorted(names - expected)
   if extra:
     raise CheckpointError(f"{f}: unexpected tensor {extra[0]}")
+  if not has_lora:
+    apply_lora(model, cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+  for p, m in lora_modules(model):
+    a, b = values[p]
+    m.lora_a[...] = jnp.asarray(a, m.lora_a[...].dtype)
+    m.lora_b[...] = jnp.asarray(b, m.lora_b[...].dtype)
   return model

@@ -168,9 +168,11 @@ def blockwise_core(q, k, v, w, beta, gcum, key_mask, *, scale: float, block: int
   qstate = dict(q=lead(q_new, 3), g=lead(gb, 3), m=lead(m0, 3), l=lead(l0, 3), acc=lead(acc0, 3))
   npair = (nb + 1) // 2
   b1s = jnp.arange(npair)
-  b2s = nb - 1 - b1s
+  # Static slices (not gathers): their transposes are pads, which XLA does not try to
+  # constant-fold the way it does scatters with constant indices.
+  pairs = dict(b1=b1s, b2=nb - 1 - b1s, s1=jax.tree.map(lambda a: a[:npair], qstate),
+               s2=jax.tree.map(lambda a: a[::-1][:npair], qstate))
   take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
-  pairs = dict(b1=b1s, b2=b2s, s1=take(qstate, b1s), s2=take(qstate, b2s))
   steps = jnp.arange(nb - 1)
 
   def process(st, kx, active):

@@ -423,7 +423,7 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
     else:
       xb = jnp.pad(x, [(0, 0), (0, 0), (0, tb - t)] + [(0, 0)] * extra)
     m = live.reshape((bsz, 1, tb) + (1,) * extra)
-    xb = jnp.where(m, xb, jnp.float32(pad_value))       # whatever sits in padding...
+    xb = jnp.where(m, xb, jnp.asarray(pad_value, jnp.float32))   # whatever sits in padding...
     xb = jnp.where(m, xb, 0.0)                          # ...is never read
     return xb.reshape((bsz, nh, nc, c) + x.shape[3:])
 

@@ -1,10 +1,12 @@
 """Train one small byte-level LM under AdamW, GaLore (SVD), random projection and one-sided
 LoRA at equal rank; write loss curves (PNG + JSON) and a markdown table.
 
-  python -m jaxlab.optim.experiment                       # defaults: ~5 min on 2 CPU cores
-  python -m jaxlab.optim.experiment --steps 100 --methods adamw,random --out-dir /tmp/x
+  python -m jaxlab.optim.experiment                 # defaults: < 10 min CPU (2 cores)
+  python -m jaxlab.optim.experiment --steps 100 --learning-rates 3e-3 --out-dir /tmp/x
 
-Data: the `corpus` task of jaxlab.data (byte tokenizer) over a fixed list of Python
+Each method runs at every learning rate of --learning-rates (one compiled step per
+method: the rate is a traced multiplier); "lora" and "lora-fixed" run at the best rate of
+"random". Data: the `corpus` task of jaxlab.data (byte tokenizer) over a fixed list of Python
 standard-library source files of the running interpreter (so the text is on every
 machine; it changes with the Python version), or --data-files. Every method sees the
 same batches, the same initial model and the same learning-rate schedule.
@@ -36,23 +38,29 @@ def stdlib_files() -> list[str]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-  steps: int = 500
+  """methods other than lora/lora-fixed run at every learning rate; lora and lora-fixed run
+  at the best learning rate of `random` (lora is its adapter dual: same keys, same run)."""
+  steps: int = 300
   rank: int = 32
-  update_every: int = 100
-  learning_rate: float = 3e-3
+  update_every: int = 50
+  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
   scale: float = 1.0
   batch_size: int = 16
-  seq_len: int = 128
+  seq_len: int = 64
   d_model: int = 128
   n_layers: int = 2
-  eval_every: int = 50
+  eval_every: int = 25
   eval_batches: int = 4
   seed: int = 0
   methods: tuple[str, ...] = ("adamw", "galore", "random", "lora", "lora-fixed")
 
 
+_DUALS = ("lora", "lora-fixed")
+
+
 def run(cfg: ExperimentConfig, data_files: list[str] | None = None, log=print) -> dict:
-  """Train every method; returns {"config", "machine", "runs": {method: {...}}}."""
+  """Train every (method, learning rate); returns {"config", ..., "runs": {"method@lr": {...}},
+  "best": {method: "method@lr"}}."""
   import jax
   import numpy as np
   from flax import nnx
@@ -69,73 +77,116 @@ def run(cfg: ExperimentConfig, data_files: list[str] | None = None, log=print) -
                      n_heads=max(1, cfg.d_model // 32), ffn_dim=2 * cfg.d_model,
                      max_seq_len=cfg.seq_len)
   test = [task.batch("test", i, cfg.batch_size) for i in range(cfg.eval_batches)]
-  runs = {}
-  for method in cfg.methods:
-    model = LM(mcfg, rngs=nnx.Rngs(cfg.seed))
-    mc = MethodConfig(method=method, rank=cfg.rank, learning_rate=cfg.learning_rate,
-                      total_steps=cfg.steps, update_every=cfg.update_every, scale=cfg.scale,
-                      seed=cfg.seed)
-    setup = build(model, mc)
-    step, evaluate = make_train_step(setup), make_eval(setup)
-    params, opt_state, rest = setup.params, setup.opt_state, setup.rest
-    opt_bytes = state_bytes(opt_state)
-    curve, train = [], []
-    t0 = time.perf_counter()
-    for i in range(cfg.steps + 1):
-      if i % cfg.eval_every == 0 or i == cfg.steps:
-        ev = float(np.mean([float(evaluate(params, rest, b)) for b in test]))
-        curve.append((i, ev))
-        log(f"{method:>10s} step {i:4d} test loss {ev:.4f}")
-      if i == cfg.steps:
-        break
-      if setup.merge is not None and i > 0 and i % cfg.update_every == 0:
-        params, rest = setup.merge(params, rest)
-      params, opt_state, loss = step(params, opt_state, rest, task.batch("train", i, cfg.batch_size))
-      train.append(float(loss))
-    jax.block_until_ready(params)
-    runs[method] = dict(test_curve=curve, train_loss=train, opt_state_bytes=opt_bytes,
-                        trainable_bytes=state_bytes(params), seconds=time.perf_counter() - t0)
+  train = [task.batch("train", i, cfg.batch_size) for i in range(cfg.steps)]
+
+  def fresh(method):
+    # learning_rate=1: the schedule's shape; each run passes its rate as lr_mult.
+    mc = MethodConfig(method=method, rank=cfg.rank, learning_rate=1.0, total_steps=cfg.steps,
+                      update_every=cfg.update_every, scale=cfg.scale, seed=cfg.seed)
+    return build(LM(mcfg, rngs=nnx.Rngs(cfg.seed)), mc)
+
+  runs, best = {}, {}
+  order = [m for m in cfg.methods if m not in _DUALS] + [m for m in cfg.methods if m in _DUALS]
+  for method in order:
+    setup0 = fresh(method)
+    step, evaluate = make_train_step(setup0), make_eval(setup0)  # compiled once per method
+    lrs = cfg.learning_rates
+    if method in _DUALS and "random" in best:
+      lrs = (runs[best["random"]]["learning_rate"],)
+    for lr in lrs:
+      setup = fresh(method)
+      params, opt_state, rest = setup.params, setup.opt_state, setup.rest
+      opt_bytes = state_bytes(opt_state)
+      curve, losses = [], []
+      t0 = time.perf_counter()
+      for i in range(cfg.steps + 1):
+        if i % cfg.eval_every == 0 or i == cfg.steps:
+          ev = float(np.mean([float(evaluate(params, rest, b)) for b in test]))
+          curve.append((i, ev))
+        if i == cfg.steps:
+          break
+        if setup.merge is not None and i > 0 and i % cfg.update_every == 0:
+          params, rest = setup.merge(params, rest)
+        params, opt_state, loss = step(params, opt_state, rest, train[i], lr)
+        losses.append(float(loss))
+      jax.block_until_ready(params)
+      key = f"{method}@{lr:g}"
+      runs[key] = dict(method=method, learning_rate=lr, test_curve=curve, train_loss=losses,
+                       opt_state_bytes=opt_bytes, trainable_bytes=state_bytes(params),
+                       seconds=time.perf_counter() - t0)
+      log(f"{key:>16s}: test loss {curve[-1][1]:.4f} ({runs[key]['seconds']:.0f} s)")
+      if method not in best or curve[-1][1] < runs[best[method]]["test_curve"][-1][1]:
+        best[method] = key
   from jaxlab.bench.common import machine, today
   return dict(config=dataclasses.asdict(cfg), data_files=[os.path.basename(f) for f in files],
-              python=sys.version.split()[0], machine=machine(), date=today(), runs=runs)
+              python=sys.version.split()[0], machine=machine(), date=today(), runs=runs,
+              best=best)
 
 
 def table(result: dict) -> str:
-  """Markdown: final test loss, mean train loss of the last 10%, state bytes, time."""
-  runs = result["runs"]
-  base = runs.get("adamw", {}).get("opt_state_bytes")
-  lines = ["| method | final test loss | train loss (last 10%) | optimizer state | vs AdamW | s |",
-           "|---|---|---|---|---|---|"]
-  for m, r in runs.items():
-    tail = r["train_loss"][-max(1, len(r["train_loss"]) // 10):]
-    ratio = f"{r['opt_state_bytes'] / base:.3f}" if base else ""
-    lines.append(f"| {m} | {r['test_curve'][-1][1]:.4f} | {sum(tail) / len(tail):.4f} | "
-                 f"{r['opt_state_bytes'] / 1024:.0f} KiB | {ratio} | {r['seconds']:.0f} |")
+  """Markdown: final test loss per (method, learning rate), state bytes, time; * = best lr."""
+  runs, best = result["runs"], result["best"]
+  base = next((r["opt_state_bytes"] for r in runs.values() if r["method"] == "adamw"), None)
+  lrs = sorted({r["learning_rate"] for r in runs.values()})
+  lines = ["| method | " + " | ".join(f"test loss @ lr {lr:g}" for lr in lrs)
+           + " | optimizer state | vs AdamW | s / run |",
+           "|---|" + "---|" * (len(lrs) + 3)]
+  for method in dict.fromkeys(r["method"] for r in runs.values()):
+    mine = {r["learning_rate"]: (k, r) for k, r in runs.items() if r["method"] == method}
+    cells = []
+    for lr in lrs:
+      if lr not in mine:
+        cells.append("")
+        continue
+      k, r = mine[lr]
+      cells.append(f"{r['test_curve'][-1][1]:.4f}" + (" *" if best[method] == k else ""))
+    any_run = next(iter(mine.values()))[1]
+    ratio = f"{any_run['opt_state_bytes'] / base:.3f}" if base else ""
+    secs = sum(r["seconds"] for _, r in mine.values()) / len(mine)
+    lines.append(f"| {method} | " + " | ".join(cells)
+                 + f" | {any_run['opt_state_bytes'] / 1024:.0f} KiB | {ratio} | {secs:.0f} |")
   return "\n".join(lines)
+
+
+def dual_gap(result: dict) -> float | None:
+  """max |test loss(lora) - test loss(random)| along the curve at the same learning rate."""
+  runs = result["runs"]
+  lora = [r for r in runs.values() if r["method"] == "lora"]
+  if not lora:
+    return None
+  lr = lora[0]["learning_rate"]
+  rnd = [r for r in runs.values() if r["method"] == "random" and r["learning_rate"] == lr]
+  if not rnd:
+    return None
+  return max(abs(a[1] - b[1]) for a, b in zip(lora[0]["test_curve"], rnd[0]["test_curve"]))
 
 
 def plot(result: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  cfg = result["config"]
+  cfg, runs, best = result["config"], result["runs"], result["best"]
   fig, ax = plt.subplots(1, 2, figsize=(11, 4))
   styles = {"lora": dict(linestyle="--"), "lora-fixed": dict(linestyle=":")}
-  for m, r in result["runs"].items():
-    xs, ys = zip(*r["test_curve"])
-    ax[0].plot(xs, ys, label=m, **styles.get(m, {}))
-    tr = r["train_loss"]
-    k = 10
-    smooth = [sum(tr[max(0, i - k + 1):i + 1]) / len(tr[max(0, i - k + 1):i + 1])
-              for i in range(len(tr))]
-    ax[1].plot(range(1, len(tr) + 1), smooth, label=m, **styles.get(m, {}))
-  ax[0].set(title="test loss (nats/byte)", xlabel="step")
-  ax[1].set(title="train loss (10-step mean)", xlabel="step")
+  for method, key in best.items():
+    xs, ys = zip(*runs[key]["test_curve"])
+    ax[0].plot(xs, ys, label=f"{method} (lr {runs[key]['learning_rate']:g})",
+               **styles.get(method, {}))
+    sweep = sorted((r["learning_rate"], r["test_curve"][-1][1]) for r in runs.values()
+                   if r["method"] == method)
+    if len(sweep) > 1:
+      ax[1].plot(*zip(*sweep), marker="o", label=method)
+  ax[0].set(title="test loss at each method's best learning rate", xlabel="step",
+            ylabel="nats / byte")
+  lo = min(r["test_curve"][-1][1] for r in runs.values())
+  ax[0].set_ylim(lo - 0.1, lo + 1.5)
+  ax[1].set(title=f"final test loss vs learning rate ({cfg['steps']} steps)",
+            xlabel="peak learning rate", xscale="log")
   for a in ax:
     a.legend()
     a.grid(alpha=0.3)
-  fig.suptitle(f"byte LM d={cfg['d_model']} L={cfg['n_layers']}, rank {cfg['rank']}, "
-               f"refresh/merge every {cfg['update_every']} steps")
+  fig.suptitle(f"byte LM d={cfg['d_model']} L={cfg['n_layers']} T={cfg['seq_len']}, rank "
+               f"{cfg['rank']}, refresh/merge every {cfg['update_every']} steps")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -148,6 +199,9 @@ def main(argv=None) -> int:
   for f in dataclasses.fields(ExperimentConfig):
     if f.name == "methods":
       p.add_argument("--methods", default=",".join(d.methods), help="comma-separated")
+    elif f.name == "learning_rates":
+      p.add_argument("--learning-rates", default=",".join(f"{x:g}" for x in d.learning_rates),
+                     help="comma-separated peak learning rates")
     else:
       p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)),
                      default=getattr(d, f.name))
@@ -156,6 +210,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExperimentConfig)}
   kw["methods"] = tuple(m for m in args.methods.split(",") if m)
+  try:
+    kw["learning_rates"] = tuple(float(x) for x in args.learning_rates.split(",") if x)
+  except ValueError:
+    p.error(f"--learning-rates: expected comma-separated numbers, got {args.learning_rates!r}")
   cfg = ExperimentConfig(**kw)
   from jaxlab.optim.methods import METHODS
   for m in cfg.methods:
@@ -168,6 +226,9 @@ def main(argv=None) -> int:
   plot(result, os.path.join(args.out_dir, "optim_experiment.png"))
   print(f"\n{result['machine']}, {result['date']}, Python {result['python']}\n")
   print(table(result))
+  gap = dual_gap(result)
+  if gap is not None:
+    print(f"\nmax |test loss(lora) - test loss(random)| along the curve: {gap:.2e}")
   return 0
 
 

@@ -111,13 +111,19 @@ def lm_loss(graphdef, params, rest, batch) -> jax.Array:
 
 
 def make_train_step(setup: Setup):
-  """A jitted (params, opt_state, rest, batch) -> (params, opt_state, loss); params and
-  optimizer state are donated."""
+  """A jitted (params, opt_state, rest, batch, lr_mult=1.0) -> (params, opt_state, loss);
+  params and optimizer state are donated.
+
+  Every setup ends in scale_by_learning_rate (weight decay, if any, comes before it), so
+  its update is linear in the learning rate: `lr_mult` (traced, so a sweep compiles once)
+  multiplies the update, i.e. it runs the setup with learning_rate * lr_mult.
+  """
   graphdef, tx = setup.graphdef, setup.tx
 
-  def step(params, opt_state, rest, batch):
+  def step(params, opt_state, rest, batch, lr_mult=1.0):
     loss, grads = jax.value_and_grad(lm_loss, argnums=1)(graphdef, params, rest, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (lr_mult * u).astype(u.dtype), updates)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))

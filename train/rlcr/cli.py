@@ -45,6 +45,8 @@ def register(subparsers) -> None:
   g.add_argument("--checkpoint-every", type=int, default=None)
   g = p.add_argument_group("synthetic default")
   g.add_argument("--sft-steps", type=int, default=None, help="SFT warm-up steps")
+  g.add_argument("--sft-confidence", choices=("overconfident", "random", "one", "oracle"),
+                 default=None, help="confidences the SFT warm-up teaches (default overconfident)")
   g.add_argument("--d-model", type=int, default=None)
   g.add_argument("--layers", type=int, default=None)
   g = p.add_argument_group("real data")
@@ -110,6 +112,8 @@ def args_to_overrides(args) -> dict:
     ov["eval_data"] = list(args.eval_data)
   if args.sft_steps is not None:
     ov.setdefault("sft", {})["steps"] = args.sft_steps
+  if args.sft_confidence is not None:
+    ov["task"] = {"sft_confidence": args.sft_confidence}
   model = {}
   if args.d_model is not None:
     model["d_model"] = args.d_model

@@ -111,8 +111,11 @@ class RLCRJobConfig:
       require(self.kind in KINDS, c, "kind", f"unknown kind {self.kind!r} "
               f"(known: {', '.join(KINDS)})")
       require(len(self.data) > 0, c, "data", "a real-data run (model_path) needs JSONL files")
-    elif self.data:
-      raise ConfigError(f"{c}.data: JSONL data needs model_path (a Hugging Face checkpoint)")
+    else:
+      if self.data:
+        raise ConfigError(f"{c}.data: JSONL data needs model_path (a Hugging Face checkpoint)")
+      require(self.rlvr_format == "rlcr", c, "rlvr_format",
+              "the synthetic task's SFT teaches the RLCR format; 'rlvr' needs model_path")
 
   @property
   def synthetic(self) -> bool:
@@ -121,6 +124,7 @@ class RLCRJobConfig:
 
 # Fields that may change when resuming (they do not shape any saved state).
 RESUMABLE_FIELDS = ("grpo.steps", "sft.steps", "eval_every", "eval_size", "eval_batch_size",
+                    "eval_max_new_tokens",
                     "checkpoint_every", "keep_checkpoints", "sft.eval_every",
                     "sft.checkpoint_every", "sft.log_every", "sft.keep_checkpoints",
                     "sft.eval_batches", "sft.eval_batch_size", "methods",
@@ -152,7 +156,7 @@ def build_job(overrides: dict | None = None, *, config_file: str | None = None) 
 def _merge(a: dict, b: dict) -> dict:
   out = dict(a)
   for k, v in b.items():
-    if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "task":
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
       out[k] = _merge(out[k], v)
     else:
       out[k] = v
@@ -206,6 +210,13 @@ class Source:
   stop_strings: tuple[str, ...]
   max_prompt_len: int
   task: Any = None                  # SyntheticQA (noise-free expected scores)
+  rlvr_prompts: Any = None          # (train_prompts, eval_ids) with the RLVR system prompt
+
+  def prompts_for(self, fmt: str):
+    """(train_prompts, eval_ids) for a completion format."""
+    if fmt == "rlvr" and self.rlvr_prompts is not None:
+      return self.rlvr_prompts
+    return self.train_prompts, self.eval_ids
 
 
 def _synthetic_source(job: RLCRJobConfig) -> Source:
@@ -249,38 +260,37 @@ def _hf_source(job: RLCRJobConfig, tok, log) -> Source:
   templ = tok.chat_template is not None
 
   def enc_rows(ds, sys_name):
-    ids = []
+    ids, cut = [], 0
     for problem in ds["problem"]:
       text = PR.build_prompt(problem, system=sys_name, tokenizer=tok if templ else None)
       t = tok.encode(text, add_special_tokens=not templ)
-      if len(t) > max_len:  # keep the end (the generation prompt); say so once
-        t = t[-max_len:]
+      if len(t) > max_len:  # keep the end: the question's tail and the generation prompt
+        t, cut = t[-max_len:], cut + 1
       ids.append(t)
+    if cut:
+      log(f"warning: {cut} of {len(ids)} prompts longer than max_prompt_len={max_len} "
+          "tokens were cut from the left")
     return ids
-
-  # RLVR in the official format uses the RLVR system prompt.
-  sys_rlvr = "rlvr" if job.rlvr_format == "rlvr" else system
-  cache: dict[str, list] = {}
-
-  def ids_for(sys_name):
-    if sys_name not in cache:
-      cache[sys_name] = enc_rows(train_rows, sys_name)
-    return cache[sys_name]
 
   golds = list(train_rows["answers"])
   n_train = len(golds)
 
-  def train_prompts(step, n, sys_name=system):
-    idx = np.random.default_rng([job.seed, step, 0x7A5]).choice(n_train, n,
-                                                                  replace=n_train < n)
-    ids = ids_for(sys_name)
-    return [ids[i] for i in idx], [golds[i] for i in idx]
+  def make_train_prompts(sys_name):
+    ids = enc_rows(train_rows, sys_name)
+
+    def train_prompts(step, n):
+      idx = np.random.default_rng([job.seed, step, 0x7A5]).choice(n_train, n,
+                                                                    replace=n_train < n)
+      return [ids[i] for i in idx], [golds[i] for i in idx]
+    return train_prompts
 
   pad = tok.pad_id if tok.pad_id is not None else (tok.eos_ids[0] if tok.eos_ids else 0)
-  src = Source(train_prompts, enc_rows(eval_rows, system), list(eval_rows["answers"]),
-               list(eval_rows["question"]), tok.decode, int(pad), tuple(tok.eos_ids),
-               ("</confidence>",), max_len)
-  src.sys_rlvr = sys_rlvr  # type: ignore[attr-defined]
+  src = Source(make_train_prompts(system), enc_rows(eval_rows, system),
+               list(eval_rows["answers"]), list(eval_rows["question"]), tok.decode, int(pad),
+               tuple(tok.eos_ids), ("</confidence>",), max_len)
+  if job.rlvr_format == "rlvr" and "rlvr" in job.methods:
+    # The official RLVR baseline: think/answer system prompt, completions stop at </answer>.
+    src.rlvr_prompts = (make_train_prompts("rlvr"), enc_rows(eval_rows, "rlvr"))
   return src
 
 
@@ -296,7 +306,7 @@ def evaluate(sampler, states, src: Source, job: RLCRJobConfig, *, fmt: str = "rl
   L = job.eval_max_new_tokens or job.rollout.max_new_tokens
   key = jax.random.key(0) if key is None else key
   texts, lengths, truncated = [], [], []
-  ids = src.eval_ids
+  ids = src.prompts_for(fmt)[1]
   for i in range(0, len(ids), B):
     chunk = ids[i:i + B]
     n = len(chunk)
@@ -385,11 +395,9 @@ def run_method(job: RLCRJobConfig, method: str, learner, sampler, src: Source, r
                dynamic_ncols=True)
   base_key = jax.random.key(job.seed)
   t0 = time.perf_counter()
+  train_prompts = src.prompts_for(fmt)[0]
   for step in range(start, cfg.steps):
-    if fmt == "rlvr" and hasattr(src, "sys_rlvr"):
-      ids, golds = src.train_prompts(step, job.prompts_per_step, src.sys_rlvr)
-    else:
-      ids, golds = src.train_prompts(step, job.prompts_per_step)
+    ids, golds = train_prompts(step, job.prompts_per_step)
     key = jax.random.fold_in(base_key, step)
     ro = sampler.sample(learner.sampling_states(state.params), ids, key)
     golds_N = [g for g in golds for _ in range(ro.group_size)]
@@ -458,26 +466,34 @@ def run_job(job: RLCRJobConfig, run_dir, *, progress: bool = True, plot: bool = 
     src = _hf_source(job, tok, log)
 
   learner = _model_and_learner(job, mesh, sft_params, log)
-  rcfg = dataclasses.replace(job.rollout,
-                             stop_token_ids=tuple(job.rollout.stop_token_ids) or src.stop_token_ids,
-                             stop_strings=tuple(job.rollout.stop_strings) or src.stop_strings)
-  sampler = Sampler(learner.graphdef, rcfg, max_prompt_len=src.max_prompt_len, pad_id=src.pad_id,
-                    mesh=mesh, decode=src.decode)
+
+  def make_sampler(fmt):
+    stops = src.stop_strings if fmt == "rlcr" or not src.stop_strings else ("</answer>",)
+    rcfg = dataclasses.replace(
+        job.rollout, stop_token_ids=tuple(job.rollout.stop_token_ids) or src.stop_token_ids,
+        stop_strings=tuple(job.rollout.stop_strings) or stops)
+    return Sampler(learner.graphdef, rcfg, max_prompt_len=src.max_prompt_len, pad_id=src.pad_id,
+                   mesh=mesh, decode=src.decode)
+
+  samplers = {"rlcr": make_sampler("rlcr"), "rlvr": make_sampler("rlvr")}
+  fmt_of = {m: ("rlvr" if (m == "rlvr" and job.rlvr_format == "rlvr") else "rlcr")
+            for m in METHODS}
 
   results: dict[str, dict] = {}
   per_sample: dict[str, dict] = {}
   t = time.perf_counter()
   start_name = "sft" if job.synthetic else "base"
   results[start_name], per_sample[start_name] = evaluate(
-      sampler, learner.sampling_states(learner.initial_params), src, job)
+      samplers["rlcr"], learner.sampling_states(learner.initial_params), src, job)
   timings[f"eval_{start_name}_s"] = time.perf_counter() - t
   for method in job.methods:
     t = time.perf_counter()
-    state, _ = run_method(job, method, learner, sampler, src, run_dir, progress=progress, log=log)
+    fmt = fmt_of[method]
+    state, _ = run_method(job, method, learner, samplers[fmt], src, run_dir, progress=progress,
+                          log=log)
     timings[f"{method}_s"] = time.perf_counter() - t
-    fmt = "rlvr" if (method == "rlvr" and job.rlvr_format == "rlvr") else "rlcr"
     results[method], per_sample[method] = evaluate(
-        sampler, learner.sampling_states(state.params), src, job, fmt=fmt)
+        samplers[fmt], learner.sampling_states(state.params), src, job, fmt=fmt)
     if not job.synthetic and jax.process_index() == 0:
       _save_model(learner, state.params, job, run_dir / method / "final")
     del state

@@ -27,9 +27,9 @@ calibrated: by default a uniformly random one-decimal value "0.0".."1.0"
 has exploration to work with and a miscalibration to fix. `sft_confidence="one"`
 always writes "1.0" (the overconfident RLVR-like start); "oracle" writes the
 class's calibrated value (an upper-bound control, not for the real recipe);
-"key" mixes a fixed per-key confidence (random, independent of the key's class:
-question-dependent but miscalibrated, like an LLM's verbal confidence) with the
-uniform one (`sft_key_weight` = share of the per-key value).
+"overconfident" mixes an informative but overconfident value, p ** (1/3) on the
+grid (0.25 -> 0.6, 0.5 -> 0.8, 0.75 -> 0.9, 1 -> 1.0), like an LLM's verbal
+confidence, with the uniform one (`sft_mix` = share of the informative value).
 
 Completion bytes: the 8 RLCR tags alone take 82 bytes, so a byte-level model
 sees ~90-byte completions (e.g. ``<think>k07</think><answer>3</answer><analysis>
@@ -52,7 +52,7 @@ __all__ = ["SyntheticQAConfig", "SyntheticQA", "SFTExample", "DEFAULT_CLASSES",
            "SFT_CONFIDENCE_MODES"]
 
 DEFAULT_CLASSES = ((4,), (3, 1), (2, 1, 1), (1, 1, 1, 1))
-SFT_CONFIDENCE_MODES = ("random", "one", "oracle", "key")
+SFT_CONFIDENCE_MODES = ("random", "one", "oracle", "overconfident")
 SPLITS = ("train", "test")
 _PROMPT = re.compile(r"Q: k([0-9]+) n([0-9]+)\?")
 
@@ -66,7 +66,8 @@ class SyntheticQAConfig:
   n_test_nonces: int = 16          # test set = all keys x these nonces (512 prompts)
   classes: tuple[tuple[int, ...], ...] = DEFAULT_CLASSES
   sft_confidence: str = "random"   # one of SFT_CONFIDENCE_MODES
-  sft_key_weight: float = 0.5      # "key" mode: probability of the key's own (wrong) confidence
+  sft_mix: float = 0.5             # "overconfident": share of p**sft_power (rest uniform)
+  sft_power: float = 1 / 3         # "overconfident": 0.25 -> 0.6, 0.5 -> 0.8, 0.75 -> 0.9, 1 -> 1
   think: bool = True               # SFT <think> echoes the key ("k07"); else empty
   analysis: str = ""               # SFT <analysis> text (constant)
 
@@ -100,9 +101,12 @@ class SyntheticQAConfig:
     if self.sft_confidence not in SFT_CONFIDENCE_MODES:
       bad("sft_confidence", f"unknown mode {self.sft_confidence!r} "
           f"(known: {', '.join(SFT_CONFIDENCE_MODES)})")
-    if (isinstance(self.sft_key_weight, bool) or not isinstance(self.sft_key_weight, (int, float))
-        or not 0.0 <= self.sft_key_weight <= 1.0):
-      bad("sft_key_weight", f"must be a number in [0, 1], got {self.sft_key_weight!r}")
+    for f, lo, hi in (("sft_mix", 0.0, 1.0), ("sft_power", 0.0, 1.0)):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        bad(f, f"must be a number in [{lo}, {hi}], got {v!r}")
+    if self.sft_power == 0:
+      bad("sft_power", "must be > 0")
     if any(t in self.analysis for t in ("<", ">")):
       bad("analysis", "must not contain '<' or '>'")
 
@@ -139,8 +143,6 @@ class SyntheticQA:
     self._train_nonces = np.sort(perm[cfg.n_test_nonces:])
     self._test_set = frozenset(self._test_nonces.tolist())
     self._salt = f"jaxlab-rlcr-synthetic-{cfg.seed}".encode()
-    # "key" SFT mode: one fixed grid confidence per key, independent of its class.
-    self._key_sft_conf = np.random.default_rng([cfg.seed, 0xC0F]).integers(0, 11, cfg.n_keys)
 
   # -- prompts -------------------------------------------------------------
   @staticmethod
@@ -230,9 +232,8 @@ class SyntheticQA:
 
     The answer is the prompt's gold; the confidence follows `sft_confidence`:
     "random" uniform on 0.0..1.0; "one" always 1.0; "oracle" the calibrated value;
-    "key" the key's own fixed grid value (random per key, independent of its class,
-    so question-dependent but miscalibrated) with probability `sft_key_weight`,
-    else uniform on the grid.
+    "overconfident" the calibrated value p raised to `sft_power` and rounded to the
+    grid (informative but overconfident) with probability `sft_mix`, else uniform.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
       raise ValueError(f"n: expected a non-negative int, got {n!r}")
@@ -241,15 +242,16 @@ class SyntheticQA:
     grid = [f"{i / 10:.1f}" for i in range(11)]
     conf_idx = rng.integers(0, 11, size=n)
     mode = self.config.sft_confidence
-    if mode == "key":  # drawn after the shared streams, so prompts match the other modes
-      own = rng.random(n) < self.config.sft_key_weight
+    if mode == "overconfident":  # drawn after the shared streams: prompts match other modes
+      own = rng.random(n) < self.config.sft_mix
     out = []
     for i, (p, ci) in enumerate(zip(prompts, conf_idx)):
       g = self.gold(p)
       if mode == "random":
         conf = grid[ci]
-      elif mode == "key":
-        conf = grid[self._key_sft_conf[self.parse_prompt(p)[0]]] if own[i] else grid[ci]
+      elif mode == "overconfident":
+        over = self.optimal_confidence(p) ** self.config.sft_power
+        conf = f"{round(over * 10) / 10:.1f}" if own[i] else grid[ci]
       elif mode == "one":
         conf = "1.0"
       else:

@@ -1,0 +1,83 @@
+"""The PaTH and log-linear decode kernels against the library ops in jaxlab/ops
+(written independently): a PaTH decode step composed from path_key_update +
+cache append + decode_attention equals jaxlab.ops.path.path_decode_step, and the
+log-linear level-state recurrence equals jaxlab.ops.log_linear's materialized
+("naive") form, outputs and final states. Skipped if those ops are absent."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.testing import assert_rel_close, tol
+from kernels.decode_attention import decode_attention
+from kernels.log_linear_state import log_linear_state_update
+from kernels.path_key_update import path_key_update
+from kernels.rope_append.reference import write_slot
+
+F32 = jnp.float32
+
+
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_path_decode_step_matches_jaxlab_ops():
+  path = pytest.importorskip("jaxlab.ops.path")
+  T, S, HQ, H, K = 37, 64, 4, 2, 64
+  ks = jax.random.split(jax.random.key(0), 10)
+  q, k, v = (jax.random.normal(ks[i], (1, T, n, K)) for i, n in ((0, HQ), (1, H), (2, H)))
+  w = _unit(jax.random.normal(ks[3], (1, T, H, K)))
+  beta = jax.random.uniform(ks[4], (1, T, H), minval=0.5, maxval=1.9)
+  _, cache = jax.jit(functools.partial(path.path_prefill, max_len=S, impl="naive"))(
+      q, k, v, w, beta)
+  q_t, k_t, v_t = (jax.random.normal(ks[5 + i], (1, n, K)) for i, n in enumerate((HQ, H, H)))
+  w_t = _unit(jax.random.normal(ks[8], (1, H, K)))
+  beta_t = jnp.array([[1.2, 1.8]])
+  o_ref, new = jax.jit(path.path_decode_step)(cache, q_t, k_t, v_t, w_t, beta_t)
+  new_k = np.transpose(np.asarray(new.k[0]), (1, 0, 2))[:, :T + 1]
+
+  @functools.partial(jax.jit, static_argnames="impl")
+  def ours(kc, vc, impl):
+    kc = path_key_update(kc, w_t[0], beta_t[0], jnp.int32(T), impl=impl)
+    kc, vc = write_slot(kc, k_t[0], T), write_slot(vc, v_t[0], T)
+    return decode_attention(q_t[0], kc, vc, jnp.int32(T + 1), scale=K ** -0.5, impl=impl), kc
+
+  for impl in ("xla", "pallas"):
+    o, kc = ours(jnp.transpose(cache.k[0], (1, 0, 2)), jnp.transpose(cache.v[0], (1, 0, 2)),
+                 impl)
+    assert_rel_close(np.asarray(o), np.asarray(o_ref[0]), rtol=tol(F32, T * K), name=impl)
+    assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {impl}")
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
+def test_log_linear_recurrence_matches_jaxlab_ops(variant):
+  ll = pytest.importorskip("jaxlab.ops.log_linear")
+  T, H, L, dk, dv = 13, 2, 5, 64, 32
+  ks = jax.random.split(jax.random.key(1), 6)
+  q = jax.random.normal(ks[0], (T, H, dk))
+  k = _unit(jax.random.normal(ks[1], (T, H, dk)))
+  v = jax.random.normal(ks[2], (T, H, dv))
+  lam = jax.nn.softplus(jax.random.normal(ks[3], (T, H, L)))
+  g = -jax.nn.softplus(jax.random.normal(ks[4], (T, H)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[5], (T, H)))
+  gdn = variant == "gdn"
+  step = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="xla"))
+  S, outs = jnp.zeros((H, L, dk, dv)), []
+  for t in range(T):
+    o, S = step(S, jnp.int32(t), q[t], k[t], v[t], lam[t], g[t], beta[t] if gdn else None)
+    outs.append(o)
+  if gdn:
+    ref, st = jax.jit(functools.partial(ll.log_linear_gated_delta, impl="naive",
+                                        return_state=True))(
+        q[None], k[None], v[None], g[None], beta[None], lam[None])
+  else:
+    ref, st = jax.jit(functools.partial(ll.log_linear_attention, impl="naive",
+                                        return_state=True))(
+        q[None], k[None], v[None], g[None], lam[None])
+  assert_rel_close(np.stack(outs), np.asarray(ref[0]), rtol=tol(F32, T * dk), name="o")
+  assert_rel_close(np.asarray(S), np.asarray(st.levels[0]), rtol=tol(F32, T), name="levels")
