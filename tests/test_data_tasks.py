@@ -28,7 +28,7 @@ def test_known_tasks():
 def test_defaults_shapes_dtypes(name):
   task = get_task(name)
   assert task.name == name
-  expected = {"mqar": (128, 64), "flipflop": (5, 512), "s5": (120, 16), "a5": (60, 16)}[name]
+  expected = {"mqar": (64, 32), "flipflop": (5, 512), "s5": (120, 16), "a5": (60, 16)}[name]
   assert (task.vocab_size, task.seq_len) == expected
   for split in task.splits:
     b = task.batch(split, 3, 5)
@@ -119,8 +119,8 @@ def test_space_too_small_raises():
 # ----------------------------------------------------------------------------- MQAR
 
 
-@pytest.mark.parametrize("options", [{}, SMALL["mqar"], dict(num_kv_pairs=6, num_queries=3,
-                                                             seq_len=40, vocab_size=20)])
+@pytest.mark.parametrize("options", [{}, dict(num_kv_pairs=8, seq_len=64, vocab_size=128),
+                                     dict(num_kv_pairs=6, num_queries=3, seq_len=40, vocab_size=20)])
 def test_mqar_targets(options):
   task = get_task("mqar", **options)
   c = task.config
@@ -321,7 +321,7 @@ def test_bad_batch_arguments():
 
 
 def test_task_options_and_parsing():
-  assert task_options("mqar") == dict(num_kv_pairs=8, seq_len=64, vocab_size=128, num_queries=None)
+  assert task_options("mqar") == dict(num_kv_pairs=4, seq_len=32, vocab_size=64, num_queries=None)
   assert task_options("flipflop")["p_ignore"] == 0.8
   opts = parse_task_options("mqar", ["num_kv_pairs=4", "num_queries=none", "vocab_size = 64"])
   assert opts == dict(num_kv_pairs=4, num_queries=None, vocab_size=64)

@@ -84,9 +84,9 @@ class MQARConfig:
   Token 0 fills the gaps; keys come from [1, 1 + K), values from [1 + K, vocab_size),
   K = (vocab_size - 1) // 2. Scored: the targets at query keys (= their values).
   """
-  num_kv_pairs: int = 8
-  seq_len: int = 64
-  vocab_size: int = 128
+  num_kv_pairs: int = 4
+  seq_len: int = 32
+  vocab_size: int = 64
   num_queries: int | None = None    # None: one query per pair
 
   def __post_init__(self):
