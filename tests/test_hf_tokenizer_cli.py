@@ -145,14 +145,17 @@ def test_chat_command_keeps_history(ckpt, model, capsys, monkeypatch):
   assert out == r1 + "\n" + r2 + "\n"
 
 
-def test_cli_help_and_bad_input(ckpt, capsys):
+def test_cli_help_and_bad_input(ckpt, capsys, monkeypatch):
+  from jaxlab.commands import generate as gen_cmd
+
+  monkeypatch.setitem(gen_cmd.DECODE_IMPLS, "future", None)  # a registered, unbuilt impl
   for cmd in ("generate", "chat"):
     with pytest.raises(SystemExit) as e:
       cli.main([cmd, "--help"])
     assert e.value.code == 0
     assert "--model" in capsys.readouterr().out
   cases = [
-      (["--impl", "pallas"], "--impl pallas is not available"),
+      (["--impl", "future"], "--impl future is not available yet"),
       (["--max-new-tokens", "0"], "--max-new-tokens"),
       (["--top-p", "1.5"], "top_p"),
       (["--max-new-tokens", "5000"], "exceeds the model's context"),
@@ -199,3 +202,19 @@ def test_generate_command_with_adapter(ckpt, tmp_path, capsys):
   assert rc == 0 and out == want + "\n"
   plain = _expected(T.make_hf_model("llama"), tok, tok.encode("hello world"), 12)
   assert want != plain  # the adapter changes the output
+
+
+def test_generate_command_pallas_impl(ckpt, model, tmp_path, capsys):
+  """--impl pallas (the batch-1 decode kernels, interpreted on CPU) prints the same greedy
+  text; a model those kernels cannot run is a one-line error."""
+  tok = load_tokenizer(ckpt)
+  rc = cli.main(["generate", "--model", ckpt, "--prompt", "hello world", "--max-new-tokens", "10",
+                 "--impl", "pallas"])
+  out = capsys.readouterr().out
+  assert rc == 0 and out == _expected(model, tok, tok.encode("hello world"), 10) + "\n"
+  q3 = str(tmp_path / "qwen3")
+  T.save_tiny_checkpoint(q3, "qwen3")
+  capsys.readouterr()  # drop transformers' progress output
+  rc = cli.main(["generate", "--model", q3, "--prompt", "hi", "--impl", "pallas"])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.count("\n") == 1 and "--impl pallas" in err and "qk_norm" in err

@@ -58,10 +58,10 @@ def test_registered():
     assert callable(get_mixer_factory(name))
 
 
-# All calls use B=2, T=70 and the same chunking (37 + 21 + 1-token steps), with a mask
-# array, so each mixer compiles one __call__ and three extends.
+# All calls use B=2, T=70 and the same chunking (29 + 29 + 1-token steps), with a mask
+# array, so each mixer compiles one __call__ and two extends.
 B, T = 2, 70
-SPLITS = [(0, 37), (37, 58)] + [(t, t + 1) for t in range(58, 70)]
+SPLITS = [(0, 29), (29, 58)] + [(t, t + 1) for t in range(58, 70)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,7 +85,7 @@ def decode(name, x, mask, upto=T):
 
 @pytest.mark.parametrize("name", MIXERS)
 def test_extend_reproduces_full_forward(name):
-  """Prefill 37, extend 21 (T > 1 on a cache, unaligned), decode 12 tokens one by one."""
+  """Prefill 29, extend 29 (T > 1 on a cache, unaligned), decode 12 tokens one by one."""
   x, full = full_forward(name)
   y, cache = decode(name, x, jnp.ones((B, T), bool))
   assert_rel_close(y, full, rtol=RTOL, name=f"{name} extend vs call")
@@ -109,7 +109,7 @@ def test_padding_is_invisible(name):
   assert_rel_close(jnp.concatenate([y[1, :20], y[1, 26:]]), full[1, :64], rtol=RTOL,
                    name="holed")
   assert float(jnp.abs(y[0, :6]).max()) == 0.0 and float(jnp.abs(y[1, 20:26]).max()) == 0.0
-  # Through the cache: 37 + 21 padded tokens hold 52 real ones per row; then 1 step.
+  # Through the cache: 29 + 29 padded tokens hold 52 real ones per row; then 1 step.
   y, cache = decode(name, rows, mask, upto=59)
   assert cache["state"].count.tolist() == [53, 53]
   assert_rel_close(y[:, -1], full[:, 52], rtol=RTOL, name="decode after padding")

@@ -194,6 +194,17 @@ def test_beta_zero_is_causal_attention(case):
     assert_rel_close(o, ref, rtol=tol(F32, T), name=impl)
 
 
+def test_blockwise_backward_memory_is_linear_in_t():
+  # Compile only: XLA's buffer assignment for fwd+bwd at T and 4T. Linear memory gives a
+  # ratio near 4; keeping any T x T (or per-step key copies, as naive does) gives ~16.
+  def temp_bytes(T):
+    x = make_inputs(14, 1, T, 1, 1, 8, 8, gate=True)
+    lowered = fwd_bwd.lower(x, jnp.ones((1, T, 1, 8)), ones_mask(x), 0.0, impl="blockwise")
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+  small, large = temp_bytes(256), temp_bytes(1024)
+  assert large / small < 6, (small, large)
+
+
 def test_nan_in_padded_block_tail_is_never_read():
   B, T, H, HQ, K, V, gate, block = CASES[0]       # T=100, block 16: 12 padded slots
   x = make_inputs(1, B, T, H, HQ, K, V, gate=gate)

@@ -118,8 +118,8 @@ def format_table(rows) -> str:
 # Per task: task options and training length (CPU budget: the whole grid < 15 CPU min).
 EXPERIMENT_TASKS = {
     "flipflop": dict(task_options=dict(seq_len=64), steps=250),
-    "s5": dict(task_options=dict(seq_len=16), steps=300),
-    "a5": dict(task_options=dict(seq_len=16), steps=300),
+    "s5": dict(task_options=dict(seq_len=16), steps=1000),
+    "a5": dict(task_options=dict(seq_len=16), steps=1000),
 }
 EXPERIMENT_MIXERS = ("attention", "path", "path_fox")
 
@@ -135,7 +135,7 @@ def experiment(out_dir, *, tasks=tuple(EXPERIMENT_TASKS), mixers=EXPERIMENT_MIXE
   from jaxlab.data import get_task
   from jaxlab.models.transformer import count_params
   from train.lm import build_job
-  from train.loop import run
+  from train.loop import evaluate, run
   from train.trainer import Trainer
 
   out_dir = Path(out_dir)
@@ -153,20 +153,27 @@ def experiment(out_dir, *, tasks=tuple(EXPERIMENT_TASKS), mixers=EXPERIMENT_MIXE
                                            warmup_steps=max(1, n_steps // 10),
                                            eval_every=eval_every, checkpoint_every=n_steps,
                                            seed=seed))
+      run_dir = out_dir / f"{task_name}-{mixer}"
+      row_file = run_dir / "result.json"
+      if row_file.exists():  # finished earlier: keep its row (and its CPU time)
+        rows.append(json.loads(row_file.read_text()))
+        continue
       task = get_task(job.task, seed=job.train.seed, **job.task_options)
       trainer = Trainer(job.model, job.train)
-      run_dir = out_dir / f"{task_name}-{mixer}"
       cpu0 = time.process_time()
-      out = run(trainer, task, run_dir, progress=False, eval_splits=task.splits, log=lambda *_: None)
-      final = out["final"]
+      out = run(trainer, task, run_dir, progress=False, eval_splits=task.splits,
+                log=lambda *_: None)
+      params = out["state"].params
       row = dict(task=task_name, mixer=mixer, steps=n_steps, seq_len=task.seq_len,
-                 params=count_params(trainer.model(out["state"].params)),
+                 layers=layers, d_model=d_model, heads=heads,
+                 params=count_params(trainer.model(params)),
                  cpu_s=round(time.process_time() - cpu0, 1))
       for split in task.splits:
-        if split == "train":
-          continue
-        row[f"{split}/error"] = 1.0 - final[f"{split}/token_accuracy"]
-        row[f"{split}/exact_match"] = final[f"{split}/exact_match"]
+        if split != "train":
+          ev = evaluate(trainer, params, task, split=split)
+          row[f"{split}/error"] = 1.0 - ev[f"{split}/token_accuracy"]
+          row[f"{split}/exact_match"] = ev[f"{split}/exact_match"]
+      row_file.write_text(json.dumps(row))
       rows.append(row)
       print(json.dumps(row), flush=True)
   out_dir.mkdir(parents=True, exist_ok=True)

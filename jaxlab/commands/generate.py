@@ -10,9 +10,11 @@ import time
 # --impl NAME -> "module:attribute" of a streamer class with the interface of
 # jaxlab.models.generate.Streamer: cls(model, *, max_len, sampling, seed) whose
 # .stream(prompt_ids, max_new_tokens, eos_ids) yields token ids. None = not built yet.
+# A ValueError from the constructor (a model the implementation cannot run) is
+# reported as a one-line user error.
 DECODE_IMPLS: dict[str, str | None] = {
     "xla": "jaxlab.models.generate:Streamer",
-    "pallas": None,
+    "pallas": "jaxlab.models.decode:DecodeStreamer",  # batch-1 Pallas kernels (FlashFormer)
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 # Compiled decoders, reused when the same model structure, length bucket and sampling
@@ -130,7 +132,7 @@ class _Session:
     if not prompt_ids:
       raise _user_error("the prompt encodes to zero tokens")
     s = self._streamer(len(prompt_ids) + self.max_new)
-    if self._key is not None:  # one RNG stream across turns and streamers
+    if self._key is not None and hasattr(s, "key"):  # one RNG stream across turns
       s.key = self._key
     dec = self.tok.stream_decoder()
     stamps = []  # time each token arrived
@@ -146,7 +148,7 @@ class _Session:
       out.write(tail)
     out.write("\n")
     out.flush()
-    self._key = s.key
+    self._key = getattr(s, "key", None)
     if self.stats and stamps:
       # Token 1 includes prefill compile, token 2 the decode-step compile; the rate is
       # measured over tokens 3..n (steady state).
@@ -169,7 +171,10 @@ def _cached_streamer(impl, cls, model, max_len, sampling, seed):
   key = (impl, graphdef, max_len, sampling)
   s = _STREAMER_CACHE.pop(key, None)
   if s is None or not (hasattr(s, "state") and hasattr(s, "key")):
-    s = cls(model, max_len=max_len, sampling=sampling, seed=seed)
+    try:
+      s = cls(model, max_len=max_len, sampling=sampling, seed=seed)
+    except ValueError as e:
+      raise _user_error(f"--impl {impl}: {str(e).splitlines()[0]}") from None
   else:
     s.state = state
     s.key = jax.random.key(seed)

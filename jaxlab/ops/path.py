@@ -33,7 +33,6 @@ mixers produce valid values by construction (beta = 2 sigmoid, fp32 l2norm).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax

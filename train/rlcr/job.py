@@ -43,17 +43,18 @@ from train.rlcr.rollout import RolloutConfig
 from train.trainer import TrainConfig
 
 __all__ = ["RLCRJobConfig", "METHODS", "build_job", "run_job", "method_rewards",
-           "DEFAULT_MODEL", "DEFAULT_SFT", "DEFAULT_GRPO", "DEFAULT_ROLLOUT"]
+           "DEFAULT_TASK", "DEFAULT_MODEL", "DEFAULT_SFT", "DEFAULT_GRPO", "DEFAULT_ROLLOUT"]
 
 METHODS = ("rlvr", "rlcr")
 RLVR_FORMATS = ("rlcr", "rlvr")
 
 # The embedded default (tuned to finish in minutes on 2 CPU cores).
+DEFAULT_TASK = dict(sft_confidence="overconfident")
 DEFAULT_MODEL = dict(vocab_size=267, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
 DEFAULT_SFT = dict(steps=400, batch_size=64, learning_rate=3e-3, warmup_steps=20,
                    schedule="cosine", eval_every=200, eval_batches=2, eval_batch_size=64,
                    checkpoint_every=100, log_every=20)
-DEFAULT_GRPO = dict(steps=150, learning_rate=1e-3, warmup_steps=5)
+DEFAULT_GRPO = dict(steps=150, learning_rate=5e-4, warmup_steps=5)
 DEFAULT_ROLLOUT = dict(group_size=8, max_new_tokens=20, temperature=1.0)
 
 
@@ -64,7 +65,7 @@ class RLCRJobConfig:
   methods: tuple[str, ...] = METHODS
   rlvr_format: str = "rlcr"          # rlcr: RLVR uses the RLCR tags too; rlvr: official think/answer
   # synthetic source (used when model_path is None)
-  task: dict = dataclasses.field(default_factory=dict)   # SyntheticQA overrides
+  task: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK))  # SyntheticQA options
   model: ModelConfig = ModelConfig(**DEFAULT_MODEL)
   sft: TrainConfig = TrainConfig(**DEFAULT_SFT)
   # real-data source
@@ -77,13 +78,13 @@ class RLCRJobConfig:
   lora: LoRAConfig | None = None
   max_prompt_len: int = 0            # 0: 16 for synthetic, 1024 for real data
   # RL
-  prompts_per_step: int = 16
+  prompts_per_step: int = 32
   rollout: RolloutConfig = RolloutConfig(**DEFAULT_ROLLOUT)
   grpo: GRPOConfig = GRPOConfig(**DEFAULT_GRPO)
   mask_truncated: bool = False
   # evaluation and bookkeeping
   eval_size: int = 0                 # 0: all synthetic test prompts / 64 held-out real rows
-  eval_every: int = 50
+  eval_every: int = 25
   eval_batch_size: int = 128
   eval_max_new_tokens: int = 0       # 0: rollout.max_new_tokens
   checkpoint_every: int = 25
@@ -368,7 +369,10 @@ def results_markdown(results: dict[str, dict]) -> str:
 
 def run_method(job: RLCRJobConfig, method: str, learner, sampler, src: Source, run_dir: Path, *,
                progress: bool = True, log=print):
-  """GRPO for one method from the learner's starting weights (resumes from run_dir)."""
+  """GRPO for one method from the learner's starting weights (resumes from run_dir).
+
+  Returns (state, (eval metrics, per-sample arrays)) of the final weights.
+  """
   from train.checkpoint import Checkpoints
   from train.metrics import MetricsWriter
   from train.trainer import to_host
@@ -395,6 +399,7 @@ def run_method(job: RLCRJobConfig, method: str, learner, sampler, src: Source, r
                dynamic_ncols=True)
   base_key = jax.random.key(job.seed)
   t0 = time.perf_counter()
+  last_eval = None
   train_prompts = src.prompts_for(fmt)[0]
   for step in range(start, cfg.steps):
     ids, golds = train_prompts(step, job.prompts_per_step)
@@ -405,9 +410,9 @@ def run_method(job: RLCRJobConfig, method: str, learner, sampler, src: Source, r
     state, lm = learner.train_on_rollout(state, ro, reward, mask_truncated=job.mask_truncated)
     done = step + 1
     rec = {**_sample_stats(scores, ro, reward), **lm}
-    if job.eval_every and (done % job.eval_every == 0) and done != cfg.steps:
-      ev, _ = evaluate(sampler, learner.sampling_states(state.params), src, job, fmt=fmt)
-      rec.update({f"test/{k}": v for k, v in ev.items()})
+    if (job.eval_every and done % job.eval_every == 0) or done == cfg.steps:
+      last_eval = evaluate(sampler, learner.sampling_states(state.params), src, job, fmt=fmt)
+      rec.update({f"test/{k}": v for k, v in last_eval[0].items()})
     if writer:
       writer.write(done, rec)
     if bar is not None:
@@ -421,7 +426,9 @@ def run_method(job: RLCRJobConfig, method: str, learner, sampler, src: Source, r
   ckpts.close()
   if writer:
     writer.close()
-  return state, time.perf_counter() - t0
+  if last_eval is None:  # nothing left to train (resumed at the end): evaluate the restored state
+    last_eval = evaluate(sampler, learner.sampling_states(state.params), src, job, fmt=fmt)
+  return state, last_eval
 
 
 def run_job(job: RLCRJobConfig, run_dir, *, progress: bool = True, plot: bool = True,
@@ -489,11 +496,9 @@ def run_job(job: RLCRJobConfig, run_dir, *, progress: bool = True, plot: bool = 
   for method in job.methods:
     t = time.perf_counter()
     fmt = fmt_of[method]
-    state, _ = run_method(job, method, learner, samplers[fmt], src, run_dir, progress=progress,
-                          log=log)
+    state, (results[method], per_sample[method]) = run_method(
+        job, method, learner, samplers[fmt], src, run_dir, progress=progress, log=log)
     timings[f"{method}_s"] = time.perf_counter() - t
-    results[method], per_sample[method] = evaluate(
-        samplers[fmt], learner.sampling_states(state.params), src, job, fmt=fmt)
     if not job.synthetic and jax.process_index() == 0:
       _save_model(learner, state.params, job, run_dir / method / "final")
     del state
@@ -532,15 +537,16 @@ def _plot(run_dir: Path, methods):
   matplotlib.use("Agg")
   from matplotlib.figure import Figure
   from train.metrics import read_metrics
-  keys = ["reward", "accuracy", "ece", "brier", "confidence", "kl"]
-  fig = Figure(figsize=(4.0 * len(keys), 3.2))
+  keys = ["reward", "ece", "confidence", "kl", "test/accuracy", "test/ece", "test/auroc"]
+  fig = Figure(figsize=(3.6 * len(keys), 3.2))
   axes = fig.subplots(1, len(keys))
   for m in methods:
     recs = read_metrics(run_dir / m)
     for ax, k in zip(axes, keys):
       pts = [(r["step"], r[k]) for r in recs if r.get(k) is not None]
       if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m,
+                marker="o" if k.startswith("test/") else None, markersize=3)
   for ax, k in zip(axes, keys):
     ax.set_title(k)
     ax.set_xlabel("step")
