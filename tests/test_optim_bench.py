@@ -9,9 +9,10 @@ from jaxlab.bench.optim import bench, memory
 
 def test_bench_runs():
   rows = bench((4,), steps=2, d_model=32, n_layers=1, batch_size=2, seq_len=8, vocab_size=64,
-               update_every=1, methods=("lora",))  # update_every=1: the merge path runs too
+               methods=("lora",))  # update_every defaults to steps: one merge, one refresh step
   assert [r["method"] for r in rows] == ["lora"]
-  assert rows[0]["step_ms"] > 0 and rows[0]["compile_s"] > 0 and rows[0]["rank"] == 4
+  assert rows[0]["compile_s"] > 0 and rows[0]["rank"] == 4
+  assert rows[0]["refresh_step_ms"] > 0 and rows[0]["merge_ms"] > 0
 
 
 def test_memory_rows_and_byte_accounting():
@@ -38,6 +39,7 @@ def test_memory_rows_and_byte_accounting():
     (dict(ranks=(300,)), "exceeds d_model"),
     (dict(ranks=(4,), steps=0), "steps"),
     (dict(ranks=(4,), methods=("sgd",)), "unknown method 'sgd'"),
+    (dict(ranks=(4,), steps=2, update_every=0), "update_every"),
 ])
 def test_bench_bad_arguments(kwargs, match):
   ranks = kwargs.pop("ranks")
@@ -46,3 +48,28 @@ def test_bench_bad_arguments(kwargs, match):
   if "steps" not in kwargs:
     with pytest.raises(ValueError, match=match):
       memory(ranks, **kwargs)
+
+
+def test_experiment_table_and_dual_gap():
+  """The report helpers of `python -m jaxlab.optim.experiment` on a hand-made result."""
+  from jaxlab.optim.experiment import dual_gap, table
+
+  def run(method, lr, final, nbytes=100):
+    return dict(method=method, learning_rate=lr, test_curve=[(0, 5.0), (10, final)],
+                train_loss_last10pct=final, opt_state_bytes=nbytes, trainable_bytes=1, seconds=2.0)
+
+  runs = {"adamw@0.001": run("adamw", 1e-3, 2.0, 400), "adamw@0.003": run("adamw", 3e-3, 1.5, 400),
+          "random@0.003": run("random", 3e-3, 1.75), "lora@0.003": run("lora", 3e-3, 1.7)}
+  result = dict(runs=runs, best={"adamw": "adamw@0.003", "random": "random@0.003",
+                                 "lora": "lora@0.003"})
+  lines = table(result).splitlines()
+  assert lines[0].startswith("| method | test loss @ lr 0.001 | test loss @ lr 0.003 |")
+  assert lines[2] == "| adamw | 2.0000 | 1.5000 * | 0 KiB | 1.000 | 2 |"
+  assert lines[3] == "| random |  | 1.7500 * | 0 KiB | 0.250 | 2 |"
+  assert abs(dual_gap(result) - 0.05) < 1e-12
+
+
+def test_experiment_rejects_unknown_method():
+  from jaxlab.optim.experiment import main
+  with pytest.raises(SystemExit):
+    main(["--methods", "adamw,sgd"])

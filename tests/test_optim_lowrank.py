@@ -20,7 +20,7 @@ from jaxlab.models.lowrank import (
     apply_adapters,
     merge_and_reinit,
 )
-from jaxlab.optim import leaf_key, projected, random_factors
+from jaxlab.optim import projected, random_factors
 from jaxlab.testing import assert_rel_close, tol
 
 

@@ -22,7 +22,7 @@ PAD = (4, 2)   # left padding per batch row
 
 def make_mixer(name, **options):
   cfg = ModelConfig(d_model=D, n_heads=4, n_kv_heads=2, mixer=name,
-                    mixer_options={"path_block_size": 8, **options})
+                    mixer_options={"path_block_size": 4, **options})
   return get_mixer_factory(name)(cfg, 0, rngs=nnx.Rngs(0))
 
 
@@ -47,7 +47,7 @@ def extend(m, x, cache, mask):
 
 
 def run_cached(m, x, mask):
-  """Prefill 8, extend 8 (blockwise against the cache), then decode 1 token at a time."""
+  """Prefill 8, extend 8 (2 blocks of 4 against the cache), then decode token by token."""
   cache = m.init_cache(B, 24, F32)
   ys = []
   for a, b in [(0, 8), (8, 16)] + [(t, t + 1) for t in range(16, T)]:

@@ -220,7 +220,7 @@ def test_nan_in_padded_block_tail_is_never_read():
 # --------------------------------------------------------------------------- decoding
 
 prefill = jit(path_prefill, static_argnames=("max_len", "impl"))
-extend = jit(path_extend)
+extend = jit(path_extend, static_argnames=("block_size",))
 decode_step = jit(path_decode_step)
 DEC = dict(zip("B T H HQ K V".split(), CASES[0][:6]))   # T = 100; reuses fwd_bwd's compile
 
@@ -236,7 +236,7 @@ def test_prefill_extend_decode_reproduce_blockwise():
   for f in ("k", "gate"):   # cache keys = keys carried to the last prompt token
     assert_rel_close(getattr(cache, f)[:, :17], getattr(cache_naive, f)[:, :17],
                      rtol=tol(F32, 17), name=f"cache.{f}")
-  o1, cache = extend(cache, **sl(17, 30))
+  o1, cache = extend(cache, **sl(17, 30), block_size=4)   # 4 blocks after the cache
   outs = [o0, o1]
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), cache)
   for t in range(30, T):
@@ -252,7 +252,7 @@ def test_nan_in_unused_cache_slots_is_never_read():
   B, H, HQ, K = DEC["B"], DEC["H"], DEC["HQ"], DEC["K"]
 
   def run(cache):
-    o, cache = extend(cache, **{n: x[n][:, :13] for n in NAMES})
+    o, cache = extend(cache, **{n: x[n][:, :13] for n in NAMES}, block_size=4)
     outs = [o]
     for t in range(13, 20):
       o, cache = decode_step(cache, *(x[n][:, t] for n in NAMES))

@@ -1,10 +1,13 @@
 """Forward-time and memory benchmark of the log-linear ops (chunked vs naive vs recurrent).
 
 `bench(ts)` returns one row per (op, impl, T): {"op", "impl", "T", "ms", "peak_mb",
-"note"}. ms is the median wall time of `repeats` jitted forward calls after one
-warm-up; peak_mb is XLA's compiled memory analysis (arguments + outputs + temps
-- aliased) of the same function. Forms that would not fit or take too long are
-skipped and listed as rows with ms = None and a note saying why.
+"note", "mode"}. ms is the best (minimum) wall time of `repeats` jitted calls after
+one warm-up (the minimum is the least disturbed by other load on a shared
+machine); peak_mb is XLA's compiled memory analysis (arguments + outputs + temps
+- aliased) of the same function. mode="fwd" times the forward; mode="fwd_bwd"
+times value-and-gradient w.r.t. every input (autodiff), to see the memory the
+backward needs. Forms that would not fit or take too long are skipped and listed
+as rows with ms = None and a note saying why.
 
     python -m jaxlab.bench.log_linear --ts 1024 2048 4096 8192 16384
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -40,12 +42,18 @@ def _inputs(T, batch, heads, groups, dk, dv, key):
       level_scales=jax.nn.softplus(jax.random.normal(ks[6], (batch, T, heads, L))))
 
 
-def _fn(op, impl):
+def _fn(op, impl, mode="fwd"):
   if op == "log_linear_attention":
-    return lambda x: ll.log_linear_attention(x["q"], x["k"], x["v"], x["g"], x["level_scales"],
-                                             impl=impl)
-  return lambda x: ll.log_linear_gated_delta(x["q"], x["k"], x["v"], x["g"], x["beta"],
-                                             x["level_scales"], impl=impl)
+    f = lambda x: ll.log_linear_attention(x["q"], x["k"], x["v"], x["g"], x["level_scales"],
+                                          impl=impl)
+  else:
+    f = lambda x: ll.log_linear_gated_delta(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                            x["level_scales"], impl=impl)
+  if mode == "fwd":
+    return f
+  if mode != "fwd_bwd":
+    raise ValueError(f"mode: unknown {mode!r} (known: fwd, fwd_bwd)")
+  return jax.value_and_grad(lambda x: jnp.sum(f(x) ** 2))
 
 
 def _peak_mb(compiled) -> float:
@@ -71,8 +79,8 @@ def _skip(op, impl, T, naive_max_t, gdn_naive_max_t, recurrent_max_t):
 def bench(ts: list[int], *, repeats: int = 3, batch: int = 1, heads: int = 4, groups: int = 1,
           dk: int = 64, dv: int = 64, ops=OPS, impls=IMPLS, naive_max_t: int = 8192,
           gdn_naive_max_t: int = 4096, recurrent_max_t: int = 16384,
-          seed: int = 0) -> list[dict]:
-  """Rows {op, impl, T, ms, peak_mb, note} for every op x impl x T (see module doc)."""
+          mode: str = "fwd", seed: int = 0) -> list[dict]:
+  """Rows {op, impl, T, ms, peak_mb, note, mode} for every op x impl x T (module doc)."""
   rows = []
   for T in ts:
     x = _inputs(int(T), batch, heads, groups, dk, dv, jax.random.PRNGKey(seed))
@@ -80,27 +88,70 @@ def bench(ts: list[int], *, repeats: int = 3, batch: int = 1, heads: int = 4, gr
       for impl in impls:
         note = _skip(op, impl, T, naive_max_t, gdn_naive_max_t, recurrent_max_t)
         if note:
-          rows.append(dict(op=op, impl=impl, T=int(T), ms=None, peak_mb=None, note=note))
+          rows.append(dict(op=op, impl=impl, T=int(T), ms=None, peak_mb=None, note=note,
+                           mode=mode))
           continue
-        compiled = jax.jit(_fn(op, impl)).lower(x).compile()
+        compiled = jax.jit(_fn(op, impl, mode)).lower(x).compile()
         jax.block_until_ready(compiled(x))
         times = []
         for _ in range(repeats):
           t0 = time.perf_counter()
           jax.block_until_ready(compiled(x))
           times.append(1000 * (time.perf_counter() - t0))
-        rows.append(dict(op=op, impl=impl, T=int(T), ms=statistics.median(times),
-                         peak_mb=_peak_mb(compiled), note=""))
+        rows.append(dict(op=op, impl=impl, T=int(T), ms=min(times),
+                         peak_mb=_peak_mb(compiled), note="", mode=mode))
   return rows
 
 
 def format_table(rows) -> str:
   """Markdown table of bench rows."""
-  out = ["| op | impl | T | fwd ms | peak MB | note |", "|---|---|---|---|---|---|"]
+  out = ["| op | impl | T | mode | ms | peak MB | note |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     ms = "-" if r["ms"] is None else f"{r['ms']:.1f}"
     mb = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-    out.append(f"| {r['op']} | {r['impl']} | {r['T']} | {ms} | {mb} | {r.get('note', '')} |")
+    out.append(f"| {r['op']} | {r['impl']} | {r['T']} | {r.get('mode', 'fwd')} | {ms} | {mb} "
+               f"| {r.get('note', '')} |")
+  return "\n".join(out)
+
+
+MQAR_MIXERS = ("attention", "mamba2", "log_linear_mamba2", "gated_deltanet",
+               "log_linear_gated_deltanet")
+
+
+def mqar_report(root, png=None, mixers=MQAR_MIXERS) -> str:
+  """Markdown table (and optional PNG of test token accuracy vs step) of the
+  `jaxlab train lm` runs in root/<mixer>/metrics.jsonl (see docs/log_linear.md)."""
+  import os
+  curves = {}
+  for m in mixers:
+    path = os.path.join(root, m, "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      recs = [json.loads(line) for line in f if "test/loss" in line]
+    curves[m] = recs
+  out = ["| mixer | steps | test loss | test token acc | test exact match |",
+         "|---|---|---|---|---|"]
+  for m, recs in curves.items():
+    r = recs[-1]
+    out.append(f"| {m} | {r['step']} | {r['test/loss']:.3f} | {r['test/token_accuracy']:.3f} "
+               f"| {r['test/exact_match']:.3f} |")
+  if png:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, recs in curves.items():
+      steps = [r["step"] for r in recs]
+      axes[0].plot(steps, [r["test/loss"] for r in recs], marker="o", ms=3, label=m)
+      axes[1].plot(steps, [r["test/token_accuracy"] for r in recs], marker="o", ms=3, label=m)
+    axes[0].set(xlabel="step", ylabel="test loss", yscale="log")
+    axes[1].set(xlabel="step", ylabel="test token accuracy", ylim=(0, 1))
+    axes[1].legend(fontsize=8)
+    fig.suptitle(os.path.basename(os.path.normpath(root)))
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
   return "\n".join(out)
 
 
@@ -112,9 +163,22 @@ def main(argv=None):
   p.add_argument("--dk", type=int, default=64)
   p.add_argument("--dv", type=int, default=64)
   p.add_argument("--impls", nargs="+", default=list(IMPLS))
+  p.add_argument("--ops", nargs="+", default=list(OPS))
+  p.add_argument("--mode", default="fwd", choices=("fwd", "fwd_bwd"))
+  p.add_argument("--naive-max-t", type=int, default=8192)
+  p.add_argument("--recurrent-max-t", type=int, default=16384)
   p.add_argument("--json", help="also write the rows here")
+  p.add_argument("--mqar-report", metavar="RUN_ROOT",
+                 help="instead of benchmarking, tabulate (and plot, with --png) the MQAR runs "
+                      "in RUN_ROOT/<mixer>/metrics.jsonl")
+  p.add_argument("--png", help="plot for --mqar-report")
   a = p.parse_args(argv)
-  rows = bench(a.ts, repeats=a.repeats, heads=a.heads, dk=a.dk, dv=a.dv, impls=a.impls)
+  if a.mqar_report:
+    print(mqar_report(a.mqar_report, a.png))
+    return
+  rows = bench(a.ts, repeats=a.repeats, heads=a.heads, dk=a.dk, dv=a.dv, impls=a.impls,
+               ops=a.ops, mode=a.mode, naive_max_t=a.naive_max_t,
+               gdn_naive_max_t=min(4096, a.naive_max_t), recurrent_max_t=a.recurrent_max_t)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}")
   print(format_table(rows))
   if a.json:

@@ -5,8 +5,9 @@ For an m x n kernel (m <= n) Adam keeps 2 m n floats; the projected optimizers k
 2 r n (+ m r for the stored SVD projector; "random" regenerates its projector and stores
 none); LoRA's optimizer keeps 2 r n for A, and the model holds A (r n) and P (m r) on
 top of W0. Rows report all of these, the compiled step's temporary bytes (where the
-backend reports them; the adapter form never forms the m x n kernel gradient) and the
-median step time. Tokens are random: this measures cost, not learning.
+backend reports them; the adapter form never forms the m x n kernel gradient), the
+median step time, the time of a step that refreshes the projector and of a LoRA merge.
+Tokens are random: this measures cost, not learning.
 """
 
 from __future__ import annotations
@@ -73,19 +74,27 @@ def _one(method: str, rank: int | None, cfg, *, steps: int, batch_size: int, seq
   except Exception:  # noqa: BLE001 - not every backend reports memory
     temp = None
   params, opt_state, rest = setup.params, setup.opt_state, setup.rest
-  params, opt_state, loss = step(params, opt_state, rest, b0)
+  params, opt_state, loss = step(params, opt_state, rest, b0)  # count 0 -> 1
   jax.block_until_ready(loss)
-  times = []
-  for i in range(steps):
-    if setup.merge is not None and (i + 1) % update_every == 0:
+  merge_ms = None
+  if setup.merge is not None:  # compile the merge outside the timing
+    params, rest = setup.merge(params, rest)
+    jax.block_until_ready(params)
+  times, refresh = [], []
+  for i in range(1, steps + 1):  # the optimizer's count before this step is i
+    if setup.merge is not None and i % update_every == 0:
+      t0 = time.perf_counter()
       params, rest = setup.merge(params, rest)
+      jax.block_until_ready(params)
+      merge_ms = 1e3 * (time.perf_counter() - t0)
     b = batch()
     t0 = time.perf_counter()
     params, opt_state, loss = step(params, opt_state, rest, b)
     jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
+    (refresh if i % update_every == 0 else times).append(time.perf_counter() - t0)
   return dict(row, step_temp_bytes=temp, compile_s=compile_s,
-              step_ms=1e3 * statistics.median(times))
+              step_ms=1e3 * statistics.median(times) if times else None,
+              refresh_step_ms=1e3 * refresh[0] if refresh else None, merge_ms=merge_ms)
 
 
 def _check(ranks, steps, methods, d_model):
@@ -120,10 +129,15 @@ def memory(ranks=(8, 16, 32, 64), *, d_model: int = 256, n_layers: int = 2,
 
 def bench(ranks=(8, 16, 32, 64), *, steps: int = 10, d_model: int = 256, n_layers: int = 2,
           batch_size: int = 8, seq_len: int = 128, vocab_size: int = 256,
-          update_every: int = 200, methods=METHODS) -> list[dict]:
+          update_every: int | None = None, methods=METHODS) -> list[dict]:
   """One row per (method, rank) (AdamW once): bytes of optimizer state, of trained
-  parameters and of frozen LoRA bases, compiled temporaries, compile time, median step ms."""
+  parameters and of frozen LoRA bases, compiled temporaries, compile time, median step ms
+  of the steps without a projector refresh, the ms of one refresh step (GaLore's SVD) and
+  of one LoRA merge. update_every defaults to `steps`, so the last timed step refreshes."""
   _check(ranks, steps, methods, d_model)
+  update_every = steps if update_every is None else update_every
+  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
+    raise ValueError(f"update_every: expected a positive integer, got {update_every!r}")
   cfg = _model_config(d_model, n_layers, vocab_size, seq_len)
   kw = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, update_every=update_every)
   return _rows(lambda m, r: _one(m, r, cfg, **kw), ranks, methods)
@@ -136,6 +150,8 @@ def add_arguments(p):
   p.add_argument("--n-layers", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--update-every", type=int, default=None,
+                 help="projector refresh / LoRA merge interval (default: --steps)")
   p.add_argument("--out", default=None, help="append JSON rows to this file")
 
 
@@ -146,6 +162,6 @@ def main(args) -> int:
   except ValueError:
     raise SystemExit(f"--ranks: expected comma-separated integers, got {args.ranks!r}")
   rows = bench(ranks, steps=args.steps, d_model=args.d_model, n_layers=args.n_layers,
-               batch_size=args.batch_size, seq_len=args.seq_len)
+               batch_size=args.batch_size, seq_len=args.seq_len, update_every=args.update_every)
   emit(rows, args.out, title="bench optim")
   return 0

@@ -14,10 +14,10 @@ lower-triangular matrix). From it (papers.md section 2.2):
 A query block then scans the earlier key blocks right to left with an online
 softmax, pushing its queries across each block: q <- q - (q W_c^T)(Tt_c W_c).
 
-Memory: the per-query-block work is wrapped in jax.checkpoint inside lax.map, so
-the backward recomputes one query block at a time and never holds T x T.
 Query blocks b and nb-1-b share one scan of static length nb-1, so the inter-block
-work is the exact causal triangle with static shapes.
+work is the exact causal triangle with static shapes. Memory: that per-pair work is
+wrapped in jax.checkpoint inside lax.map, so the backward (JAX autodiff) recomputes one
+pair at a time and never holds anything T x T.
 """
 
 from __future__ import annotations

@@ -21,10 +21,15 @@ Three forms, one entry point per op, ``impl=``:
 
 * ``"naive"``: the materialized T x T fp32 reference (O(T^2) memory; the GDN
   attention matrix comes from the UT transform, O(T^3)).
-* ``"chunked"``: O(T log T) training form, chunk size 64: a dense C x C block
-  for levels 0..6 and one scan over chunks that keeps one state per chunk level
-  (levels 7..L-1) and merges them by binary carry, exactly as the token
-  recurrence does at chunk granularity. Any T; the tail is padded and masked.
+* ``"chunked"``: O(T log T) training form, chunk size 64. Levels 0..6 are a
+  dense C x C block per chunk; levels 7..L-1 are chunk levels. For log-linear
+  Mamba-2 without an incoming state each chunk level is two batched segment
+  sums (no sequential loop); otherwise (GDN, or a state) one scan over chunks
+  keeps one state per chunk level and merges them by binary carry, exactly as
+  the token recurrence does at chunk granularity. Any T: padding slots (tail,
+  and the head when a state's count is not a multiple of 64) are masked.
+  GDN's in-chunk attention and transitions use the UT transform
+  A = (QK^T . Gamma) (I + diag(beta) strict(KK^T . Gamma))^-1 diag(beta).
 * ``"recurrent"``: token by token, O(L K V) state per head.
 
 State (``LogLinearState``): ``levels`` [B,H,L,K,V] fp32, where level l holds the
@@ -344,7 +349,88 @@ def _recurrent(q, k, v, g, beta, lam, state, n, return_state):
 # -------------------------------------------------------------------------- chunked
 
 
-def _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state):
+def _decay(cum):
+  """exp(cum_t - cum_s) for s <= t, else 0 ([..., C] -> [..., C, C])."""
+  c = cum.shape[-1]
+  il = jnp.arange(c)
+  tril = il[:, None] >= il[None, :]
+  return jnp.exp(jnp.where(tril, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+
+
+def _ut_inverse(k, beta, decay):
+  """(I + diag(beta) strict(K K^T . decay))^-1 per chunk (GDN's UT transform)."""
+  c = k.shape[-2]
+  il = jnp.arange(c)
+  strict = il[:, None] > il[None, :]
+  kk = jnp.where(strict, _ein("...ck,...sk->...cs", k, k) * decay, 0.0)
+  return _tri_inv(beta[..., :, None] * kk)
+
+
+def _chunk_terms(q, k, v, g, beta, lam_lo, lam_hi=None):
+  """Everything a chunk contributes on its own, for [B,H,n,C,...] chunks:
+  o (in-chunk output, levels 0..log2 C), q_start (query that reads the state at the
+  chunk start), write (the chunk's sources as a state at its end), trans (transition
+  across the chunk: scalar for Mamba-2, K x K for GDN) and cum (in-chunk cumsum of g)."""
+  c, kd = q.shape[-2], q.shape[-1]
+  cum = jnp.cumsum(g, axis=-1)
+  gam = jnp.exp(cum)
+  last = cum[..., -1]
+  decay = _decay(cum)
+  scores = _ein("...ck,...sk->...cs", q, k) * decay
+  to_end = jnp.exp(last[..., None] - cum)
+  if beta is not None:
+    tinv = _ut_inverse(k, beta, decay)
+    attn = _ein("...cs,...sr->...cr", scores, tinv) * beta[..., None, :]
+    gk = gam[..., None] * k
+    q_start = gam[..., None] * q - _ein("...cs,...sk->...ck", attn, gk)
+    k_end = beta[..., None] * _ein("...sr,...sk->...rk", tinv, to_end[..., None] * k)
+    trans = jnp.exp(last)[..., None, None] * jnp.eye(kd) - _ein("...sk,...sj->...kj", k_end, gk)
+  else:
+    attn = scores
+    q_start = gam[..., None] * q
+    k_end = to_end[..., None] * k
+    trans = jnp.exp(last)
+  if lam_lo is not None:
+    il = jnp.arange(c)
+    lvl_tab = _bit_length(il[:, None] ^ il[None, :])                  # [C,C] in 0..log2 C
+    idx = jnp.broadcast_to(lvl_tab, lam_lo.shape[:-2] + (c, c))
+    attn = attn * jnp.take_along_axis(lam_lo, idx, -1)
+  o = _ein("...cs,...sv->...cv", attn, v)
+  write = _ein("...sk,...sv->...kv", k_end, v)
+  if lam_hi is not None and lam_hi.shape[-1]:
+    o, _ = _levels_parallel(o, q_start, lam_hi, last, write, None, lam_hi.shape[-1], False)
+  return o, q_start, write, trans, cum
+
+
+_BLOCK = 16   # chunks per block: keeps the C x C intermediates cache-sized on CPU
+
+
+def _blocked_chunk_terms(q, k, v, g, beta, lam_lo, lam_hi=None):
+  """_chunk_terms over blocks of _BLOCK chunks (lax.map), so that the O(T C)
+  intermediates never exist for the whole sequence at once. lam_hi: chunk levels
+  to do inside the blocks (only levels whose groups fit in a block)."""
+  nc = q.shape[2]
+  if nc <= 64:
+    return _chunk_terms(q, k, v, g, beta, lam_lo, lam_hi)
+  nb = -(-nc // _BLOCK)
+
+  def split(x):
+    if x is None:
+      return None
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, nb * _BLOCK - nc)] + [(0, 0)] * (x.ndim - 3))
+    x = x.reshape(x.shape[:2] + (nb, _BLOCK) + x.shape[3:])
+    return jnp.moveaxis(x, 2, 0)
+
+  def join(x):
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (nb * _BLOCK,) + x.shape[4:])[:, :, :nc]
+
+  ins = tuple(split(x) for x in (q, k, v, g, beta, lam_lo, lam_hi))
+  outs = lax.map(lambda a: _chunk_terms(*a), ins)
+  return tuple(join(x) for x in outs)
+
+
+def _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state, j0=0):
   """Chunk levels of log-linear Mamba-2 without an incoming state, with no sequential scan.
 
   Chunk level j: in each aligned group of 2^(j+1) chunks the first half writes and
@@ -352,7 +438,9 @@ def _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state):
   group's first-half writes decayed to the group middle (one segment sum) and
   then to the reader's start, so every level is two batched contractions, and
   only the chunks that actually read (half of them) pay for the read.
-  Returns (o, snap) with snap [J,B,H,K,V] the chunk-level states at chunk ce.
+  Levels j0..nj-1 are done (lower ones were done block-locally, see
+  _blocked_chunk_terms). Returns (o, snap) with snap [J,B,H,K,V] the chunk-level
+  states at chunk ce (only when return_state, which needs j0 = 0).
   """
   bsz, nh, nc, c, _ = q_start.shape
   gx = jnp.cumsum(last, axis=-1) - last                               # log decay at chunk starts
@@ -365,7 +453,7 @@ def _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state):
     return x.reshape(x.shape[:2] + (ng, 2, span // 2) + x.shape[3:])
 
   snaps = []
-  for j in range(nj):
+  for j in range(j0, nj):
     span = 2 << j
     gxg, gendg = grouped(gx, span, "edge"), grouped(gend, span, "edge")   # [B,H,G,2,half]
     gmid = gxg[:, :, :, 1, 0]                                          # first reader's start
@@ -432,46 +520,27 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
   lam = to_buffer(lam) if levels else None
 
   il = jnp.arange(c)
-  tril = il[:, None] >= il[None, :]
-  cum = jnp.cumsum(g, axis=-1)                                        # [B,H,nC,C]
-  gam = jnp.exp(cum)
-  last = cum[..., -1]
-  decay = jnp.exp(jnp.where(tril, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-  scores = _ein("bhnck,bhnsk->bhncs", q, k) * decay
-  to_end = jnp.exp(last[..., None] - cum)                             # [B,H,nC,C]
-  if delta:
-    strict = il[:, None] > il[None, :]
-    kk = jnp.where(strict, _ein("bhnck,bhnsk->bhncs", k, k) * decay, 0.0)
-    tinv = _tri_inv(beta[..., :, None] * kk)
-    attn = _ein("bhncs,bhnsr->bhncr", scores, tinv) * beta[..., None, :]
-    gk = gam[..., None] * k
-    q_start = gam[..., None] * q - _ein("bhncs,bhnsk->bhnck", attn, gk)
-    k_end = beta[..., None] * _ein("bhnsr,bhnsk->bhnrk", tinv, to_end[..., None] * k)
-    trans = (jnp.exp(last)[..., None, None] * jnp.eye(kd)
-             - _ein("bhnsk,bhnsj->bhnkj", k_end, gk))                 # [B,H,nC,K,K]
-    apply = lambda m, s: _ein("bhkj,...bhjv->...bhkv", m, s)
-  else:
-    tinv = None
-    attn = scores
-    q_start = gam[..., None] * q
-    k_end = to_end[..., None] * k
-    trans = jnp.exp(last)                                             # [B,H,nC]
-    apply = lambda m, s: m[..., None, None] * s
-  write = _ein("bhnsk,bhnsv->bhnkv", k_end, v)                        # chunk's own sources
-
   if levels:
     nl = lam.shape[-1]
-    lvl_tab = _bit_length(il[:, None] ^ il[None, :])                  # [C,C] in 0..log2 C
     lam_lo = lam[..., :nlc]
     if nl < nlc:
       lam_lo = jnp.pad(lam_lo, [(0, 0)] * 4 + [(0, nlc - nl)])
-    lam_in = jnp.take_along_axis(lam_lo, jnp.broadcast_to(lvl_tab, (bsz, nh, nc, c, c)), -1)
-    o = _ein("bhncs,bhnsv->bhncv", attn * lam_in, v)
     nj = max(nl - nlc, 0) if shifted else max(0, (nc - 1).bit_length())
     lam_hi = lam[..., nlc:nlc + nj]                                   # chunk levels
   else:
-    o = _ein("bhncs,bhnsv->bhncv", attn, v)
+    lam_lo = None
     nl, nj = 1, 1
+  # Log-linear Mamba-2 without a state: chunk levels whose groups fit in a block
+  # are done inside the blocks (cache-local); the rest by _levels_parallel below.
+  par = levels and not delta and not shifted and nj > 0 and parallel
+  j_local = min(nj, _BLOCK.bit_length() - 1) if par and not return_state else 0
+  o, q_start, write, trans, cum = _blocked_chunk_terms(
+      q, k, v, g, beta, lam_lo, lam_hi[..., :j_local] if j_local else None)
+  last = cum[..., -1]
+  if delta:
+    apply = lambda m, s: _ein("bhkj,...bhjv->...bhkv", m, s)
+  else:
+    apply = lambda m, s: m[..., None, None] * s
 
   # ---- the incoming state
   old = None
@@ -528,8 +597,8 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
       ys = apply(tr_c, ys) + wr_c[None]
     return (ys, snap), o_c
 
-  if levels and not delta and not shifted and nj > 0 and parallel:
-    o, snap = _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state)
+  if par:
+    o, snap = _levels_parallel(o, q_start, lam_hi, last, write, ce, nj, return_state, j_local)
   elif nj > 0:
     front = lambda x: jnp.moveaxis(x, 2, 0)
     xs = (jnp.arange(nc), front(q_start), front(lam_hi) if levels else jnp.zeros((nc,)),
@@ -558,7 +627,8 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
   w = jnp.exp(jnp.where(upto, cum_e - cum_c, -jnp.inf))
   gam_e = jnp.exp(cum_e[..., 0])
   if delta:
-    kap = pick(beta)[..., None] * _ein("bhsr,bhsk->bhrk", pick(tinv), w[..., None] * k_c)
+    tinv_c = _ut_inverse(k_c, pick(beta), _decay(cum_c))
+    kap = pick(beta)[..., None] * _ein("bhsr,bhsk->bhrk", tinv_c, w[..., None] * k_c)
     p_e = (gam_e[..., None, None] * jnp.eye(kd)
            - _ein("bhsk,bhsj->bhkj", kap, jnp.exp(cum_c)[..., None] * k_c))
   else:
@@ -683,7 +753,7 @@ def _check_step(state, q_t, k_t, v_t, g_t, beta_t, lam_t, scale):
     raise TypeError(f"scale: expected a Python number, got {scale!r}")
 
 
-def _step(state, q_t, k_t, v_t, g_t, beta_t, lam_t, scale, live=None):
+def _step(state, q_t, k_t, v_t, g_t, beta_t, lam_t, scale):
   _check_step(state, q_t, k_t, v_t, g_t, beta_t, lam_t, scale)
   f32 = jnp.float32
   rep = v_t.shape[1] // q_t.shape[1]
@@ -692,11 +762,6 @@ def _step(state, q_t, k_t, v_t, g_t, beta_t, lam_t, scale, live=None):
   cast = lambda x: None if x is None else x.astype(f32)
   o, levels, count = _step_core(state.levels, state.count, q, k, cast(v_t), cast(g_t),
                                 cast(beta_t), cast(lam_t))
-  if live is not None:
-    live = jnp.asarray(live, bool)
-    levels = jnp.where(live[:, None, None, None, None], levels, state.levels)
-    count = jnp.where(live, count, state.count)
-    o = jnp.where(live[:, None, None], o, 0.0)
   return o.astype(v_t.dtype), LogLinearState(levels, count)
 
 

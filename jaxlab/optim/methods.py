@@ -4,6 +4,7 @@
   galore       GaLore-AdamW: SVD projector of each Linear kernel's gradient (shorter side),
                refreshed every `update_every` steps, moments kept.
   random       the same with a Gaussian projector regenerated from a seed (no stored P).
+  random-reset "random" with the inner (Adam) state reset at every refresh.
   lora         one-sided LoRA (W = W0 + s P A, P Gaussian, only A trained) on every Linear
                kernel, merged and re-drawn every `update_every` steps with the optimizer
                state kept: the adapter dual of "random" (same keys, so the same run up to
@@ -26,7 +27,7 @@ from flax import nnx
 from jaxlab.models.lowrank import apply_adapters, merge_and_reinit
 from jaxlab.optim.projected import galore, projected
 
-METHODS = ("adamw", "galore", "random", "lora", "lora-fixed")
+METHODS = ("adamw", "galore", "random", "random-reset", "lora", "lora-fixed")
 
 
 def linear_kernels(name: str, leaf) -> bool:
@@ -79,9 +80,11 @@ def build(model: nnx.Module, cfg: MethodConfig) -> Setup:
     tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
   elif cfg.method == "galore":
     tx = galore(lr, weight_decay=cfg.weight_decay, **common)
-  elif cfg.method == "random":
+  elif cfg.method in ("random", "random-reset"):
+    reset = "reset" if cfg.method == "random-reset" else "keep"
     tx = optax.chain(
-        projected(optax.scale_by_adam(), projector="random", seed=cfg.seed, **common),
+        projected(optax.scale_by_adam(), projector="random", seed=cfg.seed, refresh_state=reset,
+                  **common),
         optax.add_decayed_weights(cfg.weight_decay),
         optax.scale_by_learning_rate(lr))
   else:  # lora, lora-fixed

@@ -245,7 +245,9 @@ class GRPOLearner:
     self.param_shardings = nnx.to_pure_dict(shd.state_shardings(params_st, self.mesh))
     self.frozen_shardings = nnx.to_pure_dict(shd.state_shardings(frozen_st, self.mesh))
     self.frozen = jax.device_put(nnx.to_pure_dict(frozen_st), self.frozen_shardings)
-    self.initial_params = jax.device_put(nnx.to_pure_dict(params_st), self.param_shardings)
+    # fp32 master copy of the trainable weights (the step casts to compute_dtype).
+    self.initial_params = jax.device_put(_cast_floats(nnx.to_pure_dict(params_st), jnp.float32),
+                                         self.param_shardings)
     self.tx = cfg.optimizer() if tx is None else tx
     self.lr = lr_schedule(cfg.train_config())
     self.rep = shd.replicated(self.mesh)

@@ -553,4 +553,4 @@ def _plot(run_dir: Path, methods):
     ax.grid(alpha=0.3)
   axes[0].legend()
   fig.tight_layout()
-  fig.savefig(run_dir / "curves.png", dpi=100)
+  fig.savefig(run_dir / "curves.png", dpi=70)

@@ -128,7 +128,7 @@ class GatedDeltaNet(nnx.Module):
     else:
       lam, scale = None, self.scale
     res = ll._run(q, k, v, g, beta, lam, scale=scale, impl=impl, initial_state=state,
-                           return_state=state is not None, lengths=n)
+                  return_state=state is not None, lengths=n)
     y, new_state = res if state is not None else (res, None)
     y = self.o_norm(y.astype(x_BTD.dtype))
     gate = self.g_proj(xs).reshape(b, t, o.heads, o.head_v_dim)

@@ -205,8 +205,8 @@ class Mamba2(nnx.Module):
       lam = jax.nn.softplus(lscale * dl.astype(F32).reshape(b, t, h, o.num_levels))
     else:
       lam = None
-    res = ll._run(q, k, v, gdec, None, lam, scale=1.0, impl=impl,
-                           initial_state=state, return_state=state is not None, lengths=n)
+    res = ll._run(q, k, v, gdec, None, lam, scale=1.0, impl=impl, initial_state=state,
+                  return_state=state is not None, lengths=n)
     y, new_state = res if state is not None else (res, None)
     y = y + self.D[...].astype(F32)[:, None] * xh.astype(F32)
     y = y.reshape(b, t, self.d_inner).astype(x_BTD.dtype)
