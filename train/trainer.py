@@ -158,7 +158,7 @@ class Trainer:
       (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = dict(loss=loss, accuracy=acc, grad_norm=optax.global_norm(grads),
+      metrics = dict(loss=loss, accuracy=acc, grad_norm=optax.tree.norm(grads),
                      lr=self.lr(state.step))
       return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.layers import Linear, RMSNorm
 from jaxlab.models.mixers.base import register_mixer
-from jaxlab.models.mixers.mamba2 import (_opt_impl, _opt_int, causal_conv, check_levels, compact,
+from jaxlab.models.mixers.mamba2 import (StateMixer, _opt_impl, _opt_int, causal_conv, compact,
                                          dt_bias_init, uncompact)
 from jaxlab.ops import log_linear as ll
 
@@ -71,8 +71,10 @@ class GDNOptions:
                impl=_opt_impl(cfg))
 
 
-class GatedDeltaNet(nnx.Module):
+class GatedDeltaNet(StateMixer):
   """Gated DeltaNet mixer; log_linear=True gives log-linear Gated DeltaNet."""
+
+  log_linear_name = "log_linear_gated_deltanet"
 
   def __init__(self, cfg: ModelConfig, layer_idx: int = 0, *, rngs: nnx.Rngs, opts: GDNOptions):
     self.opts = o = opts
@@ -135,24 +137,8 @@ class GatedDeltaNet(nnx.Module):
     y = (y * jax.nn.silu(gate)).reshape(b, t, self.value_dim)
     return uncompact(self.o_proj(y), n, inv), new_state, new_conv
 
-  def __call__(self, x_BTD, *, positions_BT=None, mask_BT=None):
-    del positions_BT  # positions come from the token order (and the cache's count)
-    return self._run(x_BTD, None, None, mask_BT, self.opts.impl)[0]
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
-    del dtype  # the state is fp32
-    o = self.opts
-    nl = o.num_levels if o.log_linear else 1
-    if o.log_linear:
-      check_levels(nl, max_len, "log_linear_gated_deltanet")
-    return dict(state=ll.init_state(batch_size, o.heads, nl, o.head_k_dim, o.head_v_dim),
-                conv=jnp.zeros((batch_size, o.conv_width - 1, self.conv_dim), F32))
-
-  def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None):
-    del positions_BT
-    impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
-    out, state, conv = self._run(x_BTD, cache["state"], cache["conv"], mask_BT, impl)
-    return out, dict(state=state, conv=conv)
+  def state_dims(self):
+    return self.opts.head_k_dim, self.opts.head_v_dim
 
 
 @register_mixer("gated_deltanet")

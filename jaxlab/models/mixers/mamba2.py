@@ -117,6 +117,39 @@ def _opt_impl(cfg):
   return impl
 
 
+class StateMixer(nnx.Module):
+  """Shared mixer-interface plumbing of the recurrent-state mixers (Mamba-2, GDN).
+
+  A subclass sets `opts` (with `impl`, `log_linear`, `num_levels`, `heads`, `conv_width`),
+  `conv_dim`, `log_linear_name` (for errors), `state_dims()` -> (K, V) and
+  `_run(x, state, conv_state, mask, impl) -> (y, new_state, new_conv)`.
+  """
+
+  log_linear_name = ""
+
+  def state_dims(self) -> tuple[int, int]:
+    raise NotImplementedError
+
+  def __call__(self, x_BTD, *, positions_BT=None, mask_BT=None):
+    del positions_BT  # positions come from the token order (and the cache's count)
+    return self._run(x_BTD, None, None, mask_BT, self.opts.impl)[0]
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
+    del dtype  # the state is fp32
+    o = self.opts
+    nl = o.num_levels if o.log_linear else 1
+    if o.log_linear:
+      check_levels(nl, max_len, self.log_linear_name)
+    return dict(state=ll.init_state(batch_size, o.heads, nl, *self.state_dims()),
+                conv=jnp.zeros((batch_size, o.conv_width - 1, self.conv_dim), F32))
+
+  def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None):
+    del positions_BT
+    impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
+    out, state, conv = self._run(x_BTD, cache["state"], cache["conv"], mask_BT, impl)
+    return out, dict(state=state, conv=conv)
+
+
 # ---------------------------------------------------------------------------- Mamba-2
 
 
@@ -149,8 +182,10 @@ class Mamba2Options:
                impl=_opt_impl(cfg))
 
 
-class Mamba2(nnx.Module):
+class Mamba2(StateMixer):
   """Mamba-2 (SSD) mixer; log_linear=True gives log-linear Mamba-2."""
+
+  log_linear_name = "log_linear_mamba2"
 
   def __init__(self, cfg: ModelConfig, layer_idx: int = 0, *, rngs: nnx.Rngs,
                opts: Mamba2Options):
@@ -214,24 +249,8 @@ class Mamba2(nnx.Module):
     out = uncompact(self.out_proj(y), n, inv)
     return out, new_state, new_conv
 
-  def __call__(self, x_BTD, *, positions_BT=None, mask_BT=None):
-    del positions_BT  # positions come from the token order (and the cache's count)
-    return self._run(x_BTD, None, None, mask_BT, self.opts.impl)[0]
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
-    del dtype  # the state is fp32
-    o = self.opts
-    nl = o.num_levels if o.log_linear else 1
-    if o.log_linear:
-      check_levels(nl, max_len, "log_linear_mamba2")
-    return dict(state=ll.init_state(batch_size, o.heads, nl, o.state_size, self.head_dim),
-                conv=jnp.zeros((batch_size, o.conv_width - 1, self.conv_dim), F32))
-
-  def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None):
-    del positions_BT
-    impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
-    out, state, conv = self._run(x_BTD, cache["state"], cache["conv"], mask_BT, impl)
-    return out, dict(state=state, conv=conv)
+  def state_dims(self):
+    return self.opts.state_size, self.head_dim
 
 
 @register_mixer("mamba2")
