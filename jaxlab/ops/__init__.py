@@ -9,7 +9,14 @@ import importlib
 _EXPORTS = {
     "log_linear_attention": "jaxlab.ops.log_linear",
     "log_linear_gated_delta": "jaxlab.ops.log_linear",
+    "log_linear_attention_step": "jaxlab.ops.log_linear",
+    "log_linear_gated_delta_step": "jaxlab.ops.log_linear",
+    "LogLinearState": "jaxlab.ops.log_linear",
     "path_attention": "jaxlab.ops.path",
+    "path_prefill": "jaxlab.ops.path",
+    "path_extend": "jaxlab.ops.path",
+    "path_decode_step": "jaxlab.ops.path",
+    "PathCache": "jaxlab.ops.path",
 }
 
 
