@@ -118,7 +118,7 @@ MQAR_MIXERS = ("attention", "mamba2", "log_linear_mamba2", "gated_deltanet",
                "log_linear_gated_deltanet")
 
 
-def mqar_report(root, png=None, mixers=MQAR_MIXERS) -> str:
+def mqar_report(root, png=None, mixers=MQAR_MIXERS, title=None) -> str:
   """Markdown table (and optional PNG of test token accuracy vs step) of the
   `jaxlab train lm` runs in root/<mixer>/metrics.jsonl (see docs/log_linear.md)."""
   import os
@@ -148,7 +148,7 @@ def mqar_report(root, png=None, mixers=MQAR_MIXERS) -> str:
     axes[0].set(xlabel="step", ylabel="test loss", yscale="log")
     axes[1].set(xlabel="step", ylabel="test token accuracy", ylim=(0, 1))
     axes[1].legend(fontsize=8)
-    fig.suptitle(os.path.basename(os.path.normpath(root)))
+    fig.suptitle(title or os.path.basename(os.path.normpath(root)))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -172,9 +172,10 @@ def main(argv=None):
                  help="instead of benchmarking, tabulate (and plot, with --png) the MQAR runs "
                       "in RUN_ROOT/<mixer>/metrics.jsonl")
   p.add_argument("--png", help="plot for --mqar-report")
+  p.add_argument("--title", help="plot title for --mqar-report (default: RUN_ROOT's name)")
   a = p.parse_args(argv)
   if a.mqar_report:
-    print(mqar_report(a.mqar_report, a.png))
+    print(mqar_report(a.mqar_report, a.png, title=a.title))
     return
   rows = bench(a.ts, repeats=a.repeats, heads=a.heads, dk=a.dk, dv=a.dv, impls=a.impls,
                ops=a.ops, mode=a.mode, naive_max_t=a.naive_max_t,
