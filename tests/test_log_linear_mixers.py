@@ -151,3 +151,20 @@ def test_lm_decode_reproduces_full_logits():
     logits, cache = ext(params, toks[:, t:t + 1], cache)
     outs.append(logits)
   assert_rel_close(jnp.concatenate(outs, 1), full, rtol=RTOL, name=f"LM {name} decode")
+
+
+def test_mqar_report_and_accuracy_by_query(tmp_path):
+  """The experiment's report helpers read real `jaxlab train lm` run directories."""
+  from jaxlab.bench.log_linear import mqar_accuracy_by_query, mqar_report
+  from train.lm import build_job, run_job
+  job = build_job(task="mqar", task_options=dict(num_kv_pairs=4, seq_len=16, vocab_size=32),
+                  model_overrides=dict(mixer="log_linear_mamba2", d_model=16, n_layers=1,
+                                       n_heads=2, max_seq_len=16),
+                  train_overrides=dict(steps=2, batch_size=4, eval_every=2, checkpoint_every=2,
+                                       warmup_steps=1))
+  run_job(job, tmp_path / "log_linear_mamba2", progress=False, plot=False, log=lambda *_: None)
+  table = mqar_report(tmp_path, png=str(tmp_path / "p.png"), title="t")
+  assert table.splitlines()[2].startswith("| log_linear_mamba2 | 2 |")
+  assert (tmp_path / "p.png").stat().st_size > 0
+  acc = mqar_accuracy_by_query(tmp_path / "log_linear_mamba2", examples=16, bucket=4)
+  assert min(acc) >= 8 and all(0.0 <= v <= 1.0 for v in acc.values())  # queries follow the pairs

@@ -155,6 +155,42 @@ def mqar_report(root, png=None, mixers=MQAR_MIXERS, title=None) -> str:
   return "\n".join(out)
 
 
+def mqar_accuracy_by_query(run_dir, *, examples: int = 256, bucket: int = 8) -> dict[int, float]:
+  """Test token accuracy of a finished `jaxlab train lm` MQAR run, by query position.
+
+  Every pair is queried once, so a late query can be answered by elimination (the values
+  not yet asked for) without recall; accuracy on the early queries shows real lookup.
+  Returns {first position of the bucket: accuracy} over `examples` test sequences.
+  """
+  import os
+
+  import numpy as np
+
+  from jaxlab.data import get_task
+  from train.checkpoint import Checkpoints
+  from train.lm import build_job
+  from train.trainer import Trainer
+  with open(os.path.join(run_dir, "config.json")) as f:
+    cfg = json.load(f)
+  if cfg.get("task") != "mqar":
+    raise ValueError(f"run_dir: {run_dir} is a {cfg.get('task')!r} run, not mqar")
+  job = build_job(task=cfg["task"], task_options=cfg["task_options"],
+                  model_overrides=cfg["model"], train_overrides=cfg["train"])
+  task = get_task(job.task, seed=job.train.seed, **job.task_options)
+  trainer = Trainer(job.model, job.train)
+  ckpts = Checkpoints(os.path.join(run_dir, "checkpoints"), every=1)
+  state = ckpts.restore(trainer.abstract_state)
+  ckpts.close()
+  b = task.batch("test", 0, examples)
+  _, preds = trainer.eval_batch(state.params, b)
+  ok = np.asarray(preds) == b["targets"]
+  mask = np.asarray(b["loss_mask"]).astype(bool)
+  _, pos = np.nonzero(mask)
+  hits = ok[mask]
+  return {int(p): float(hits[pos // bucket * bucket == p].mean())
+          for p in np.unique(pos // bucket * bucket)}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--ts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -173,7 +209,17 @@ def main(argv=None):
                       "in RUN_ROOT/<mixer>/metrics.jsonl")
   p.add_argument("--png", help="plot for --mqar-report")
   p.add_argument("--title", help="plot title for --mqar-report (default: RUN_ROOT's name)")
+  p.add_argument("--mqar-by-query", metavar="RUN_DIR",
+                 help="instead of benchmarking, print the test accuracy of one finished MQAR "
+                      "run by query position (early queries need recall, late ones can be "
+                      "answered by elimination)")
   a = p.parse_args(argv)
+  if a.mqar_by_query:
+    acc = mqar_accuracy_by_query(a.mqar_by_query)
+    print("| query positions | " + " | ".join(f"{p}-{p + 7}" for p in acc) + " |")
+    print("|---|" + "---|" * len(acc))
+    print("| token accuracy | " + " | ".join(f"{v:.2f}" for v in acc.values()) + " |")
+    return
   if a.mqar_report:
     print(mqar_report(a.mqar_report, a.png, title=a.title))
     return
