@@ -29,3 +29,27 @@ def mosaic_gpu_interpret_params():
     return InterpretGPUParams
   except ImportError:
     return None
+
+
+def enable_x64(enabled: bool = True):
+  """Context manager switching 64-bit JAX types on (restored on exit): `jax.enable_x64`
+  where this JAX has it, else `jax.experimental.enable_x64`, else the config flag."""
+  import contextlib
+  fn = getattr(jax, "enable_x64", None)
+  if callable(fn):
+    return fn(enabled)
+  try:
+    from jax.experimental import enable_x64 as exp_enable_x64
+    return exp_enable_x64(enabled)
+  except ImportError:
+    pass
+
+  @contextlib.contextmanager
+  def flag():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", enabled)
+    try:
+      yield
+    finally:
+      jax.config.update("jax_enable_x64", old)
+  return flag()

@@ -181,7 +181,7 @@ def test_save_carries_tokenizer(ckpt, tmp_path):
 
 def test_generate_command_with_adapter(ckpt, tmp_path, capsys):
   """--adapter merges a PEFT adapter: the output is transformers + peft's greedy text."""
-  peft = pytest.importorskip("peft")
+  import peft  # in the test extra: a missing install must fail, not skip
   import jax
   from flax import nnx
   from jaxlab.models import lora

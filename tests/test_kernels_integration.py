@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab.ops import log_linear as ll
+from jaxlab.ops import path
 from jaxlab.testing import assert_rel_close, tol
 from kernels.decode_attention import decode_attention
 from kernels.log_linear_state import log_linear_state_update
@@ -27,7 +29,6 @@ def _unit(x):
 
 
 def test_path_decode_step_matches_jaxlab_ops():
-  path = pytest.importorskip("jaxlab.ops.path")
   T, S, HQ, H, K = 37, 64, 4, 2, 64
   ks = jax.random.split(jax.random.key(0), 10)
   q, k, v = (jax.random.normal(ks[i], (1, T, n, K)) for i, n in ((0, HQ), (1, H), (2, H)))
@@ -56,7 +57,6 @@ def test_path_decode_step_matches_jaxlab_ops():
 
 @pytest.mark.parametrize("variant", ["mamba2", "gdn"])
 def test_log_linear_recurrence_matches_jaxlab_ops(variant):
-  ll = pytest.importorskip("jaxlab.ops.log_linear")
   T, H, L, dk, dv = 13, 2, 5, 64, 32
   ks = jax.random.split(jax.random.key(1), 6)
   q = jax.random.normal(ks[0], (T, H, dk))

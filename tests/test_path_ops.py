@@ -307,3 +307,19 @@ def test_cache_overflow_raises_or_poisons():
   assert np.all(np.isnan(np.asarray(o)))
   with pytest.raises(ValueError, match="^g: a cache built with a forget gate"):
     path_decode_step(cache, *t[:5])
+
+
+def test_bench_rows_and_table():
+  """`jaxlab bench attention --op path` rows: timed, memory-measured, skips say why."""
+  from jaxlab.bench import path as bench_path
+  rows = bench_path.bench([32, 64], repeats=1, head_dim=16, block=16,
+                          naive_max_t={"fwd": 32, "fwd+bwd": 32}, run_max_t={"fwd+bwd": 32})
+  by = {(r["op"], r["impl"], r["T"]): r for r in rows}
+  assert len(rows) == 8
+  assert all(r["peak_mb"] > 0 for k, r in by.items() if not (k[1] == "naive" and k[2] == 64))
+  assert by[("fwd", "naive", 64)]["ms"] is None and "skipped" in by[("fwd", "naive", 64)]["note"]
+  assert by[("fwd+bwd", "blockwise", 64)]["ms"] is None  # compiled only, past run_max_t
+  assert by[("fwd+bwd", "blockwise", 64)]["peak_mb"] > by[("fwd+bwd", "blockwise", 32)]["peak_mb"]
+  assert by[("fwd", "blockwise", 64)]["ms"] > 0
+  table = bench_path.format_table(rows)
+  assert table.count("\n") == len(rows) + 1 and "| fwd | naive | 64 |  |  | skipped" in table

@@ -277,8 +277,11 @@ _MULTI = textwrap.dedent("""
     a, b = out["one"], out["four"]
     np.testing.assert_array_equal(a[0], b[0])   # same samples: sharding-invariant RNG
     assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1]) + 1e-7, (a[1], b[1])
+    # One AdamW step: sharding changes only the fp32 summation order of the gradients, and
+    # Adam divides by |g|, so entries with small |g| amplify that rounding; measured max
+    # |diff| 6e-7 on weights up to 0.08 (2026-11-26). Allowance ~1.8e-6 at |w| = 0.08.
     for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     print("OK")
 """)
 

@@ -25,6 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxlab.bench.common import markdown_table, time_ms
+
 # fwd+bwd ms on an H200 at T = 2K / 8K / 32K (papers.md; fla Triton kernels, torch SDPA).
 ANCHORS_MS = {
     "log_linear_mamba2": {2048: 6.45, 8192: 11.0, 32768: 37.2},
@@ -111,14 +113,8 @@ def bench(ts=(2048, 8192, 32768), *, tokens: int = 32768, heads: int = 16, head_
         x = _inputs(op, B, T, heads, head_dim, dtype, jax.random.PRNGKey(0))
         t0 = time.perf_counter()
         fn = _fwd_bwd(op, softmax_impl).lower(x).compile()
-        jax.block_until_ready(fn(x))
         row["compile_s"] = round(time.perf_counter() - t0, 2)
-        times = []
-        for _ in range(repeats):
-          t0 = time.perf_counter()
-          jax.block_until_ready(fn(x))
-          times.append(1e3 * (time.perf_counter() - t0))
-        row["ms"] = statistics.median(times)
+        row["ms"] = statistics.median(time_ms(fn, x, repeats=repeats))
         if row["anchor_ms"]:
           row["ratio"] = row["ms"] / row["anchor_ms"]
       except Exception as e:  # noqa: BLE001 - an OOM on one shape must not lose the others
@@ -133,16 +129,10 @@ def bench(ts=(2048, 8192, 32768), *, tokens: int = 32768, heads: int = 16, head_
 
 
 def format_table(rows) -> str:
-  out = ["| op | T | B | fwd+bwd ms | anchor ms (H200, fla / SDPA) | ours / anchor | compile s | note |",
-         "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    ms = "" if r["ms"] is None else f"{r['ms']:.2f}"
-    an = "" if r["anchor_ms"] is None else f"{r['anchor_ms']:.2f}"
-    ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    out.append(f"| {r['op']} | {r['T']} | {r['B']} | {ms} | {an} | {ra} | {r['compile_s']} "
-               f"| {r['note']} |")
-  return "\n".join(out)
-
+  return markdown_table(rows, [("op", "op"), ("T", "T"), ("B", "B"), ("fwd+bwd ms", "ms"),
+                               ("anchor ms (H200, fla / SDPA)", "anchor_ms"),
+                               ("ours / anchor", "ratio"), ("compile s", "compile_s"),
+                               ("note", "note")], digits=2)
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

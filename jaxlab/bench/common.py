@@ -42,3 +42,39 @@ def _fmt(v):
   if isinstance(v, float):
     return f"{v:.4g}"
   return "" if v is None else str(v)
+
+
+def peak_mb(compiled) -> float | None:
+  """Arguments + outputs + XLA temporaries (minus aliased) of a compiled program, in MiB;
+  None where the backend gives no memory analysis."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes) / 2 ** 20
+
+
+def time_ms(fn, *args, repeats: int) -> list[float]:
+  """Wall times (ms) of `repeats` blocking calls of fn(*args), after one warm-up call."""
+  import time
+
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(1e3 * (time.perf_counter() - t0))
+  return times
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]], digits: int = 1) -> str:
+  """Markdown table of `rows` with (header, key) columns; floats get `digits` decimals,
+  None is an empty cell."""
+  def cell(v):
+    if v is None:
+      return ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+  out = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+  out += ["| " + " | ".join(cell(r.get(k)) for _, k in columns) + " |" for r in rows]
+  return "\n".join(out)

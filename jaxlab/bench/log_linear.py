@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxlab.bench.common import markdown_table, peak_mb, time_ms
 from jaxlab.ops import log_linear as ll
 
 OPS = ("log_linear_attention", "log_linear_gated_delta")
@@ -56,15 +56,6 @@ def _fn(op, impl, mode="fwd"):
   return jax.value_and_grad(lambda x: jnp.sum(f(x) ** 2))
 
 
-def _peak_mb(compiled) -> float:
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-           - m.alias_size_in_bytes)
-  return total / 2 ** 20
-
-
 def _skip(op, impl, T, naive_max_t, gdn_naive_max_t, recurrent_max_t):
   if impl == "naive":
     cap = gdn_naive_max_t if op == "log_linear_gated_delta" else naive_max_t
@@ -92,27 +83,15 @@ def bench(ts: list[int], *, repeats: int = 3, batch: int = 1, heads: int = 4, gr
                            mode=mode))
           continue
         compiled = jax.jit(_fn(op, impl, mode)).lower(x).compile()
-        jax.block_until_ready(compiled(x))
-        times = []
-        for _ in range(repeats):
-          t0 = time.perf_counter()
-          jax.block_until_ready(compiled(x))
-          times.append(1000 * (time.perf_counter() - t0))
-        rows.append(dict(op=op, impl=impl, T=int(T), ms=min(times),
-                         peak_mb=_peak_mb(compiled), note="", mode=mode))
+        rows.append(dict(op=op, impl=impl, T=int(T), ms=min(time_ms(compiled, x, repeats=repeats)),
+                         peak_mb=peak_mb(compiled), note="", mode=mode))
   return rows
 
 
 def format_table(rows) -> str:
   """Markdown table of bench rows."""
-  out = ["| op | impl | T | mode | ms | peak MB | note |", "|---|---|---|---|---|---|---|"]
-  for r in rows:
-    ms = "-" if r["ms"] is None else f"{r['ms']:.1f}"
-    mb = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-    out.append(f"| {r['op']} | {r['impl']} | {r['T']} | {r.get('mode', 'fwd')} | {ms} | {mb} "
-               f"| {r.get('note', '')} |")
-  return "\n".join(out)
-
+  return markdown_table(rows, [("op", "op"), ("impl", "impl"), ("T", "T"), ("mode", "mode"),
+                               ("ms", "ms"), ("peak MB", "peak_mb"), ("note", "note")])
 
 MQAR_MIXERS = ("attention", "mamba2", "log_linear_mamba2", "gated_deltanet",
                "log_linear_gated_deltanet")

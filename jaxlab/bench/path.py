@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxlab.bench.common import markdown_table, peak_mb, time_ms
 from jaxlab.ops.path import _path_attention
 
 NAIVE_MAX_T = {"fwd": 4096, "fwd+bwd": 1024}
@@ -62,15 +63,6 @@ def _program(op, impl, block):
   return f_bwd
 
 
-def _peak_mb(compiled) -> float | None:
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return None
-  b = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
-       - ma.alias_size_in_bytes)
-  return b / 2 ** 20
-
-
 def bench(ts: list[int], *, repeats: int = 3, batch: int = 1, heads: int = 2,
           kv_heads: int = 2, head_dim: int = 64, block: int = 64, gate: bool = True,
           ops=("fwd", "fwd+bwd"), impls=("naive", "blockwise"),
@@ -89,28 +81,18 @@ def bench(ts: list[int], *, repeats: int = 3, batch: int = 1, heads: int = 2,
           rows.append(row)
           continue
         compiled = jax.jit(_program(op, impl, block)).lower(x).compile()
-        row["peak_mb"] = _peak_mb(compiled)
+        row["peak_mb"] = peak_mb(compiled)
         if T > run_max_t[op]:
           row["note"] = f"compiled only (timed up to T = {run_max_t[op]})"
         else:
-          jax.block_until_ready(compiled(x))
-          times = []
-          for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(x))
-            times.append(1e3 * (time.perf_counter() - t0))
-          row["ms"] = statistics.median(times)
+          row["ms"] = statistics.median(time_ms(compiled, x, repeats=repeats))
         rows.append(row)
   return rows
 
 
 def format_table(rows) -> str:
-  out = ["| op | impl | T | ms | peak MB | note |", "|---|---|---|---|---|---|"]
-  for r in rows:
-    ms = "" if r["ms"] is None else f"{r['ms']:.1f}"
-    mb = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-    out.append(f"| {r['op']} | {r['impl']} | {r['T']} | {ms} | {mb} | {r['note']} |")
-  return "\n".join(out)
+  return markdown_table(rows, [("op", "op"), ("impl", "impl"), ("T", "T"), ("ms", "ms"),
+                               ("peak MB", "peak_mb"), ("note", "note")])
 
 
 # ----------------------------------------------------------------------------- experiment
