@@ -239,24 +239,43 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
   out = {}
   for op, (make, args, elems) in cases.items():
     row = {"bytes": elems * dt.itemsize}
-    for impl in ("pallas", "xla"):
+    for impl in ("xla", "pallas"):
       kw = dict(opts.get(op, {}), interpret=interpret) if impl == "pallas" else {}
-      row[impl] = timed(jax.jit(make(impl, **kw)), args, row["bytes"])
+      row[impl] = _guarded(f"op {op} {impl}",
+                           lambda: timed(jax.jit(make(impl, **kw)), args, row["bytes"]))
     out[op] = row
   if sweep:
     sw = {}
     make, args, elems = cases["decode_attention"]
     for p in (1, 2, 4, 8, 16, 32):
       if p * 64 <= S:
-        sw[f"decode_attention num_splits={p}"] = timed(
-            jax.jit(make("pallas", num_splits=p, interpret=interpret)), args, elems * dt.itemsize)
+        sw[f"decode_attention num_splits={p}"] = _guarded(f"sweep num_splits={p}", lambda: timed(
+            jax.jit(make("pallas", num_splits=p, interpret=interpret)), args, elems * dt.itemsize))
     for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
       make, args, elems = cases[op]
       for st in (2, 3, 4):
-        sw[f"{op} stages={st}"] = timed(jax.jit(make("pallas", stages=st, interpret=interpret)),
-                                        args, elems * dt.itemsize)
+        sw[f"{op} stages={st}"] = _guarded(f"sweep {op} stages={st}", lambda: timed(
+            jax.jit(make("pallas", stages=st, interpret=interpret)), args, elems * dt.itemsize))
     out["sweep"] = sw
   return out
+
+
+def _log(msg: str):
+  print(f"[bench decode] {msg}", file=sys.stderr, flush=True)
+
+
+def _guarded(what: str, fn) -> dict:
+  """fn() or {"error": ...}: on a device run one failing kernel must not lose the
+  other variants' figures. The error is recorded and printed, never hidden."""
+  try:
+    r = fn()
+  except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    _log(f"{what}: FAILED {msg}")
+    return {"error": msg}
+  _log(f"{what}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()
+                               if isinstance(v, float)))
+  return r
 
 
 def run(args) -> dict:
@@ -289,7 +308,7 @@ def run(args) -> dict:
   mean_len = kv_len + 1 + args.warmup + (args.repeats * args.steps) / 2
   bytes_tok = res["weight_bytes"] + _kv_bytes(cfg, mean_len)
   res["bytes_per_token"] = bytes_tok
-  for v in variants:
+  def one(v):
     if v == "model":
       r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
                      key)
@@ -303,7 +322,10 @@ def run(args) -> dict:
       del dec
     r["gbps"] = bytes_tok / (r["ms_per_token"] * 1e-3) / 1e9
     r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
-    res["variants"][v] = r
+    return r
+
+  for v in variants:
+    res["variants"][v] = _guarded(f"variant {v}", functools.partial(one, v))
   if args.ops:
     res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
   ref = res["variants"].get("xla-unrolled", {}).get("tokens")
@@ -326,6 +348,9 @@ def format_table(res: dict) -> str:
   lines.append(f"{'variant':14s} {'ms/token':>9s} {'GB/s':>8s} {'of GEMV':>8s} {'compile s':>9s}"
                f" {'tokens=xla':>10s}")
   for v, r in res["variants"].items():
+    if "error" in r:
+      lines.append(f"{v:14s} FAILED {r['error']}")
+      continue
     lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} "
                  f"{r['compile_s']:9.1f} {r.get('tokens_match_xla', '-'):>10s}")
   if "ops" in res:
@@ -334,9 +359,16 @@ def format_table(res: dict) -> str:
     for op, r in res["ops"].items():
       if op == "sweep":
         continue
+      if "error" in r["pallas"] or "error" in r["xla"]:
+        lines.append(f"{'':20s}{op:18s} FAILED pallas: {r['pallas'].get('error', 'ok')}; "
+                     f"xla: {r['xla'].get('error', 'ok')}")
+        continue
       lines.append(f"{'':20s}{op:18s} {r['bytes'] / 1e6:7.2f} {r['pallas']['us']:10.1f} "
                    f"{r['pallas']['gbps']:7.1f} {r['xla']['us']:9.1f} {r['xla']['gbps']:7.1f}")
     for name, r in res["ops"].get("sweep", {}).items():
+      if "error" in r:
+        lines.append(f"{'sweep':20s}{name:38s} FAILED {r['error']}")
+        continue
       lines.append(f"{'sweep':20s}{name:38s} {r['us']:9.1f} us {r['gbps']:7.1f} GB/s")
   return "\n".join(lines)
 
