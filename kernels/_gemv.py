@@ -24,8 +24,8 @@ from kernels import _common as C
 ARGMAX_SENTINEL = 2 ** 30
 
 
-def _body(*refs, ctx: C.Ctx, K, BN, BK, eps, has_norm, has_bias, has_resid, argmax, stages,
-          out_f32):
+def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_bias, has_resid, argmax,
+          stages, out_f32):
   refs = list(refs)
   v_g = refs.pop(0)
   g_g = refs.pop(0) if has_norm else None
@@ -35,7 +35,11 @@ def _body(*refs, ctx: C.Ctx, K, BN, BK, eps, has_norm, has_bias, has_resid, argm
   o_g = refs.pop(0)
   if argmax:
     bmax_g, barg_g = refs
+  if S > 1 and has_norm:
+    (ss_g,) = refs
   n = ctx.axis("n")
+  s = ctx.axis("s") if S > 1 else 0
+  ks = K // S // BK                          # pipeline steps of this CTA's K slice
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
 
@@ -50,13 +54,21 @@ def _body(*refs, ctx: C.Ctx, K, BN, BK, eps, has_norm, has_bias, has_resid, argm
     acc = acc + jnp.sum(w * C.bcast_rows(vg, (BN, BK)), axis=1)
     return acc, (ss + v * v if has_norm else ss)
 
-  vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
+  vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
   in_specs = [vec_spec()] + ([vec_spec()] if has_norm else []) + [
-      C.plgpu.BlockSpec((BN, BK), lambda k: (n, k), transforms=C.tile_transforms(BK, w_g.dtype))]
+      C.plgpu.BlockSpec((BN, BK), lambda k: (n, s * ks + k),
+                        transforms=C.tile_transforms(BK, w_g.dtype))]
   ins = [v_g] + ([g_g] if has_norm else []) + [w_g]
   carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
-  acc, ss = ctx.pipeline(step, grid=(K // BK,), in_specs=in_specs, stages=stages,
+  acc, ss = ctx.pipeline(step, grid=(ks,), in_specs=in_specs, stages=stages,
                          init_carry=carry0)(*ins)
+  if S > 1:
+    # Split-K: this CTA's partial dot products (and its slice of sum(x^2)); the tiny
+    # epilogue (sum over S, 1/RMS, bias, residual) runs in XLA.
+    ctx.store(acc, o_g.at[pl.ds(s * N + n * BN, BN)])
+    if has_norm:
+      ss_g[s * (N // BN) + n] = jnp.sum(ss)
+    return
   y = acc * lax.rsqrt(jnp.sum(ss) / K + eps) if has_norm else acc
   if has_bias:
     y = y + ctx.load(b_g.at[rows], lambda s: ctx.ld(s, C.ROW).astype(f32))
@@ -72,13 +84,30 @@ def _body(*refs, ctx: C.Ctx, K, BN, BK, eps, has_norm, has_bias, has_resid, argm
     barg_g[n] = jnp.min(jnp.where(y == m, idx, ARGMAX_SENTINEL))
 
 
+# Split-K aims for at least this many CTAs (an H100 has 132 SMs; a 2048-row QKV or
+# output projection in 64-row blocks gives only 32-48 CTAs, too few loads in flight).
+TARGET_CTAS = 128
+MAX_SPLIT = 8
+
+
+def pick_split(n_blocks: int, K: int, BK: int) -> int:
+  """Smallest power-of-two split of K giving >= TARGET_CTAS CTAs (each slice a whole
+  number of BK blocks; at most MAX_SPLIT)."""
+  S = 1
+  while n_blocks * S < TARGET_CTAS and S < MAX_SPLIT and K % (2 * S * BK) == 0:
+    S *= 2
+  return S
+
+
 def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0.0,
          argmax: bool = False, out_dtype=None, mode: str, block_n: int | None = None,
-         block_k: int | None = None, stages: int = 2, name: str = "gemv"):
+         block_k: int | None = None, stages: int = 2, split_k: int | None = None,
+         name: str = "gemv"):
   """y = W^T (norm(v) or v) (+ bias) (+ resid), and optionally per-block (max, argmax).
 
   Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
-  block_argmax int32 [N/BN]) when argmax=True.
+  block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
+  never with argmax) splits the reduction over that many CTAs per row block.
   """
   N, K = w_t_NK.shape
   interp = mode != "compile"
@@ -86,18 +115,46 @@ def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0
   BK = block_k or C.pick_block(K, 512 if interp else 128, 32, "K")
   C.check_block(N, BN, 64, "N")
   C.check_block(K, BK, 32, "K")
+  if split_k is None:
+    S = 1 if argmax else pick_split(N // BN, K, BK)
+  else:
+    S = split_k
+    if S < 1 or K % (S * BK):
+      raise ValueError(f"{name}: split_k={S} must be >= 1 and divide K={K} into whole "
+                       f"blocks of {BK}")
+    if argmax and S > 1:
+      raise ValueError(f"{name}: split_k > 1 is not supported with argmax")
   out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
   flags = dict(has_norm=scale_K is not None, has_bias=bias_N is not None,
                has_resid=resid_N is not None)
-  out_type = [jax.ShapeDtypeStruct((N,), out_dtype)]
-  if argmax:
-    out_type += [jax.ShapeDtypeStruct((N // BN,), jnp.float32),
-                 jax.ShapeDtypeStruct((N // BN,), jnp.int32)]
+  if S > 1:
+    out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
+    if flags["has_norm"]:
+      out_type += [jax.ShapeDtypeStruct((S * (N // BN),), jnp.float32)]
+    kflags = dict(flags, has_bias=False, has_resid=False)
+  else:
+    out_type = [jax.ShapeDtypeStruct((N,), out_dtype)]
+    if argmax:
+      out_type += [jax.ShapeDtypeStruct((N // BN,), jnp.float32),
+                   jax.ShapeDtypeStruct((N // BN,), jnp.int32)]
+    kflags = flags
+  grid, grid_names = ((N // BN, S), ("n", "s")) if S > 1 else ((N // BN,), ("n",))
   kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, K=K, BN=BN, BK=BK, eps=eps, argmax=argmax,
-                            stages=stages, out_f32=out_dtype == jnp.float32, **flags),
-      out_type=tuple(out_type) if argmax else out_type[0], grid=(N // BN,), grid_names=("n",),
-      mode=mode, name=name)
+      lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
+                            stages=stages, out_f32=out_dtype == jnp.float32, **kflags),
+      out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
+      grid_names=grid_names, mode=mode, name=name)
   args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
-  args += ([bias_N] if flags["has_bias"] else []) + ([resid_N] if flags["has_resid"] else [])
-  return kern(*args)
+  if S == 1:
+    args += ([bias_N] if flags["has_bias"] else []) + ([resid_N] if flags["has_resid"] else [])
+    return kern(*args)
+  outs = kern(*args)
+  part, ss = (outs if flags["has_norm"] else (outs, None))
+  y = jnp.sum(part.reshape(S, N), axis=0)
+  if flags["has_norm"]:
+    y = y * lax.rsqrt(jnp.sum(ss.reshape(S, N // BN)[:, 0]) / K + eps)
+  if flags["has_bias"]:
+    y = y + bias_N.astype(jnp.float32)
+  if flags["has_resid"]:
+    y = y + resid_N.astype(jnp.float32)
+  return y.astype(out_dtype)

@@ -30,3 +30,9 @@ def test_a_failing_shape_is_recorded_not_raised():
 def test_anchor_ratio_uses_the_published_figure():
   assert attention_gpu.ANCHORS_MS["path"][32768] == 98.1
   assert attention_gpu.ANCHORS_MS["log_linear_mamba2"][2048] == 6.45
+
+
+def test_protocol_batch_sizes_are_the_issues():
+  # T = 2K (B = 8), 8K (B = 2), 32K (B = 1): the shapes the anchors were measured at.
+  assert [attention_gpu.batch_size(t, None) for t in (2048, 8192, 32768)] == [8, 2, 1]
+  assert attention_gpu.batch_size(2048, 32768) == 16

@@ -44,11 +44,13 @@ def test_gemv_kernels_mosaic():
   D, N, F, V = 128, 192, 128, 256
   x, g = _r(0, D), 1.0 + 0.1 * _r(1, D)
   w = _r(2, N, D) / 11
-  _close(rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="pallas", interpret=M, block_n=64,
-                     block_k=64),
-         rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="xla"), D, "qkv")
+  for split in (1, 2):                 # fused epilogue; split-K partials
+    _close(rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="pallas", interpret=M, block_n=64,
+                       block_k=64, split_k=split),
+           rmsnorm_qkv(x, g, w, _r(3, N), eps=EPS, impl="xla"), D, f"qkv split {split}")
   wo = _r(4, D, N) / 14
-  _close(out_proj_residual(_r(5, N), wo, x, impl="pallas", interpret=M, block_n=64, block_k=64),
+  _close(out_proj_residual(_r(5, N), wo, x, impl="pallas", interpret=M, block_n=64, block_k=64,
+                           split_k=3),
          out_proj_residual(_r(5, N), wo, x, impl="xla"), N, "oproj")
   wg, wu, wd = _r(6, F, D) / 11, _r(7, F, D) / 11, _r(8, F, D) / 11
   _close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,

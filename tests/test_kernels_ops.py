@@ -44,26 +44,60 @@ def _close(out, ref, reduction, name):
 # ---------------------------------------------------------------- GEMV family
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_rmsnorm_qkv(bias):
-  D, N = 128, 320                     # 5 CTAs of 64 rows, 2 stages of 64 columns
+# split_k: None = automatic (here 2 for D = 128, 4 for D = 256: few row blocks), 1 = one
+# CTA per row block (fused epilogue), 2/4 = explicit split-K (partials + XLA epilogue).
+@pytest.mark.parametrize("bias,D,split_k", [(False, 128, None), (True, 128, None),
+                                            (True, 128, 1), (False, 128, 1), (True, 256, 4)])
+def test_rmsnorm_qkv(bias, D, split_k):
+  N = 320                             # 5 row blocks of 64, K blocks of 64
   k = _keys(0, 4)
   x = 3.0 * jax.random.normal(k[0], (D,))
   g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
   w = jax.random.normal(k[2], (N, D)) / np.sqrt(D)
   b = jax.random.normal(k[3], (N,)) if bias else None
-  f = jax.jit(functools.partial(rmsnorm_qkv, eps=EPS, impl="pallas", block_n=64, block_k=64))
+  f = jax.jit(functools.partial(rmsnorm_qkv, eps=EPS, impl="pallas", block_n=64, block_k=64,
+                                split_k=split_k))
   ref = rmsnorm_qkv(x, g, w, b, eps=EPS, impl="xla")
   _close(f(x, g, w, b), ref, D, "rmsnorm_qkv")
 
 
-def test_out_proj_residual():
+def test_gemv_split_choice():
+  from kernels import _gemv
+  assert _gemv.pick_split(48, 2048, 128) == 4      # llama-1b QKV: 48 row blocks -> 192 CTAs
+  assert _gemv.pick_split(32, 2048, 128) == 4      # llama-1b output projection
+  assert _gemv.pick_split(96, 4096, 128) == 2      # llama-8b QKV
+  assert _gemv.pick_split(500, 2048, 128) == 1     # LM head: already enough CTAs
+  assert _gemv.pick_split(2, 128, 64) == 2         # limited by whole K blocks
+  x = jnp.ones((128,))
+  with pytest.raises(ValueError, match="split_k=3"):
+    out_proj_residual(x, jnp.ones((64, 128)), jnp.ones((64,)), impl="pallas", block_k=64,
+                      split_k=3)
+
+
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_out_proj_residual(split_k):
   M, D = 192, 128
   k = _keys(1, 3)
   o, r = jax.random.normal(k[0], (M,)), jax.random.normal(k[1], (D,))
   w = jax.random.normal(k[2], (D, M)) / np.sqrt(M)
-  f = jax.jit(functools.partial(out_proj_residual, impl="pallas", block_n=64, block_k=64))
+  f = jax.jit(functools.partial(out_proj_residual, impl="pallas", block_n=64, block_k=64,
+                                split_k=split_k))
   _close(f(o, w, r), out_proj_residual(o, w, r, impl="xla"), M, "out_proj_residual")
+
+
+def test_split_k_in_bf16_matches_one_pass():
+  # Same math, different summation order: bf16 output of split-K within one bf16 ulp
+  # of the single-pass kernel.
+  D, N = 256, 128
+  k = _keys(3, 3)
+  x = jax.random.normal(k[0], (D,)).astype(jnp.bfloat16)
+  g = (1.0 + 0.2 * jax.random.normal(k[1], (D,))).astype(jnp.bfloat16)
+  w = (jax.random.normal(k[2], (N, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+  f = lambda s: rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas", block_n=64, block_k=64, split_k=s)
+  one, four = np.asarray(f(1), np.float32), np.asarray(f(4), np.float32)
+  ref = np.asarray(rmsnorm_qkv(x, g, w, eps=EPS, impl="xla"), np.float32)
+  assert np.max(np.abs(four - one)) <= 2 ** -7 * np.max(np.abs(ref))
+  assert not np.array_equal(one, np.zeros_like(one))
 
 
 def test_rmsnorm_swiglu():

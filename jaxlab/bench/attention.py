@@ -16,7 +16,7 @@ OPS = {"log_linear": "jaxlab.bench.log_linear", "path": "jaxlab.bench.path"}
 def add_arguments(p):
   p.add_argument("--protocol", choices=("forms", "training"), default="forms",
                  help="forms: every implementation vs T (CPU-sized); training: fwd+bwd at "
-                      "32K tokens per batch, 16 heads, bf16 (the GPU protocol)")
+                      "T = 2K/8K/32K at B = 8/2/1, 16 heads, bf16 (the GPU protocol)")
   p.add_argument("--op", choices=("all", *OPS), default="all")
   p.add_argument("--ts", default=None,
                  help="comma-separated sequence lengths (default forms: 1024,...,16384; "
