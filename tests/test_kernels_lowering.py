@@ -4,7 +4,7 @@
 Pallas -> Mosaic-GPU lowering (register layouts, SMEM tiling/swizzle, TMA
 shapes) without a GPU, so layout mistakes that neither interpreter sees fail
 here. PTX generation and the timings still need the GPU
-(scripts/gpu_decode_bench.sh).
+(scripts/gpu_session.sh).
 """
 
 from __future__ import annotations
