@@ -150,6 +150,33 @@ def test_small_chunks_many_levels(variant):
     close(s.levels, ref_s.levels, f"chunk 4 state parallel={parallel}")
 
 
+@pytest.mark.parametrize("chunk,T", [(4, 100), (2, 150)])
+def test_streamed_training_form_many_blocks(chunk, T):
+  assert ll._STREAM_BLOCK == 8
+  """Log-linear Mamba-2 without states runs as a scan over blocks of 8 chunks with
+  block-level binary carry (ll._streamed). Small chunks give 4 blocks / 2 outer levels
+  (chunk 4, T 100) and 10 blocks / 4 outer levels, last block partial (chunk 2, T 150):
+  outputs and every gradient vs the naive form."""
+  x = make_inputs(11, B=2, T=T, G=1, H=2, K=4, V=4, L=(T - 1).bit_length() + 1, gscale=3.0)
+  names = ("q", "k", "v", "g", "level_scales")
+
+  def loss(impl, chunk_size, *a):
+    o, _ = ll._run(a[0], a[1], a[2], a[3], None, a[4], scale=0.5, impl=impl,
+                   initial_state=None, return_state=False, chunk_size=chunk_size)
+    return jnp.sum(o * do), o
+
+  do = jax.random.normal(jax.random.PRNGKey(3), x["v"].shape, F32)
+  args = [x[n] for n in names]
+  argnums = tuple(range(2, 7))
+  (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True),
+                          static_argnums=(0, 1))("chunked", chunk, *args)
+  (_, ref), ref_grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True),
+                                static_argnums=(0, 1))("naive", 64, *args)
+  close(o, ref, f"streamed o (chunk {chunk}, T {T})")
+  for n, a, b in zip(names, grads, ref_grads):
+    close(a, b, f"streamed d{n}")
+
+
 @pytest.mark.parametrize("variant", ["mamba2", "gdn"])
 def test_t1_and_decode_step(variant):
   x = make_inputs(3, B=2, T=9, G=1, H=2, K=4, V=4, L=5)
