@@ -44,6 +44,17 @@ def test_decode_step_lowers_for_cuda(name):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("D,F", [(2048, 8192), (4096, 14336)])
+def test_mlp_store_once_lowers_for_cuda(D, F):
+  """The MLP variant that buffers its partial row in SMEM (store_once=True, to be timed
+  against the default by `jaxlab bench decode --ops --sweep`) lowers at the bench shapes."""
+  from kernels.rmsnorm_swiglu import pallas
+  bf = jnp.bfloat16
+  lowered = _lower(lambda *a: pallas.rmsnorm_swiglu(*a, eps=1e-6, mode="compile", store_once=True),
+                   SD((D,), bf), SD((D,), bf), SD((F, D), bf), SD((F, D), bf), SD((F, D), bf))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.parametrize("dk,gdn", [(64, False), (128, True)])
 def test_log_linear_lowers_for_cuda(dk, gdn):
   from kernels.log_linear_state import pallas

@@ -53,9 +53,10 @@ def test_gemv_kernels_mosaic():
                            split_k=3),
          out_proj_residual(_r(5, N), wo, x, impl="xla"), N, "oproj")
   wg, wu, wd = _r(6, F, D) / 11, _r(7, F, D) / 11, _r(8, F, D) / 11
-  _close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,
-                        block_k=64, block_d=64),
-         rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla"), F, "mlp")
+  for once in (False, True):          # a store per down step; one SMEM row, one store
+    _close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,
+                          block_k=64, block_d=64, store_once=once),
+           rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla"), F, f"mlp store_once={once}")
   E = _r(9, V, D) / 11
   lg, tk = lm_head_argmax(x, g, E, eps=EPS, impl="pallas", interpret=M, block_n=64)
   lr, tr = lm_head_argmax(x, g, E, eps=EPS, impl="xla")

@@ -106,10 +106,11 @@ def test_rmsnorm_swiglu():
   x = jax.random.normal(k[0], (D,))
   g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
   wg, wu, wd = (jax.random.normal(kk, (F, D)) / np.sqrt(D) for kk in k[2:5])
-  f = jax.jit(functools.partial(rmsnorm_swiglu, eps=EPS, impl="pallas", block_f=64,
-                                block_k=64, block_d=64))
   ref = rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla")
-  _close(f(x, g, wg, wu, wd), ref, F, "rmsnorm_swiglu")
+  for once in (False, True):
+    f = jax.jit(functools.partial(rmsnorm_swiglu, eps=EPS, impl="pallas", block_f=64,
+                                  block_k=64, block_d=64, store_once=once))
+    _close(f(x, g, wg, wu, wd), ref, F, f"rmsnorm_swiglu store_once={once}")
 
 
 def test_lm_head_argmax_values_and_ties():

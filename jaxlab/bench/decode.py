@@ -274,6 +274,11 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       for sk in (1, 2, 4, 8):
         sw[f"{op} split_k={sk}"] = _guarded(f"sweep {op} split_k={sk}", lambda: timed(
             make("pallas", split_k=sk, interpret=interpret), args, elems * dt.itemsize))
+    make, args, elems = cases["rmsnorm_swiglu"]
+    for once in (False, True):
+      sw[f"rmsnorm_swiglu store_once={once}"] = _guarded(
+          f"sweep rmsnorm_swiglu store_once={once}", lambda: timed(
+              make("pallas", store_once=once, interpret=interpret), args, elems * dt.itemsize))
     for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
       make, args, elems = cases[op]
       for st in (2, 3, 4):

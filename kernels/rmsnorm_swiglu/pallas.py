@@ -25,7 +25,8 @@ def _silu(x):
   return x / (1.0 + jnp.exp(-x))
 
 
-def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps, stages):
+def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps, stages,
+          store_once):
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.tile_transforms(BK, wg_g.dtype)
@@ -48,21 +49,38 @@ def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps,
   if jnp.dtype(wd_g.dtype) != jnp.float32:
     h = h.astype(wd_g.dtype).astype(f32)   # the down projection's operand dtype, as in XLA
 
+  down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
+                               transforms=C.tile_transforms(BD, wd_g.dtype))
+
+  def down_product(wd_s):
+    return jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)
+
+  if store_once and ctx.tma:
+    # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
+    # store, instead of one waited store per pipeline step (D/BD waits per CTA).
+    def once(row_s):
+      def down_step(idx, wd_s):
+        row_s[pl.ds(idx[0] * BD, BD)] = down_product(wd_s)
+
+      ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+      C.plgpu.commit_smem()
+      C.plgpu.copy_smem_to_gmem(row_s, part_g.at[p])
+      C.plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(once, C.plgpu.SMEM((D,), jnp.float32))
+    return
+
   def down_step(idx, wd_s):
-    y = jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)
-    ctx.store(y, part_g.at[p, pl.ds(idx[0] * BD, BD)])
+    ctx.store(down_product(wd_s), part_g.at[p, pl.ds(idx[0] * BD, BD)])
 
   # Outputs are stored from the body (the Mosaic-GPU interpreter does not
   # support emit_pipeline out_specs, whose copies are predicated).
-  ctx.pipeline(down_step, grid=(D // BD,),
-               in_specs=[C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
-                                           transforms=C.tile_transforms(BD, wd_g.dtype))],
-               stages=stages)(wd_g)
+  ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
 
 
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: float, mode: str,
                    block_f: int | None = None, block_k: int | None = None,
-                   block_d: int | None = None, stages: int = 2):
+                   block_d: int | None = None, stages: int = 2, store_once: bool = False):
   F, D = w_gate_t_FD.shape
   interp = mode != "compile"
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
@@ -72,7 +90,8 @@ def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: floa
   C.check_block(D, BK, 32, "D")
   C.check_block(D, BD, 32, "D")
   kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages),
+      lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
+                            store_once=store_once),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu")
   part = kern(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
