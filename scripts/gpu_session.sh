@@ -6,7 +6,9 @@
 #   3. fwd+bwd attention benchmark at the issues' shapes (softmax, log-linear, PaTH)
 #   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~2.5 minutes)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
-# so a hang loses one stage, not the run. Exactly 8 result files land in $OUT.
+# so a hang loses one stage, not the run. At most 8 result files land in $OUT (the
+# device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz, attention.{jsonl,txt},
+# llama-8b.txt.
 # Usage (repository root): OUT=/tmp/out bash scripts/gpu_session.sh
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -29,10 +31,12 @@ timeout -s INT ${PYTEST_TIMEOUT:-75} $PY -m pytest tests/test_kernels_ops.py tes
   -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
-timeout ${B1_TIMEOUT:-170} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
-  --variants ${B1_VARIANTS:-xla-unrolled,pallas,model} --json "$OUT/llama-1b.json" \
-  > "$OUT/llama-1b.txt" 2>&1
+PROF=$(mktemp -d)
+timeout ${B1_TIMEOUT:-180} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
+  --variants ${B1_VARIANTS:-xla-unrolled,pallas,model} --profile "$PROF" \
+  --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
+tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JSON, xplane)
 
 # Issues' shapes: T = 2K/8K/32K at B = 8/2/1. PaTH's 32K row is skipped by default
 # (~14 s a call on an H100 on 2026-11-26; ATTN_PATH_TS="2048 8192 32768" adds it).
@@ -47,7 +51,7 @@ stamp "attention bench (PaTH) rc=$?"
 if [ -n "${B8:-}" ]; then
   timeout ${B8_TIMEOUT:-140} $PY -m jaxlab.bench.decode --config llama-8b-bench \
     --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 \
-    --json "$OUT/llama-8b.json" > "$OUT/llama-8b.txt" 2>&1
+    > "$OUT/llama-8b.txt" 2>&1
   stamp "llama-8b-bench rc=$?"
 fi
 

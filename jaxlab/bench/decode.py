@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--sweep", action="store_true",
                  help="with --ops: also time decode_attention num_splits, GEMV split-K and "
                       "pipeline depths (tuning hints for the next GPU session)")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="also trace 16 steps of the pallas and xla-unrolled variants with "
+                      "jax.profiler into DIR/<variant>/ and summarize device time per kernel, "
+                      "kernels per step and idle time between them")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -147,6 +151,67 @@ def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key):
   out["ms_per_token"] = 1e3 * statistics.median(ts) / steps
   out["tokens"] = tokens
   return out
+
+
+def summarize_trace(trace, n_steps: int, top: int = 12) -> dict:
+  """Per-step device time from a Perfetto JSON trace (jax.profiler, create_perfetto_trace):
+  kernels on the GPU's stream threads, their busy time (union of intervals), the span
+  from first start to last end, the idle fraction (launch gaps), and the kernels with
+  the most time."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  meta = lambda kind: {(e["pid"], e.get("tid")) if kind == "thread_name" else e["pid"]:
+                       e.get("args", {}).get("name", "")
+                       for e in events if e.get("ph") == "M" and e.get("name") == kind}
+  procs, threads = meta("process_name"), meta("thread_name")
+  on_gpu = [e for e in events if e.get("ph") == "X" and "GPU" in procs.get(e.get("pid"), "")]
+  names = sorted({threads.get((e.get("pid"), e.get("tid")), "") for e in on_gpu})
+  # Kernels run on "Stream #..." threads; the op/module/step rows summarize them.
+  streams = [n for n in names if n.startswith("Stream")] or [
+      n for n in names if not any(w in n for w in ("XLA Ops", "XLA Modules", "Steps", "Source"))]
+  dev = [e for e in on_gpu if threads.get((e.get("pid"), e.get("tid")), "") in streams]
+  if not dev:
+    return {"note": "no GPU stream events in the trace", "threads": names}
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
+  busy, cur_s, cur_e = 0.0, *spans[0]
+  for s0, e0 in spans[1:]:
+    if s0 > cur_e:
+      busy += cur_e - cur_s
+      cur_s, cur_e = s0, e0
+    else:
+      cur_e = max(cur_e, e0)
+  busy += cur_e - cur_s
+  span = max(e for _, e in spans) - spans[0][0]
+  by_name: dict[str, list[float]] = {}
+  for e in dev:
+    by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
+  ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+  return dict(threads=streams, kernels_per_step=len(dev) / n_steps,
+              busy_us_per_step=busy / n_steps,
+              span_us_per_step=span / n_steps, idle_fraction=1.0 - busy / span if span else 0.0,
+              top=[dict(name=n[:80], calls_per_step=len(d) / n_steps,
+                        us_per_step=sum(d) / n_steps) for n, d in ranked])
+
+
+def _profile_decoder(dec, cfg, kv_len, first_token, key, trace_dir, n_steps: int = 16) -> dict:
+  """Trace n_steps chained steps (after a warm-up) and summarize the device time."""
+  import glob
+  import gzip
+  import os
+  state = _synthetic_state(dec, cfg, kv_len, key)
+  tok = jnp.int32(first_token)
+  for _ in range(3):
+    _, tok, state = dec.step_fn(dec.weights, state, tok)
+  tok.block_until_ready()
+  os.makedirs(trace_dir, exist_ok=True)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(n_steps):
+      _, tok, state = dec.step_fn(dec.weights, state, tok)
+    tok.block_until_ready()
+  files = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
+  if not files:
+    return {"note": f"no Perfetto trace under {trace_dir}"}
+  with gzip.open(max(files, key=os.path.getmtime), "rt") as f:
+    return summarize_trace(json.load(f), n_steps)
 
 
 def _run_model(model, cfg, kv_len, max_len, first_token, steps, warmup, repeats, key):
@@ -347,6 +412,10 @@ def run(args) -> dict:
                          interpret=args.interpret if impl == "pallas" else None,
                          kernel_options=opts if impl == "pallas" else None)
       r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
+      if args.profile and v in ("pallas", "xla-unrolled"):
+        import os
+        r["profile"] = _guarded(f"profile {v}", lambda: _profile_decoder(
+            dec, cfg, kv_len, first, key, os.path.join(args.profile, v)))
       del dec
     r["gbps"] = bytes_tok / (r["ms_per_token"] * 1e-3) / 1e9
     r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
@@ -392,6 +461,17 @@ def format_table(res: dict) -> str:
                  f"{r['compile_s']:9.1f} {r.get('tokens_match_xla', '-'):>10s} "
                  f"{r.get('logits_rel_err', float('nan')):10.2e} "
                  f"{str(r.get('argmax_match_xla', '-')):>10s}")
+  for v, r in res["variants"].items():
+    prof = r.get("profile", {})
+    if "top" in prof:
+      lines.append(f"profile {v}: {prof['kernels_per_step']:.0f} kernels/step, device busy "
+                   f"{prof['busy_us_per_step']:.0f} of {prof['span_us_per_step']:.0f} us/step "
+                   f"(idle {prof['idle_fraction']:.0%})")
+      for k in prof["top"]:
+        lines.append(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
+                     f"{k['name']}")
+    elif prof:
+      lines.append(f"profile {v}: {prof.get('note') or prof.get('error')}")
   if "ops" in res:
     lines.append(f"per op (one layer): {'op':18s} {'MB':>7s} {'pallas us':>10s} {'GB/s':>7s} "
                  f"{'xla us':>9s} {'GB/s':>7s}")

@@ -1,0 +1,52 @@
+"""The decode benchmark's harness (jaxlab bench decode): trace summary and a CPU smoke run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jaxlab.bench import decode
+
+
+def _trace():
+  meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+          dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
+          dict(ph="M", name="thread_name", pid=2, tid=7, args=dict(name="Stream #7(Compute)")),
+          dict(ph="M", name="thread_name", pid=2, tid=9, args=dict(name="XLA Ops"))]
+  k = lambda name, ts, dur, tid=7, pid=2: dict(ph="X", name=name, pid=pid, tid=tid, ts=ts, dur=dur)
+  # Two steps: kernels a (10 us) and b (20 us, overlapping a by 5 us), then a 20 us gap.
+  ev = [k("a", 0, 10), k("b", 5, 20), k("a", 45, 10), k("b", 50, 20),
+        k("op row, not a kernel", 0, 70, tid=9), k("host", 0, 1000, pid=1, tid=3)]
+  return {"traceEvents": meta + ev}
+
+
+def test_summarize_trace_counts_kernels_busy_time_and_gaps():
+  s = decode.summarize_trace(_trace(), n_steps=2)
+  assert s["threads"] == ["Stream #7(Compute)"]
+  assert s["kernels_per_step"] == 2
+  assert s["busy_us_per_step"] == 25.0            # union of [0, 25] and [45, 70], per step
+  assert s["span_us_per_step"] == 35.0
+  assert abs(s["idle_fraction"] - (1 - 50 / 70)) < 1e-12
+  assert [(t["name"], t["us_per_step"], t["calls_per_step"]) for t in s["top"]] == [
+      ("b", 20.0, 1.0), ("a", 10.0, 1.0)]
+
+
+def test_summarize_trace_without_gpu_events_says_so():
+  s = decode.summarize_trace({"traceEvents": _trace()["traceEvents"][:1]}, n_steps=1)
+  assert s["note"].startswith("no GPU stream events")
+
+
+def test_cpu_smoke_run_records_every_variant(tmp_path):
+  p = argparse.ArgumentParser()
+  decode.add_arguments(p)
+  out = tmp_path / "r.json"
+  args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
+                       "--variants", "xla-unrolled,pallas", "--profile", str(tmp_path / "prof"),
+                       "--json", str(out)])
+  assert decode.main(args) == 0
+  res = json.loads(out.read_text())
+  for v in ("xla-unrolled", "pallas"):
+    r = res["variants"][v]
+    assert r["ms_per_token"] > 0 and r["argmax_match_xla"] is True
+    assert r["profile"]["note"].startswith("no GPU stream events")   # CPU trace
+  assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4            # fp32 tiny model
