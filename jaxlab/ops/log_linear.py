@@ -431,6 +431,18 @@ def _blocked_chunk_terms(q, k, v, g, beta, lam_lo):
   return tuple(_from_blocks(x, nc) for x in outs)
 
 
+def _carry_levels(ys, nxt, write):
+  """Binary carry at a chunk (or block) boundary: the levels below the lowest set bit z
+  of `nxt` (the next chunk index) and `write` merge into level z; the others keep their
+  state. ys [J,B,H,K,V]; nxt int scalar or [B]; write [B,H,K,V]."""
+  jj = jnp.arange(ys.shape[0]).reshape((-1,) + (1,) * jnp.ndim(nxt))
+  low = jnp.asarray(nxt)[None] & ((2 << jj) - 1)                      # [J] or [J,B]
+  expand = lambda m: m.reshape(m.shape + (1,) * (ys.ndim - m.ndim))
+  below, at = expand(low == 0), expand(low == (1 << jj))
+  total = jnp.sum(jnp.where(below, ys, 0.0), axis=0) + write
+  return jnp.where(at, total[None], jnp.where(below, 0.0, ys))
+
+
 _STREAM_BLOCK = 8   # chunks per block of _streamed (8 and 16 tie forward; 8 is faster fwd+bwd)
 
 
@@ -482,17 +494,14 @@ def _streamed(q, k, v, g, lam, n, scale, chunk, pad_value):
   rematerialized in the backward (only the level states cross blocks).
   """
   f32 = jnp.float32
-  bsz, t, ng, _ = q.shape
+  bsz, t, _, kd = q.shape
   nh, vd = v.shape[2], v.shape[3]
-  kd = q.shape[-1]
-  rep = nh // ng
   span = chunk * _STREAM_BLOCK
   nb = -(-t // span)
   nj = max(0, (-(-t // chunk) - 1).bit_length())                       # chunk levels
   nlc = chunk.bit_length()                                             # in-chunk levels
   jl = min(nj, _STREAM_BLOCK.bit_length() - 1)
   jo = nj - jl
-  jj = jnp.arange(jo)
 
   def blocks(x):
     """[B,T,...] -> [nb, B, span, ...] (free for B = 1 when T is a multiple of span)."""
@@ -503,20 +512,14 @@ def _streamed(q, k, v, g, lam, n, scale, chunk, pad_value):
     b, qb, kb, vb, gb, lb = xs
     live = (b * span + jnp.arange(span))[None, :] < n[:, None]         # [B, span]
 
-    def head_major(x, rep=1, mul=None):
-      """[B,span,G,...] -> [B,H,blk,C,...] fp32; dead slots hold pad_value, then 0."""
-      x = x.astype(f32)
-      if rep > 1:
-        x = jnp.repeat(x, rep, axis=2)
-      if mul is not None:
-        x = x * jnp.float32(mul)
-      m = live.reshape(live.shape + (1,) * (x.ndim - 2))
+    def chunks(x):
+      """[B,H,span,...] -> [B,H,blk,C,...]; dead slots hold pad_value, then 0."""
+      m = live[:, None].reshape((bsz, 1, span) + (1,) * (x.ndim - 3))
       x = jnp.where(m, jnp.where(m, x, jnp.asarray(pad_value, f32)), 0.0)
-      x = jnp.moveaxis(x, 1, 2)
       return x.reshape((bsz, nh, _STREAM_BLOCK, chunk) + x.shape[3:])
 
-    qh, kh = head_major(qb, rep, scale), head_major(kb, rep)
-    vh, gh, lh = head_major(vb), head_major(gb), head_major(lb)
+    qh, kh, vh, gh, _, lh = (None if x is None else chunks(x)
+                             for x in _prepare(qb, kb, vb, gb, None, lb, scale))
     lo = lh[..., :nlc]
     if lo.shape[-1] < nlc:
       lo = jnp.pad(lo, [(0, 0)] * 4 + [(0, nlc - lo.shape[-1])])
@@ -529,12 +532,7 @@ def _streamed(q, k, v, g, lam, n, scale, chunk, pad_value):
       o = o + _level_read(qsd, hi_out, ys)
       tot = gx[..., -1] + last[..., -1]                                # [B,H]
       wb = _ein("bhn,bhnkv->bhkv", jnp.exp(tot[..., None] - gx - last), write)
-      ys = jnp.exp(tot)[None, ..., None, None] * ys
-      low = (b + 1) & ((2 << jj) - 1)                                  # [J]
-      below = (low == 0)[:, None, None, None, None]
-      at = (low == (1 << jj))[:, None, None, None, None]
-      total = jnp.sum(jnp.where(below, ys, 0.0), axis=0) + wb
-      ys = jnp.where(at, total[None], jnp.where(below, 0.0, ys))
+      ys = _carry_levels(jnp.exp(tot)[None, ..., None, None] * ys, b + 1, wb)
     o = jnp.moveaxis(o.reshape(bsz, nh, span, vd), 1, 2)               # [B,span,H,V]
     return ys, jnp.where(live[..., None, None], o, 0.0).astype(v.dtype)
 
@@ -644,19 +642,9 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
   else:
     lam_lo = None
     nl, nj = 1, 1
-  # Log-linear Mamba-2 without a state: chunk levels whose groups fit in a block
-  # are done inside the blocks (cache-local); the rest by _levels_parallel below.
+  # Log-linear Mamba-2 without an incoming state: chunk levels by _levels_parallel
+  # (no sequential scan; here only when the state is returned, else _run streams).
   par = levels and not delta and not shifted and nj > 0 and parallel
-
-  def unbuffer(o):
-    """[B,H,nC,C,V] buffer -> [B,H,T,V] outputs of the live tokens (0 elsewhere)."""
-    o = o.reshape(bsz, nh, tb, vd)
-    if shifted:
-      o = jnp.take_along_axis(o, (jnp.arange(t)[None, :] + r[:, None])[:, None, :, None], axis=2)
-    else:
-      o = o[:, :, :t]
-    return jnp.where((jnp.arange(t)[None, :] < n[:, None])[:, None, :, None], o, 0.0)
-
   o, q_start, write, trans, cum = _blocked_chunk_terms(q, k, v, g, beta, lam_lo)
   last = cum[..., -1]
   if delta:
@@ -697,7 +685,6 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
 
   e_buf = r + n - 1
   ce = jnp.maximum(e_buf, 0) // c
-  jj = jnp.arange(nj)
 
   def step(carry, xs):
     ys, snap = carry
@@ -707,13 +694,7 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
     if levels:
       o_c = _ein("bhck,jbhkv,bhcj->bhcv", qs_c, ys, lam_c)
       ys = apply(tr_c, ys)
-      # Binary carry into chunk ci+1: levels j < z merge with this chunk into level z.
-      nxt = (cbase + ci + 1)[None, :]
-      low = nxt & ((2 << jj) - 1)[:, None]                            # [J,B]
-      below = (low == 0)[:, :, None, None, None]
-      at = (low == (1 << jj)[:, None])[:, :, None, None, None]
-      total = jnp.sum(jnp.where(below, ys, 0.0), axis=0) + wr_c
-      ys = jnp.where(at, total[None], jnp.where(below, 0.0, ys))
+      ys = _carry_levels(ys, cbase + ci + 1, wr_c)                      # into chunk ci+1
     else:
       o_c = _ein("bhck,jbhkv->bhcv", qs_c, ys)
       ys = apply(tr_c, ys) + wr_c[None]
@@ -730,7 +711,12 @@ def _chunked(q, k, v, g, beta, lam, state, n, return_state, chunk, pad_value=0.0
   else:
     snap = carry0
 
-  o = unbuffer(o)
+  o = o.reshape(bsz, nh, tb, vd)
+  if shifted:
+    o = jnp.take_along_axis(o, (jnp.arange(t)[None, :] + r[:, None])[:, None, :, None], axis=2)
+  else:
+    o = o[:, :, :t]
+  o = jnp.where((jnp.arange(t)[None, :] < n[:, None])[:, None, :, None], o, 0.0)
   if not return_state:
     return o, None
 
