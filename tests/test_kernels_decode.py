@@ -1,7 +1,8 @@
 """The batch-1 decode driver (jaxlab/models/decode.py): a tiny jaxlab LM decodes
 64 greedy tokens identically with impl="xla", impl="pallas" (interpreted on
-CPU), the scanned XLA step and the model's own generate(); NaN in unused cache
-slots changes nothing; the end of the cache is an error, not a wrap."""
+CPU), the scanned XLA step and the model's own generate(); so does a hybrid with
+PaTH and log-linear Mamba-2 / Gated DeltaNet layers (their decode kernels); NaN in
+unused cache slots changes nothing; the end of the cache is an error, not a wrap."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_nan_in_unused_cache_slots_changes_nothing(model, impl):
   _, clean = dec.prefill(PROMPT)
   T = len(PROMPT)
   tail = jnp.arange(dec.cache_len)[None, :, None] >= T
-  poisoned = dict(k=tuple(jnp.where(tail, jnp.nan, k) for k in clean["k"]),
+  poisoned = dict(clean, k=tuple(jnp.where(tail, jnp.nan, k) for k in clean["k"]),
                   v=tuple(jnp.where(tail, jnp.nan, v) for v in clean["v"]),
                   pos=jnp.int32(T))   # its own buffers: steps donate their state
   tok = jnp.int32(5)
@@ -100,3 +101,89 @@ def test_make_decoder_rejects_bad_arguments(model):
           rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="qk_norm"):
     make_decoder(qk, "xla", 16)
+
+
+# ------------------------------------------------------------- PaTH and log-linear layers
+
+# One layer of each kind the decoder runs; head/state dims 64 (the Pallas kernels' tiles).
+HYBRID = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                     head_dim=64, ffn_dim=256, init_std=0.3, max_seq_len=128,
+                     mixer_pattern=("path", "log_linear_mamba2", "attention",
+                                    "log_linear_gated_deltanet"),
+                     mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 2})
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+  return LM(HYBRID, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def hybrid_tokens(hybrid):
+  return np.asarray(generate(hybrid, np.array([PROMPT]), max_new_tokens=N)["tokens"][0])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl):
+  """The PaTH key update and log-linear level-state kernels inside the decode step."""
+  toks = decode_greedy(hybrid, PROMPT, N, impl=impl)
+  assert len(set(hybrid_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
+  np.testing.assert_array_equal(toks, hybrid_tokens)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_hybrid_logits_match_the_model(hybrid, impl):
+  """Logits (not just argmax) of each step equal the model's own extend, to fp32 tolerance."""
+  from jaxlab.testing import assert_rel_close, tol
+  dec = make_decoder(hybrid, impl, MAX_LEN)
+  logits, state = dec.prefill(PROMPT)
+  cache = hybrid.init_cache(1, MAX_LEN)
+  ref, cache = hybrid.extend(jnp.asarray([PROMPT]), cache)
+  tok = int(jnp.argmax(logits))
+  for _ in range(6):
+    logits, _, state = dec.step(state, tok)
+    ref, cache = hybrid.extend(jnp.asarray([[tok]]), cache)
+    assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
+                     rtol=tol(jnp.float32, HYBRID.d_model * HYBRID.n_layers), name=impl)
+    tok = int(jnp.argmax(logits))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_hybrid_nan_tails_and_end_of_cache(hybrid, impl):
+  dec = make_decoder(hybrid, impl, MAX_LEN)
+  _, clean = dec.prefill(PROMPT)
+  T = len(PROMPT)
+  tail = jnp.arange(dec.cache_len)[None, :, None] >= T
+  nan_tail = lambda c: None if c is None else jnp.where(tail, jnp.nan, c)
+  poisoned = dict(clean, k=tuple(map(nan_tail, clean["k"])), v=tuple(map(nan_tail, clean["v"])),
+                  conv=tuple(jax.tree.map(jnp.copy, clean["conv"])),
+                  levels=tuple(jax.tree.map(jnp.copy, clean["levels"])),
+                  pos=jnp.int32(T))   # its own buffers: steps donate their state
+  tok = jnp.int32(5)
+  for _ in range(3):
+    la, ta, clean = dec.step(clean, tok)
+    lb, tb, poisoned = dec.step(poisoned, tok)
+    np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    assert np.all(np.isfinite(np.asarray(la)))
+    tok = ta
+  full = dict(clean, pos=jnp.int32(MAX_LEN))
+  with pytest.raises(ValueError, match=f"position {MAX_LEN}"):
+    dec.step(full, 1)
+  before = jax.tree.map(np.asarray, full)
+  logits, tok, after = dec.step_fn(dec.weights, full, jnp.int32(1))
+  assert np.all(np.isnan(np.asarray(logits))) and int(tok) == -1
+  for name in ("k", "v", "conv", "levels"):   # every cache kind is left as it was
+    for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+      np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
+
+
+def test_hybrid_decoder_errors(hybrid):
+  with pytest.raises(ValueError, match="layers='scan' supports attention layers only"):
+    make_decoder(hybrid, "xla", 16, layers="scan")
+  with pytest.raises(ValueError, match="exceed the .* capacity"):
+    make_decoder(hybrid, "xla", HYBRID.max_seq_len + 1)
+  for mixer, why in (("fox", "gate bias"), ("mamba2", "log_linear_mamba2")):
+    m = LM(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, mixer=mixer),
+           rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"layer 0 uses mixer '{mixer}'.*{why}"):
+      make_decoder(m, "xla", 16)

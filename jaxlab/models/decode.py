@@ -27,6 +27,16 @@ Usage (what `jaxlab generate --impl pallas` does):
 (for the CLI). Prefill runs the model's own `extend` (XLA) and converts its
 cache to the head-major layout [Hkv, S, Dh] the kernels stream.
 
+Other token mixers (per layer, in the same step):
+  PaTH ("path"): the mixer's own projections (XLA), then
+              K = path_key_update(K, w, beta, pos)   (every cached key through H_t)
+              K, V = append(k, v);  o = decode_attention(q, K, V, pos + 1)
+              x = out_proj_residual(o, x);  MLP as above
+  log-linear Mamba-2 / Gated DeltaNet: the mixer's own projections and output
+              (XLA) around log_linear_state_update (the O(log T) level states).
+Their caches: PaTH keys fp32 [Hkv, S, Dh] (every step rewrites them), values in the model dtype, and
+the w conv state; log-linear level states [H, L, K, V] and the conv state.
+
 Positions: the cache has `max_len` usable slots. `Decoder.step` raises
 ValueError naming the position when the state is full; the jitted
 `Decoder.step_fn` (traced positions) cannot raise, so it returns NaN logits,
@@ -52,11 +62,33 @@ LAYER_MODES = ("unrolled", "scan")
 SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 
 
+# mixer -> how the decode step runs its layer
+LAYER_KINDS = {"attention": "attention", "nope": "attention", "path": "path",
+               "log_linear_mamba2": "levels", "log_linear_gated_deltanet": "levels"}
+_NO_KERNEL = {
+    "fox": "its forget gate needs a gate bias that the decode_attention kernel does not take",
+    "path_fox": "its forget gate needs a gate bias that the decode_attention kernel does not take",
+    "mamba2": "the level-state kernel runs the log-linear form (use log_linear_mamba2)",
+    "gated_deltanet": "the level-state kernel runs the log-linear form "
+                      "(use log_linear_gated_deltanet)",
+}
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+  """Per layer: "attention" (softmax, RoPE or NoPE), "path" or "levels" (log-linear)."""
+  kinds = []
+  for i in range(cfg.n_layers):
+    name = cfg.layer_mixer(i)
+    if name not in LAYER_KINDS:
+      why = _NO_KERNEL.get(name, "no batch-1 decode kernel exists for it")
+      raise ValueError(f"make_decoder: layer {i} uses mixer {name!r}: {why} (supported: "
+                       f"{', '.join(LAYER_KINDS)})")
+    kinds.append(LAYER_KINDS[name])
+  return tuple(kinds)
+
+
 def _check_model(cfg: ModelConfig):
-  bad = [i for i in range(cfg.n_layers) if cfg.layer_mixer(i) not in ("attention", "nope")]
-  if bad:
-    raise ValueError(f"make_decoder: layer {bad[0]} uses mixer {cfg.layer_mixer(bad[0])!r}; the "
-                     "batch-1 decode kernels support softmax attention layers only")
+  layer_kinds(cfg)
   if cfg.qk_norm:
     raise ValueError("make_decoder: ModelConfig.qk_norm=True is not supported by the batch-1 "
                      "decode kernels")
@@ -86,21 +118,27 @@ def prepare_weights(model) -> dict[str, Any]:
   keeps its natural [F, D] layout (the MLP kernel splits over F).
   """
   cfg: ModelConfig = model.cfg
+  kinds = layer_kinds(cfg)
   _check_model(cfg)
   layers = []
-  for blk in model.layers:
+  for blk, kind in zip(model.layers, kinds):
     att, mlp = blk.mixer, blk.mlp
-    w_qkv = jnp.concatenate([att.q_proj.kernel[...], att.k_proj.kernel[...],
-                             att.v_proj.kernel[...]], axis=1)
     lw = dict(
         attn_norm=blk.input_norm.scale[...],
-        w_qkv_t=jnp.asarray(w_qkv.T),
-        w_o_t=jnp.asarray(att.o_proj.kernel[...].T),
         mlp_norm=blk.post_norm.scale[...],
         w_gate_t=jnp.asarray(mlp.gate_proj.kernel[...].T),
         w_up_t=jnp.asarray(mlp.up_proj.kernel[...].T),
         w_down=mlp.down_proj.kernel[...],
     )
+    if kind != "attention":   # the mixer's own parameters drive its projections
+      lw["mixer"] = nnx.state(att)
+      if kind == "path":
+        lw["w_o_t"] = jnp.asarray(att.o_proj.kernel[...].T)
+      layers.append(lw)
+      continue
+    w_qkv = jnp.concatenate([att.q_proj.kernel[...], att.k_proj.kernel[...],
+                             att.v_proj.kernel[...]], axis=1)
+    lw.update(w_qkv_t=jnp.asarray(w_qkv.T), w_o_t=jnp.asarray(att.o_proj.kernel[...].T))
     if att.q_proj.bias is not None:
       lw["b_qkv"] = jnp.concatenate([att.q_proj.bias[...], att.k_proj.bias[...],
                                      att.v_proj.bias[...]])
@@ -128,6 +166,8 @@ class _Spec:
   layers: str
   interpret: Any
   options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+  kinds: tuple[str, ...] = ()
+  cfg: ModelConfig | None = None   # builds the non-attention mixers' graphdefs
 
   def opts(self, op: str) -> dict:
     return dict(dict(self.options).get(op, ()))
@@ -173,6 +213,77 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
   return x, k, v
 
 
+@functools.lru_cache(maxsize=64)
+def _mixer_graphdef(cfg: ModelConfig, layer: int):
+  """The structure of layer `layer`'s mixer (no parameters are made)."""
+  return nnx.graphdef(nnx.eval_shape(lambda: _new_mixer(cfg, layer)))
+
+
+def _norm(x, scale, eps):
+  from kernels.rmsnorm_qkv.reference import rms_scale
+  return (x.astype(jnp.float32) * rms_scale(x, eps) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _mlp(spec: _Spec, lw, x, kw):
+  *_, rmsnorm_swiglu, _ = _ops()
+  return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
+                        eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu"))
+
+
+def _kernel_kw(spec: _Spec):
+  kw = dict(impl=spec.impl)
+  if spec.impl == "pallas":
+    kw["interpret"] = spec.interpret
+  return kw
+
+
+def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
+  """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
+  from kernels.path_key_update import path_key_update
+  from kernels.rope_append.reference import write_slot
+  _, _, decode_attention, out_proj_residual, _, _ = _ops()
+  kw = _kernel_kw(spec)
+  m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
+  xn = _norm(x, lw["attn_norm"], spec.eps)
+  q, kt, vt, w, beta, _, new_conv = m.decode_inputs(xn[None, None], conv)
+  ok = pos < spec.max_len
+
+  def attend(k, v):
+    if w is not None:   # carry every cached key through this token's transition
+      k = path_key_update(k, w[0, 0], beta[0, 0], pos, **kw, **spec.opts("path_key_update"))
+    k, v = write_slot(k, kt[0, 0], pos), write_slot(v, vt[0, 0], pos)
+    o = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **kw,
+                         **spec.opts("decode_attention"))
+    return o, k, v
+
+  # A full cache is never modified (the head turns the step's logits into NaN).
+  o, k, v = jax.lax.cond(ok, attend,
+                         lambda k, v: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v), k, v)
+  conv = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_conv, conv)
+  x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, **kw, **spec.opts("out_proj_residual"))
+  return _mlp(spec, lw, x, kw), k, v, conv
+
+
+def _levels_layer(spec: _Spec, l: int, lw, x, levels, conv, pos):
+  """A log-linear block for one token: the mixer's own projections around the level-state
+  kernel. levels [H, L, K, V] fp32 hold tokens 0..pos-1."""
+  from jaxlab.models.mixers.mamba2 import LevelKernel
+  from jaxlab.ops.log_linear import LogLinearState
+  kw = _kernel_kw(spec)
+  m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
+  xn = _norm(x, lw["attn_norm"], spec.eps)
+  cache = dict(state=LogLinearState(levels[None], jnp.reshape(pos, (1,)).astype(jnp.int32)),
+               conv=conv)
+  kern = LevelKernel(spec.impl, spec.interpret)
+  ok = pos < spec.max_len
+
+  y, new = m.extend(xn[None, None], cache, level_kernel=kern)
+  # A full state is never modified (the head turns the step's logits into NaN).
+  new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, cache)
+  x = x + y[0, 0].astype(x.dtype)
+  return _mlp(spec, lw, x, kw), new["state"].levels[0], new["conv"]
+
+
 def _head(spec: _Spec, weights, x, pos):
   *_, lm_head_argmax = _ops()
   kw = dict(impl=spec.impl)
@@ -188,14 +299,18 @@ def _step_unrolled(spec: _Spec, weights, state, token):
   pos = state["pos"]
   x = weights["embed"][token]
   cos, sin = _rope(spec, pos)
-  ks, vs = [], []
+  ks, vs, convs, levels = (list(state[n]) for n in ("k", "v", "conv", "levels"))
   for l, lw in enumerate(weights["layers"]):
-    x, k, v = _layer(spec, lw, x, state["k"][l], state["v"][l], pos, cos, sin,
-                     spec.use_rope[l])
-    ks.append(k)
-    vs.append(v)
+    kind = spec.kinds[l]
+    if kind == "attention":
+      x, ks[l], vs[l] = _layer(spec, lw, x, ks[l], vs[l], pos, cos, sin, spec.use_rope[l])
+    elif kind == "path":
+      x, ks[l], vs[l], convs[l] = _path_layer(spec, l, lw, x, ks[l], vs[l], convs[l], pos)
+    else:
+      x, levels[l], convs[l] = _levels_layer(spec, l, lw, x, levels[l], convs[l], pos)
   logits, tok = _head(spec, weights, x, pos)
-  return logits, tok, dict(k=tuple(ks), v=tuple(vs), pos=pos + 1)
+  return logits, tok, dict(k=tuple(ks), v=tuple(vs), conv=tuple(convs), levels=tuple(levels),
+                           pos=pos + 1)
 
 
 def _step_scan(spec: _Spec, weights, state, token):
@@ -206,7 +321,7 @@ def _step_scan(spec: _Spec, weights, state, token):
   from kernels.rmsnorm_qkv.reference import rmsnorm_qkv
   from kernels.rmsnorm_swiglu.reference import rmsnorm_swiglu
   from kernels.rope_append.reference import rotate, split_qkv
-  if len(set(spec.use_rope)) > 1:
+  if set(spec.kinds) != {"attention"} or len(set(spec.use_rope)) > 1:
     raise ValueError("layers='scan' needs the same mixer (attention or nope) in every layer")
   pos = state["pos"]
   x = weights["embed"][token]
@@ -237,7 +352,7 @@ def _step_scan(spec: _Spec, weights, state, token):
   (x, K, V, _), _ = jax.lax.scan(body, (x, state["k"], state["v"], jnp.int32(0)),
                                  weights["layers"])
   logits, tok = _head(dataclasses.replace(spec, impl="xla"), weights, x, pos)
-  return logits, tok, dict(k=K, v=V, pos=pos + 1)
+  return logits, tok, dict(state, k=K, v=V, pos=pos + 1)
 
 
 @dataclasses.dataclass
@@ -287,13 +402,12 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   copied per-layer slice as its operand).
   kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
   """
-  _check_args(impl, max_len, layers)
   cfg: ModelConfig = model.cfg
+  step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
+                                     kernel_options=kernel_options)
   weights = prepare_weights(model)
   if layers == "scan":
     weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
-  step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
-                                     kernel_options=kernel_options)
   graphdef, mstate = nnx.split(model)
   return Decoder(impl=impl, max_len=max_len, cache_len=cache_len, layers=layers, weights=weights,
                  model_state=mstate, prefill_fn=_prefill_fn(graphdef, cache_len, layers),
@@ -308,6 +422,11 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
   Usable on abstract inputs, e.g. to lower the step for another platform."""
   _check_args(impl, max_len, layers)
   _check_model(cfg)
+  kinds = layer_kinds(cfg)
+  if layers == "scan" and set(kinds) != {"attention"}:
+    raise ValueError("make_decoder: layers='scan' supports attention layers only "
+                     f"(this model's layers: {', '.join(sorted(set(kinds)))})")
+  _check_capacity(cfg, kinds, max_len)
   inv_freq, attn_factor = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
   cache_len = -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE
   from kernels._common import resolve_interpret
@@ -319,19 +438,54 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
       max_len=max_len, cache_len=cache_len, impl=impl, layers=layers,
       interpret=resolve_interpret(interpret) if impl == "pallas" else None,
       options=tuple(sorted((op, tuple(sorted(dict(o).items())))
-                           for op, o in (kernel_options or {}).items())))
+                           for op, o in (kernel_options or {}).items())),
+      kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg)
   return _step_fn(spec), cache_len
 
 
+def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
+  """Log-linear layers hold at most 2^(L-1) tokens: say so at construction."""
+  from jaxlab.models.mixers.mamba2 import check_levels
+  for l, kind in enumerate(kinds):
+    if kind == "levels":
+      m = nnx.eval_shape(lambda: _new_mixer(cfg, l))
+      check_levels(m.opts.num_levels, max_len, f"layer {l} ({cfg.layer_mixer(l)})")
+
+
+def _new_mixer(cfg: ModelConfig, layer: int):
+  from jaxlab.models.mixers.base import get_mixer_factory
+  return get_mixer_factory(cfg.layer_mixer(layer))(cfg, layer, rngs=nnx.Rngs(0))
+
+
 def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", pos: int = 0):
-  """An empty decode state: per-layer caches [Hkv, S, Dh] (stacked for layers='scan')."""
+  """An empty decode state: dict(k, v, conv, levels, pos), one entry per layer in each
+  tuple (None where a layer has no such cache). Attention: k, v [Hkv, S, Dh] in the
+  parameter dtype (stacked for layers='scan'); PaTH: fp32 k, v and the w conv state;
+  log-linear: levels [H, L, K, V] fp32 and the conv state."""
+  kinds = layer_kinds(cfg)
   shape = (cfg.kv_heads, cache_len, cfg.dim_per_head)
   dt = jnp.dtype(cfg.param_dtype)
-  ks = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
-  vs = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+  ks, vs, convs, levels = [], [], [], []
+  for l, kind in enumerate(kinds):
+    k = v = conv = lev = None
+    if kind == "attention":
+      k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+    else:
+      m = nnx.eval_shape(lambda: _new_mixer(cfg, l))
+      c = jax.eval_shape(lambda: m.init_cache(1, 1))
+      conv = None if c["conv"] is None else jnp.zeros(c["conv"].shape[1:], jnp.float32)[None]
+      if kind == "path":   # as PathCache: fp32 keys (rewritten every step), values in dt
+        k, v = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, dt)
+      else:
+        lev = jnp.zeros(c["state"].levels.shape[1:], jnp.float32)
+    ks.append(k)
+    vs.append(v)
+    convs.append(conv)
+    levels.append(lev)
+  ks, vs = tuple(ks), tuple(vs)
   if layers == "scan":
     ks, vs = jnp.stack(ks), jnp.stack(vs)
-  return dict(k=ks, v=vs, pos=jnp.int32(pos))
+  return dict(k=ks, v=vs, conv=tuple(convs), levels=tuple(levels), pos=jnp.int32(pos))
 
 
 @functools.lru_cache(maxsize=32)
@@ -343,13 +497,25 @@ def _prefill_fn(graphdef, cache_len: int, layers: str):
   def prefill_fn(model_state, tokens_T):
     m = nnx.merge(graphdef, model_state)
     T = tokens_T.shape[0]
-    cache = m.init_cache(1, cache_len)
+    # Log-linear layers get a capacity-sized cache (their slots do not depend on length).
+    cache = dict(layers=tuple(
+        blk.mixer.init_cache(1, cache_len if kind != "levels" else 1, m._dtype())
+        for blk, kind in zip(m.layers, layer_kinds(m.cfg))),
+        next_pos=jnp.zeros((1,), jnp.int32))
     logits, cache = m.extend(tokens_T[None], cache)
-    ks = tuple(jnp.transpose(c["k"][0], (1, 0, 2)) for c in cache["layers"])
-    vs = tuple(jnp.transpose(c["v"][0], (1, 0, 2)) for c in cache["layers"])
+    ks, vs, convs, levels = [], [], [], []
+    for c, kind in zip(cache["layers"], layer_kinds(m.cfg)):
+      kv = c if kind == "attention" else c.get("attn")
+      head_major = lambda a: jnp.transpose(a[0], (1, 0, 2))
+      ks.append(None if kv is None else head_major(kv["k"] if kind == "attention" else kv.k))
+      vs.append(None if kv is None else head_major(kv["v"] if kind == "attention" else kv.v))
+      convs.append(c.get("conv"))
+      levels.append(c["state"].levels[0] if kind == "levels" else None)
+    ks, vs = tuple(ks), tuple(vs)
     if layers == "scan":
       ks, vs = jnp.stack(ks), jnp.stack(vs)
-    return logits[0, -1], dict(k=ks, v=vs, pos=jnp.int32(T))
+    return logits[0, -1], dict(k=ks, v=vs, conv=tuple(convs), levels=tuple(levels),
+                               pos=jnp.int32(T))
 
   return prefill_fn
 

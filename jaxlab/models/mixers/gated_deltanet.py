@@ -129,9 +129,7 @@ class GatedDeltaNet(StateMixer):
       lam, scale = jax.nn.softplus(lscale * dl), 1.0
     else:
       lam, scale = None, self.scale
-    res = ll._run(q, k, v, g, beta, lam, scale=scale, impl=impl, initial_state=state,
-                  return_state=state is not None, lengths=n)
-    y, new_state = res if state is not None else (res, None)
+    y, new_state = self._op(q, k, v, g, beta, lam, scale=scale, impl=impl, state=state, n=n)
     y = self.o_norm(y.astype(x_BTD.dtype))
     gate = self.g_proj(xs).reshape(b, t, o.heads, o.head_v_dim)
     y = (y * jax.nn.silu(gate)).reshape(b, t, self.value_dim)

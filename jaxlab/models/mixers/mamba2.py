@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,38 @@ def _opt_impl(cfg):
   return impl
 
 
+@dataclasses.dataclass(frozen=True)
+class LevelKernel:
+  """Run the one-token level-state update of a log-linear mixer with the batch-1 decode
+  op kernels/log_linear_state (impl "xla" | "pallas"; `interpret` as in kernels/).
+  Passed as `extend(..., level_kernel=...)` by the decode driver (jaxlab/models/decode.py)."""
+  impl: str
+  interpret: Any = None
+
+
+def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n):
+  """T = 1 through kernels/log_linear_state, one batch row at a time (the op is batch-1).
+
+  q, k [B,1,G,K]; v [B,1,H,V]; g, beta [B,1,H]; lam [B,1,H,L]; state a LogLinearState.
+  A row with n = 0 (padding) keeps its state and count."""
+  from kernels.log_linear_state import log_linear_state_update
+  rep = v.shape[2] // q.shape[2]
+  f32 = jnp.float32
+  qh = jnp.repeat(q[:, 0].astype(f32), rep, axis=1)
+  kh = jnp.repeat(k[:, 0].astype(f32), rep, axis=1)
+  variant = "mamba2" if beta is None else "gdn"
+  outs, levels = [], []
+  for b in range(v.shape[0]):
+    o, new = log_linear_state_update(
+        state.levels[b], state.count[b], qh[b], kh[b], v[b, 0].astype(f32), lam[b, 0].astype(f32),
+        g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
+        impl=kern.impl, interpret=kern.interpret)
+    outs.append(o)
+    levels.append(jnp.where(n[b] > 0, new, state.levels[b]))
+  y = jnp.stack(outs)[:, None].astype(v.dtype)
+  return y, ll.LogLinearState(jnp.stack(levels), state.count + n)
+
+
 class StateMixer(nnx.Module):
   """Shared mixer-interface plumbing of the recurrent-state mixers (Mamba-2, GDN).
 
@@ -143,11 +176,29 @@ class StateMixer(nnx.Module):
     return dict(state=ll.init_state(batch_size, o.heads, nl, *self.state_dims()),
                 conv=jnp.zeros((batch_size, o.conv_width - 1, self.conv_dim), F32))
 
-  def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None):
+  def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None,
+             level_kernel: LevelKernel | None = None):
+    """level_kernel: run this one-token step's state update with kernels/log_linear_state
+    (log-linear mixers, T = 1 only; see LevelKernel)."""
     del positions_BT
-    impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
+    if level_kernel is not None:
+      if not self.opts.log_linear or x_BTD.shape[1] != 1:
+        raise ValueError(f"extend: level_kernel needs a log-linear mixer and one token (T = 1); "
+                         f"got log_linear={self.opts.log_linear}, T={x_BTD.shape[1]}")
+      impl = level_kernel
+    else:
+      impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
     out, state, conv = self._run(x_BTD, cache["state"], cache["conv"], mask_BT, impl)
     return out, dict(state=state, conv=conv)
+
+  def _op(self, q, k, v, g, beta, lam, *, scale, impl, state, n):
+    """(y, new state or None): the log-linear op, or the decode kernel for a LevelKernel."""
+    if isinstance(impl, LevelKernel):
+      assert scale == 1.0, scale   # the log-linear mixers fold any score scale into lambda
+      return _level_kernel_step(impl, q, k, v, g, beta, lam, state, n)
+    res = ll._run(q, k, v, g, beta, lam, scale=scale, impl=impl, initial_state=state,
+                  return_state=state is not None, lengths=n)
+    return res if state is not None else (res, None)
 
 
 # ---------------------------------------------------------------------------- Mamba-2
@@ -240,9 +291,7 @@ class Mamba2(StateMixer):
       lam = jax.nn.softplus(lscale * dl.astype(F32).reshape(b, t, h, o.num_levels))
     else:
       lam = None
-    res = ll._run(q, k, v, gdec, None, lam, scale=1.0, impl=impl, initial_state=state,
-                  return_state=state is not None, lengths=n)
-    y, new_state = res if state is not None else (res, None)
+    y, new_state = self._op(q, k, v, gdec, None, lam, scale=1.0, impl=impl, state=state, n=n)
     y = y + self.D[...].astype(F32)[:, None] * xh.astype(F32)
     y = y.reshape(b, t, self.d_inner).astype(x_BTD.dtype)
     y = self.norm(y * jax.nn.silu(z))

@@ -138,6 +138,11 @@ class PathAttention(nnx.Module):
         g = g / self.scale   # the op multiplies the gate by scale; FoX does not
     return q, k, v, w, beta, g, new_state
 
+  def decode_inputs(self, x_BTD, conv_state):
+    """(q, k, v, w, beta, g, new conv state) for T unpadded tokens: what a decode driver
+    with its own cache layout needs (jaxlab/models/decode.py)."""
+    return self._inputs(x_BTD, conv_state, None)
+
   def _conv(self, pre_BTC, state_BSC):
     """Causal depthwise conv over [state, pre]; returns (out, last w_conv-1 inputs)."""
     ks = self.opts.w_conv
