@@ -81,3 +81,30 @@ def test_log_linear_recurrence_matches_jaxlab_ops(variant):
         q[None], k[None], v[None], g[None], lam[None])
   assert_rel_close(np.stack(outs), np.asarray(ref[0]), rtol=tol(F32, T * dk), name="o")
   assert_rel_close(np.asarray(S), np.asarray(st.levels[0]), rtol=tol(F32, T), name="levels")
+
+
+@pytest.mark.parametrize("mixer", ["log_linear_mamba2", "log_linear_gated_deltanet"])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_mixer_extend_with_level_kernel_matches_recurrent(mixer, impl):
+  """A log-linear mixer's one-token extend through kernels/log_linear_state equals its own
+  recurrent step: outputs, level states and counts, for a batch with a padded row."""
+  from flax import nnx
+  from jaxlab.models import ModelConfig
+  from jaxlab.models.mixers.base import get_mixer_factory
+  from jaxlab.models.mixers.mamba2 import LevelKernel
+  cfg = ModelConfig(d_model=64, n_heads=2, head_dim=64, max_seq_len=64, init_std=0.3,
+                    mixer_options={"state_size": 64, "expand": 2, "n_groups": 1})
+  m = get_mixer_factory(mixer)(cfg, 0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 64))
+  cache = m.init_cache(2, 64)
+  _, cache = m.extend(x[:, :5], cache)                        # 5 tokens of context
+  mask = jnp.array([[True], [False]])                        # row 1: a padded step
+  ref, ref_cache = m.extend(x[:, 5:], cache, mask_BT=mask)
+  out, new = m.extend(x[:, 5:], cache, mask_BT=mask, level_kernel=LevelKernel(impl))
+  assert_rel_close(np.asarray(out), np.asarray(ref), rtol=tol(F32, 64 * 5), name="y")
+  assert_rel_close(np.asarray(new["state"].levels), np.asarray(ref_cache["state"].levels),
+                   rtol=tol(F32, 64), name="levels")
+  np.testing.assert_array_equal(np.asarray(new["state"].count), [6, 5])
+  np.testing.assert_array_equal(np.asarray(new["conv"]), np.asarray(ref_cache["conv"]))
+  with pytest.raises(ValueError, match="T = 1"):
+    m.extend(x[:, :2], cache, level_kernel=LevelKernel(impl))

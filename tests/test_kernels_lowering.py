@@ -81,3 +81,21 @@ def test_rope_kernel_rejects_shapes_it_cannot_compile():
                                                        n_kv_heads=2, mode="compile"),
            SD((8 * 32,), jnp.float32), SD((32,), jnp.float32), SD((32,), jnp.float32),
            SD((2, 64, 32), jnp.float32), SD((2, 64, 32), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hybrid_decode_step_lowers_for_cuda(dtype):
+  """The step with PaTH and log-linear Mamba-2 / GDN layers (their decode kernels, the
+  mixers' own XLA projections, lax.cond guards) lowers for CUDA."""
+  cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=12, n_kv_heads=4,
+                    head_dim=64, ffn_dim=512, max_seq_len=2048, param_dtype=dtype,
+                    mixer_pattern=("path", "log_linear_mamba2", "attention",
+                                   "log_linear_gated_deltanet"),
+                    mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 4})
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  step, S = step_function(cfg, "pallas", 1100, interpret=False)
+  state = jax.eval_shape(lambda: init_state(cfg, S))
+  text = step.trace(weights, state, SD((), jnp.int32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("path_key_update", "log_linear_state_update", "decode_attention"):
+    assert name in text, name

@@ -82,6 +82,17 @@ def test_rope_and_attention_mosaic():
          "attention")
 
 
+def test_attention_fp32_keys_bf16_values_mosaic():
+  """PaTH layers attend over fp32 keys and model-dtype values (separate SMEM tilings)."""
+  Hq, Hkv, S, Dh, L = 4, 2, 128, 64, 90
+  kc = _r(30, Hkv, S, Dh)
+  vc = _r(31, Hkv, S, Dh).astype(jnp.bfloat16)
+  q = _r(32, Hq, Dh)
+  o = decode_attention(q, kc, vc, L, scale=0.125, impl="pallas", interpret=M, block_s=64,
+                       num_splits=2)
+  _close(o, decode_attention(q, kc, vc, L, scale=0.125, impl="xla"), L * Dh, "mixed dtypes")
+
+
 def test_path_and_log_linear_mosaic():
   Hkv, S, Dh, L = 2, 192, 64, 100
   kc = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, _r(14, Hkv, S, Dh))

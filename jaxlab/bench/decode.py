@@ -120,9 +120,10 @@ def _random_cache(cfg, cache_len: int, key):
 
 def _synthetic_state(dec, cfg, pos: int, key):
   k, v = _random_cache(cfg, dec.cache_len, key)
+  none = (None,) * cfg.n_layers   # attention-only bench configs: no conv / level states
   if dec.layers == "scan":
-    return dict(k=jnp.stack(k), v=jnp.stack(v), pos=jnp.int32(pos))
-  return dict(k=tuple(k), v=tuple(v), pos=jnp.int32(pos))
+    return dict(k=jnp.stack(k), v=jnp.stack(v), conv=none, levels=none, pos=jnp.int32(pos))
+  return dict(k=tuple(k), v=tuple(v), conv=none, levels=none, pos=jnp.int32(pos))
 
 
 def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key):

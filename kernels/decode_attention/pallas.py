@@ -53,10 +53,12 @@ def _body(len_g, q_g, k_g, v_g, o_g, m_g, l_g, *, ctx: C.Ctx, S, G, Dh, BS, P, s
       out.append((acc, m_new, l * alpha + jnp.sum(pr)))
     return tuple(out)
 
-  tr = C.tile_transforms(Dh, k_g.dtype)
-  spec = lambda: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0), transforms=tr)
+  # K and V may differ in dtype (PaTH layers keep fp32 keys next to model-dtype values).
+  spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
+                                      transforms=C.tile_transforms(Dh, dt))
   carry0 = tuple((ctx.zeros((Dh,), C.COL), f32(-jnp.inf), f32(0.0)) for _ in range(G))
-  res = ctx.pipeline(step, grid=(n_blocks,), in_specs=[spec(), spec()], stages=stages,
+  res = ctx.pipeline(step, grid=(n_blocks,), in_specs=[spec(k_g.dtype), spec(v_g.dtype)],
+                     stages=stages,
                      init_carry=carry0)(k_g.at[h], v_g.at[h])
   for g, (acc, m, l) in enumerate(res):
     ctx.store(acc, o_g.at[h, p, g])
