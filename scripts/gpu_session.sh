@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 4, 5 and 7 in one device call of at most ~6.5 minutes
-# (a session has 15 minutes of device time, machine start included):
+# Every GPU check of issues 4, 5 and 7 in one device call (stage timeouts sum to ~8.6
+# minutes, a typical run ~5-6; a session has 15 minutes of device time, machine start
+# included; with B8=1 set HYBRID=0 or lower the timeouts to stay under the 600 s call limit):
 #   1. compiled Mosaic-GPU kernels vs their references + 64 greedy tokens pallas == xla
-#   2. jaxlab bench decode --config llama-1b-bench (variants, per-op table, sweep)
+#   2. jaxlab bench decode --config llama-1b-bench (variants, per-op table, sweep), then
+#      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)
 #   3. fwd+bwd attention benchmark at the issues' shapes (softmax, log-linear, PaTH)
 #   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~2.5 minutes)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
@@ -37,6 +39,15 @@ timeout ${B1_TIMEOUT:-180} $PY -m jaxlab.bench.decode --config llama-1b-bench --
   --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
 tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JSON, xplane)
+
+# PaTH / log-linear decode kernels inside the 1B-shaped step (appended to llama-1b.txt;
+# HYBRID=0 skips it).
+if [ "${HYBRID:-1}" != 0 ]; then
+  { echo; echo "=== hybrid-1b-bench ==="; } >> "$OUT/llama-1b.txt"
+  timeout ${HYB_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config hybrid-1b-bench \
+    --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 >> "$OUT/llama-1b.txt" 2>&1
+  stamp "hybrid-1b-bench rc=$?"
+fi
 
 # Issues' shapes: T = 2K/8K/32K at B = 8/2/1. PaTH's 32K row is skipped by default
 # (~14 s a call on an H100 on 2026-11-26; ATTN_PATH_TS="2048 8192 32768" adds it).

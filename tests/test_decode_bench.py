@@ -50,3 +50,29 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
     assert r["ms_per_token"] > 0 and r["argmax_match_xla"] is True
     assert r["profile"]["note"].startswith("no GPU stream events")   # CPU trace
   assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4            # fp32 tiny model
+
+
+def test_cpu_smoke_run_hybrid_config(tmp_path):
+  """PaTH / log-linear layers in the bench: pallas agrees with xla; bytes per token count
+  the weights once plus each layer kind's cache traffic; unsupported variants say why."""
+  p = argparse.ArgumentParser()
+  decode.add_arguments(p)
+  out = tmp_path / "r.json"
+  args = p.parse_args(["--config", "hybrid-tiny", "--steps", "2", "--repeats", "1",
+                       "--warmup", "1", "--variants", "xla-unrolled,pallas,model",
+                       "--json", str(out)])
+  assert decode.main(args) == 0
+  res = json.loads(out.read_text())
+  assert res["variants"]["pallas"]["argmax_match_xla"] is True
+  assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4
+  assert "attention caches only" in res["variants"]["model"]["error"]
+  # hybrid-tiny: 4 layers (path, levels, attention, levels), fp32, Hkv 2, Dh 64.
+  from jaxlab.models import ModelConfig
+  from jaxlab.models.decode import init_state
+  cfg = ModelConfig(**decode.CONFIGS["hybrid-tiny"][0])
+  st = init_state(cfg, 128)
+  n = 100.0
+  want = (2 * 4 + 4) * 2 * 64 * n                      # PaTH: K read + write, V read
+  want += 2 * 4 * 2 * 64 * n                           # attention: K, V read
+  want += 2 * sum(a.nbytes for a in st["levels"] if a is not None)   # levels read + write
+  assert decode._cache_bytes(cfg, st, n) == want

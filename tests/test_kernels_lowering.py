@@ -30,12 +30,14 @@ def _lower(fn, *avals):
     raise
 
 
-@pytest.mark.parametrize("name", ["llama-1b-bench", "llama-8b-bench", "tiny"])
+@pytest.mark.parametrize("name", ["llama-1b-bench", "llama-8b-bench", "hybrid-1b-bench", "tiny",
+                                  "hybrid-tiny"])
 def test_decode_step_lowers_for_cuda(name):
-  """One full Pallas decode step (one layer of the bench shapes; the tiny test model)."""
+  """One full Pallas decode step (one layer of the bench shapes, one mixer cycle of the
+  hybrid; the tiny test models)."""
   kw = dict(CONFIGS[name][0])
-  if name != "tiny":
-    kw["n_layers"] = 1
+  if "tiny" not in name:
+    kw["n_layers"] = len(kw.get("mixer_pattern") or (1,))
   cfg = ModelConfig(**kw)
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
   step, S = step_function(cfg, "pallas", 1100, interpret=False)

@@ -36,6 +36,16 @@ CONFIGS = {
                             n_kv_heads=8, head_dim=128, ffn_dim=14336, rope_theta=500000.0,
                             tie_embeddings=False, param_dtype="bfloat16"), 1024, 16384),
 }
+# The 1B bench shapes with a PaTH / log-linear Mamba-2 / log-linear GDN / attention layer
+# cycle: times the PaTH key-update and level-state decode kernels inside the real step.
+CONFIGS["hybrid-1b-bench"] = (dict(
+    CONFIGS["llama-1b-bench"][0], max_seq_len=2048,
+    mixer_pattern=("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet"),
+    mixer_options={"state_size": 64, "expand": 1}), 1024, 16384)
+CONFIGS["hybrid-tiny"] = (dict(
+    CONFIGS["tiny"][0], n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
+    mixer_pattern=CONFIGS["hybrid-1b-bench"][0]["mixer_pattern"],
+    mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 2}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model")
 
 
@@ -80,6 +90,35 @@ def _kv_bytes(cfg, length: float) -> float:
   return item * 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * length
 
 
+def _attention_only(cfg) -> bool:
+  from jaxlab.models.decode import layer_kinds
+  return set(layer_kinds(cfg)) == {"attention"}
+
+
+def _model_weight_bytes(model) -> int:
+  """Every parameter once; an untied embedding table is not read (one row per token)."""
+  from flax import nnx
+  total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return total - (model.embed.embedding[...].nbytes if model.lm_head is not None else 0)
+
+
+def _cache_bytes(cfg, state, length: float) -> float:
+  """The floor of a step's cache traffic, per layer kind: attention reads K and V;
+  PaTH reads and rewrites its fp32 keys (in place, fused) and reads V; a log-linear
+  layer reads and rewrites its level states."""
+  from jaxlab.models.decode import layer_kinds
+  nbytes = lambda a: int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+  total = 0.0
+  for l, kind in enumerate(layer_kinds(cfg)):
+    if kind == "levels":
+      total += 2 * nbytes(state["levels"][l])
+      continue
+    k, v = state["k"][l], state["v"][l]
+    per_slot = (nbytes(k) / k.shape[1]) * (2 if kind == "path" else 1) + nbytes(v) / v.shape[1]
+    total += per_slot * length
+  return total
+
+
 def _time(fn, repeats: int) -> float:
   ts = []
   for _ in range(repeats):
@@ -119,11 +158,24 @@ def _random_cache(cfg, cache_len: int, key):
 
 
 def _synthetic_state(dec, cfg, pos: int, key):
+  if not _attention_only(cfg):
+    return _synthetic_hybrid_state(dec, cfg, pos, key)
   k, v = _random_cache(cfg, dec.cache_len, key)
   none = (None,) * cfg.n_layers   # attention-only bench configs: no conv / level states
   if dec.layers == "scan":
     return dict(k=jnp.stack(k), v=jnp.stack(v), conv=none, levels=none, pos=jnp.int32(pos))
   return dict(k=tuple(k), v=tuple(v), conv=none, levels=none, pos=jnp.int32(pos))
+
+
+def _synthetic_hybrid_state(dec, cfg, pos: int, key):
+  """init_state with random K/V (attention, PaTH) and small random level states."""
+  from jaxlab.models.decode import init_state
+  st = init_state(cfg, dec.cache_len, layers=dec.layers, pos=pos)
+  keys = iter(jax.random.split(key, 3 * cfg.n_layers))
+  rnd = lambda a, s: None if a is None else (
+      s * jax.random.normal(next(keys), a.shape, jnp.float32)).astype(a.dtype)
+  return dict(st, k=tuple(rnd(a, 1.0) for a in st["k"]), v=tuple(rnd(a, 1.0) for a in st["v"]),
+              levels=tuple(rnd(a, 0.01) for a in st["levels"]))
 
 
 def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key):
@@ -387,9 +439,10 @@ def run(args) -> dict:
   opts = json.loads(args.kernel_options) if args.kernel_options else None
   backend = jax.default_backend()
   dev = jax.devices()[0]
+  attention_only = _attention_only(cfg)
   res = dict(config=args.config, device=getattr(dev, "device_kind", str(dev)), backend=backend,
              jax=jax.__version__, dtype=cfg.param_dtype, kv_len=kv_len, steps=args.steps,
-             weight_bytes=_weight_bytes(cfg), variants={})
+             weight_bytes=_weight_bytes(cfg) if attention_only else None, variants={})
   if backend == "cpu":
     res["note"] = ("CPU backend: the Pallas kernels run in interpret mode, so their timings are "
                    "meaningless (and XLA CPU timings say nothing about a GPU)")
@@ -400,9 +453,18 @@ def run(args) -> dict:
   key = jax.random.key(args.seed + 1)
   first = 1
   mean_len = kv_len + 1 + args.warmup + (args.repeats * args.steps) / 2
-  bytes_tok = res["weight_bytes"] + _kv_bytes(cfg, mean_len)
+  if attention_only:
+    bytes_tok = res["weight_bytes"] + _kv_bytes(cfg, mean_len)
+  else:
+    from jaxlab.models.decode import SLOT_MULTIPLE, init_state
+    res["weight_bytes"] = _model_weight_bytes(model)
+    shapes = jax.eval_shape(lambda: init_state(cfg, -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE))
+    bytes_tok = res["weight_bytes"] + _cache_bytes(cfg, shapes, mean_len)
   res["bytes_per_token"] = bytes_tok
   def one(v):
+    if v == "model" and not attention_only:
+      raise ValueError("variant model: the bench builds attention caches only "
+                       "(use pallas / xla-unrolled for hybrid configs)")
     if v == "model":
       r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
                      key)
@@ -447,7 +509,7 @@ def format_table(res: dict) -> str:
   lines = [f"config {res['config']}  device {res['device']} ({res['backend']}, jax {res['jax']})  "
            f"dtype {res['dtype']}  kv_len {res['kv_len']}  steps {res['steps']}",
            f"bytes/token {res['bytes_per_token'] / 1e6:.1f} MB (weights "
-           f"{res['weight_bytes'] / 1e6:.1f} MB + live KV cache)",
+           f"{res['weight_bytes'] / 1e6:.1f} MB + live caches)",
            f"lone GEMV {g['n']}x{g['n']} bf16: {g['ms']:.3f} ms, {g['gbps']:.1f} GB/s "
            "(reference bandwidth)"]
   if "note" in res:
