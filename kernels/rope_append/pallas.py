@@ -31,6 +31,11 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
   if not ctx.interpret and n % 128:
     raise ValueError(f"rope kernel: (n_heads + n_kv_heads) * head_dim / 2 = {n} must be a "
                      "multiple of 128 (one warpgroup) to compile for GPU")
+  if not ctx.interpret and n == 384 and jnp.dtype(o_g.dtype).itemsize == 2:
+    # Mosaic GPU (JAX 0.10.2) rejects the bf16 store layout at exactly this size; 256, 640,
+    # 768, 896, 1024, 1152, 1280, 1536 and fp32 384 all lower (checked on CPU).
+    raise ValueError(f"rope kernel: {H} q+k heads x head_dim {2 * half} in {o_g.dtype} "
+                     "(n = 384) do not compile for GPU; fp32 or another head count does")
   lay = C.plgpu.Layout.WG_STRIDED((H, half), vec_size=vec)
 
   def rope(x_s, cs_s):
