@@ -76,6 +76,16 @@ def test_path_key_update_lowers_for_cuda(Dh):
          SD((), jnp.int32))
 
 
+@pytest.mark.parametrize("Dh,vdt", [(64, jnp.bfloat16), (128, jnp.float32)])
+def test_path_decode_attention_lowers_for_cuda(Dh, vdt):
+  from kernels.decode_attention import pallas
+  f32 = jnp.float32
+  _lower(lambda q, k, v, w, b, n: pallas.path_decode_attention(q, k, v, w, b, n, scale=0.1,
+                                                               mode="compile"),
+         SD((32, Dh), vdt), SD((8, 1024, Dh), f32), SD((8, 1024, Dh), vdt), SD((8, Dh), f32),
+         SD((8,), f32), SD((), jnp.int32))
+
+
 def test_rope_kernel_rejects_shapes_it_cannot_compile():
   from kernels.rope_append import pallas
   with pytest.raises(ValueError, match="multiple of 128"):

@@ -93,6 +93,23 @@ def test_attention_fp32_keys_bf16_values_mosaic():
   _close(o, decode_attention(q, kc, vc, L, scale=0.125, impl="xla"), L * Dh, "mixed dtypes")
 
 
+def test_path_decode_attention_mosaic():
+  """The fused PaTH key update + attention exactly as written (fp32 keys, bf16 values)."""
+  from kernels.path_decode_attention import path_decode_attention
+  Hq, Hkv, S, Dh, L = 4, 2, 192, 64, 130
+  tail = jnp.arange(S)[None, :, None] >= L
+  kc = jnp.where(tail, jnp.nan, _r(40, Hkv, S, Dh))
+  vc = jnp.where(tail, jnp.nan, _r(41, Hkv, S, Dh)).astype(jnp.bfloat16)
+  w = _r(42, Hkv, Dh)
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta, q = jnp.array([0.7, 1.8]), _r(43, Hq, Dh)
+  o, k = path_decode_attention(q, kc, vc, w, beta, L, scale=0.125, impl="pallas", interpret=M,
+                               block_s=64, num_splits=2)
+  o_r, k_r = path_decode_attention(q, kc, vc, w, beta, L, scale=0.125, impl="xla")
+  _close(o, o_r, L * Dh, "o")
+  _close(np.asarray(k)[:, :L], np.asarray(k_r)[:, :L], Dh, "keys")
+
+
 def test_path_and_log_linear_mosaic():
   Hkv, S, Dh, L = 2, 192, 64, 100
   kc = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, _r(14, Hkv, S, Dh))

@@ -269,6 +269,45 @@ def test_path_key_update_bf16_accumulates_in_fp32():
                    rtol=tol(jnp.bfloat16, 1, factor=1.0), name="path bf16")
 
 
+# ------------------------------------------------ PaTH fused decode attention
+
+
+@pytest.mark.parametrize("Dh,G", [(64, 1), (128, 4)])
+def test_path_decode_attention(Dh, G):
+  """Fused key update + attention = the reference composition, for outputs and the live
+  keys; the new key (slot length - 1) is not transformed; NaN past length is harmless."""
+  from kernels.path_decode_attention import path_decode_attention
+  Hkv, S, BS = 2, 192, 64
+  k = _keys(21, 5)
+  kc = jax.random.normal(k[0], (Hkv, S, Dh))
+  vc = jax.random.normal(k[1], (Hkv, S, Dh))
+  q = jax.random.normal(k[2], (Hkv * G, Dh))
+  w = jax.random.normal(k[3], (Hkv, Dh))
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jax.random.uniform(k[4], (Hkv,), minval=0.5, maxval=1.9)
+  f = jax.jit(functools.partial(path_decode_attention, scale=Dh ** -0.5, impl="pallas",
+                                block_s=BS, num_splits=2))
+  r = jax.jit(functools.partial(path_decode_attention, scale=Dh ** -0.5, impl="xla"))
+  for L in (1, 63, 65, 150, 192):
+    tail = jnp.arange(S)[None, :, None] >= L
+    o, kn = f(q, jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.nan, vc), w, beta,
+              jnp.int32(L))
+    o_r, k_r = r(q, kc, vc, w, beta, jnp.int32(L))
+    _close(o, o_r, L * Dh, f"o L={L}")
+    _close(np.asarray(kn)[:, :L], np.asarray(k_r)[:, :L], Dh, f"keys L={L}")
+    np.testing.assert_array_equal(np.asarray(kn)[:, L - 1], np.asarray(kc)[:, L - 1])
+  # = path_key_update on the older slots, then decode_attention
+  L = 150
+  older = path_key_update(kc, w, beta, L - 1, impl="xla")
+  k2 = jnp.where(jnp.arange(S)[None, :, None] < L - 1, older, kc)
+  _close(r(q, kc, vc, w, beta, jnp.int32(L))[0],
+         decode_attention(q, k2, vc, L, scale=Dh ** -0.5, impl="xla"), L * Dh, "composition")
+  with pytest.raises(ValueError, match="w_KD"):
+    path_decode_attention(q, kc, vc, w[:1], beta, 5, scale=1.0, impl="xla")
+  with pytest.raises(ValueError, match="'triton'"):
+    path_decode_attention(q, kc, vc, w, beta, 5, scale=1.0, impl="triton")
+
+
 # ------------------------------------------------------- log-linear decode
 
 

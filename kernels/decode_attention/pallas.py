@@ -10,6 +10,11 @@ writes the unnormalised partial (m_p, l_p, o_p). The standard merge
 (kernels/decode_attention/reference.merge_splits) runs in XLA on
 Hkv*P*G*(Dh+2) floats.
 
+PaTH (path_decode_attention): the same pass also applies the token's transition to
+every older key, K <- K - beta (K w) w^T for slots < length - 1 (slot length - 1
+holds the new key), stores the updated block and attends with it, so K is read
+once and written once per step (papers.md 2.3, FlashFormer-style fusion).
+
 Masking: scores of slots >= length are -inf and their V rows are zeroed before
 the product (0 * NaN would be NaN), so NaN garbage in unused slots is harmless.
 """
@@ -18,12 +23,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(len_g, q_g, k_g, v_g, o_g, m_g, l_g, *, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages):
+def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
+  if path:   # PaTH: also carry every older key through the token's transition
+    len_g, q_g, k_g, v_g, w_g, b_g, o_g, m_g, l_g, knew_g = refs
+  else:
+    len_g, q_g, k_g, v_g, o_g, m_g, l_g = refs
   h = ctx.axis("h")
   p = ctx.axis("p")
   f32 = jnp.float32
@@ -37,11 +47,20 @@ def _body(len_g, q_g, k_g, v_g, o_g, m_g, l_g, *, ctx: C.Ctx, S, G, Dh, BS, P, s
     return [ctx.ld(q_s.at[g], C.COL).astype(f32) * scale for g in range(G)]
 
   q = ctx.load(q_g.at[h], qrow)
+  if path:
+    beta = b_g[h].astype(f32)
+    w2 = C.bcast_rows(ctx.load(w_g.at[h], lambda s: ctx.ld(s, C.COL).astype(f32)), (BS, Dh))
 
   def step(idx, k_s, v_s, carry):
     slot = ctx.iota((BS,), 0, C.ROW) + (start + idx[0]) * BS
     valid = slot < length
     k = k_s[...].astype(f32)
+    if path:   # slots < length - 1 hold older keys; slot length - 1 is the new key
+      kw = jnp.sum(k * w2, axis=1)                                        # [BS], ROW
+      older = C.bcast_cols(slot < length - 1, (BS, Dh))
+      k = jnp.where(older, k - C.bcast_cols(kw * beta, (BS, Dh)) * w2, k)
+      ctx.store(k, knew_g.at[h, pl.ds((start + idx[0]) * BS, BS)],
+                transforms=C.tile_transforms(Dh, knew_g.dtype))
     v = jnp.where(C.bcast_cols(valid, (BS, Dh)), v_s[...].astype(f32), 0.0)
     out = []
     for g, (acc, m, l) in enumerate(carry):
@@ -67,8 +86,9 @@ def _body(len_g, q_g, k_g, v_g, o_g, m_g, l_g, *, ctx: C.Ctx, S, G, Dh, BS, P, s
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2):
-  """The kernel alone: (o_p [Hkv, P, G, Dh], m_p [Hkv, P, G], l_p [Hkv, P, G]), fp32."""
+             block_s=None, stages=2, path_wb=None):
+  """The kernel alone: (o_p [Hkv, P, G, Dh], m_p [Hkv, P, G], l_p [Hkv, P, G]), fp32;
+  with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written)."""
   Hq, Dh = q_HD.shape
   Hkv, S, _ = k_cache_KSD.shape
   G = Hq // Hkv
@@ -78,17 +98,29 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
+  path = path_wb is not None
+  out_type = (jax.ShapeDtypeStruct((Hkv, P, G, Dh), jnp.float32),
+              jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32),
+              jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32))
+  if path:
+    out_type += (jax.ShapeDtypeStruct(k_cache_KSD.shape, k_cache_KSD.dtype),)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
-                            stages=stages),
-      out_type=(jax.ShapeDtypeStruct((Hkv, P, G, Dh), jnp.float32),
-                jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32),
-                jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32)),
-      grid=(Hkv, P), grid_names=("h", "p"), mode=mode, name="decode_attention")
+                            stages=stages, path=path),
+      out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
+      name="path_decode_attention" if path else "decode_attention")
   length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
-  return kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD)
+  extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
+  return kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD, *extra)
 
 
 def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, **kw):
   o, m, l = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode, **kw)
   return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype)
+
+
+def path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, *, scale, mode,
+                          **kw):
+  o, m, l, k_new = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode,
+                            path_wb=(w_KD, beta_K), **kw)
+  return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype), k_new

@@ -1,0 +1,53 @@
+"""PaTH decode attention with the key-cache update fused in (FlashFormer-style: the
+pass that streams K for attention also rewrites it), so a PaTH decode step reads K
+once and writes it once instead of reading it twice (path_key_update, then
+decode_attention).
+
+Cache layout [Hkv, S, Dh]. The caller writes the new token's k and v into slot
+length - 1 first; older keys are carried through K <- K - beta (K w) w^T (fp32), and
+q attends over slots < length of the updated cache. Returns (o [Hq, Dh] in q.dtype,
+updated K). The Pallas form writes only the live cache blocks of K: rows past them are
+unspecified in the returned K (never visible; the next append writes its slot).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels import _common as C
+from kernels.path_decode_attention import reference
+
+
+def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.Array,
+                          w_KD: jax.Array, beta_K: jax.Array, length, *, scale: float, impl: str,
+                          interpret: bool | str | None = None, **kw):
+  """q [Hq, Dh], K / V [Hkv, S, Dh], w [Hkv, Dh], beta [Hkv], length (1..S) ->
+  (o [Hq, Dh], K). Pallas options as decode_attention (num_splits, block_s, stages)."""
+  C.check_impl(impl, "path_decode_attention")
+  if q_HD.ndim != 2 or k_cache_KSD.ndim != 3 or v_cache_KSD.shape != k_cache_KSD.shape:
+    raise ValueError(f"path_decode_attention: q_HD {q_HD.shape}, k_cache_KSD "
+                     f"{k_cache_KSD.shape}, v_cache_KSD {v_cache_KSD.shape}: expected [Hq, Dh] "
+                     "and two [Hkv, S, Dh]")
+  Hq, Dh = q_HD.shape
+  Hkv, S, Dk = k_cache_KSD.shape
+  if Dk != Dh or Hq % Hkv:
+    raise ValueError(f"path_decode_attention: q_HD {q_HD.shape} does not match k_cache_KSD "
+                     f"{k_cache_KSD.shape} (head dims equal, Hq a multiple of Hkv)")
+  if w_KD.shape != (Hkv, Dh) or beta_K.shape != (Hkv,):
+    raise ValueError(f"path_decode_attention: w_KD {w_KD.shape} / beta_K {beta_K.shape} must "
+                     f"be [{Hkv}, {Dh}] / [{Hkv}]")
+  try:
+    n = int(length)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    n = None
+  if n is not None and not 1 <= n <= S:
+    raise ValueError(f"path_decode_attention: length={n} must be in 1..{S} (the cache length)")
+  if impl == "xla":
+    return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
+                                           scale=scale)
+  from kernels.decode_attention import pallas
+  mode = C.resolve_interpret(interpret)
+  return C.inference_only(
+      "path_decode_attention",
+      lambda *a: pallas.path_decode_attention(*a, scale=scale, mode=mode, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length)

@@ -1,0 +1,19 @@
+"""Reference: the PaTH decode step's key side and attention in one op, fp32.
+
+The new token's key and value are already in slot length - 1. Every older key
+(slots < length - 1) goes through the token's transition, K <- K - beta (K w) w^T;
+then the query attends over the first `length` slots of the updated cache."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kernels.decode_attention.reference import decode_attention
+from kernels.path_key_update.reference import path_key_update
+
+
+def path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, *, scale: float):
+  S = k_cache_KSD.shape[1]
+  older = (jnp.arange(S) < jnp.asarray(length) - 1)[None, :, None]
+  k = jnp.where(older, path_key_update(k_cache_KSD, w_KD, beta_K), k_cache_KSD)
+  return decode_attention(q_HD, k, v_cache_KSD, length, scale=scale), k
