@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 4, 5 and 7 in one device call (stage timeouts sum to ~8.6
+# Every GPU check of issues 4, 5 and 7 in one device call (stage timeouts sum to ~9.1
 # minutes, a typical run ~5-6; a session has 15 minutes of device time, machine start
 # included; with B8=1 set HYBRID=0 or lower the timeouts to stay under the 600 s call limit):
 #   1. compiled Mosaic-GPU kernels vs their references + 64 greedy tokens pallas == xla
@@ -44,7 +44,7 @@ tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JS
 # HYBRID=0 skips it).
 if [ "${HYBRID:-1}" != 0 ]; then
   { echo; echo "=== hybrid-1b-bench ==="; } >> "$OUT/llama-1b.txt"
-  timeout ${HYB_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config hybrid-1b-bench \
+  timeout ${HYB_TIMEOUT:-150} $PY -m jaxlab.bench.decode --config hybrid-1b-bench --ops \
     --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 >> "$OUT/llama-1b.txt" 2>&1
   stamp "hybrid-1b-bench rc=$?"
 fi

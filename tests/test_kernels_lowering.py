@@ -109,7 +109,7 @@ def test_hybrid_decode_step_lowers_for_cuda(dtype):
   state = jax.eval_shape(lambda: init_state(cfg, S))
   text = step.trace(weights, state, SD((), jnp.int32)).lower(
       lowering_platforms=("cuda",)).as_text()
-  for name in ("path_key_update", "log_linear_state_update", "decode_attention"):
+  for name in ("path_decode_attention", "log_linear_state_update", "decode_attention"):
     assert name in text, name
 
 

@@ -314,6 +314,48 @@ def _run_model(model, cfg, kv_len, max_len, first_token, steps, warmup, repeats,
   return out
 
 
+def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
+  """Per-op cases for the PaTH and log-linear decode kernels at the config's own layer
+  shapes (only for configs that have such layers): (cases, bytes per call)."""
+  from jaxlab.models.decode import init_state, layer_kinds
+  kinds = layer_kinds(cfg)
+  cases, nbytes = {}, {}
+  f32 = jnp.float32
+  Dh, Hq, Hkv = cfg.dim_per_head, cfg.n_heads, cfg.kv_heads
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  if "path" in kinds:
+    from kernels.path_decode_attention import path_decode_attention
+    w = jax.random.normal(jax.random.key(20), (Hkv, Dh), f32)
+    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    cases["path_decode_attention"] = (
+        lambda impl, **k: functools.partial(path_decode_attention, scale=Dh ** -0.5, impl=impl,
+                                            **k),
+        (r(21, Hq, Dh), r(22, Hkv, S, Dh).astype(f32), r(23, Hkv, S, Dh), w,
+         jnp.full((Hkv,), 1.5, f32), jnp.int32(kv_len)), None)
+    nbytes["path_decode_attention"] = Hkv * kv_len * Dh * (2 * 4 + item)   # K r+w, V r
+  if "levels" in kinds:
+    from kernels.log_linear_state import log_linear_state_update
+    st = jax.eval_shape(lambda: init_state(cfg, 64))
+    seen = set()
+    for l, kind in enumerate(kinds):
+      name = cfg.layer_mixer(l)
+      if kind != "levels" or name in seen:
+        continue
+      seen.add(name)
+      variant = "gdn" if "deltanet" in name else "mamba2"
+      H, L, dk, dv = st["levels"][l].shape
+      g = lambda i, *shape: jax.random.normal(jax.random.key(i), shape, f32)
+      args = (0.01 * g(24, H, L, dk, dv), jnp.int32(kv_len), g(25, H, dk), g(26, H, dk) / 8,
+              g(27, H, dv), jax.nn.softplus(g(28, H, L)), -jax.nn.softplus(g(29, H)))
+      if variant == "gdn":
+        args += (jax.nn.sigmoid(g(30, H)),)
+      op = f"log_linear_state_update ({variant})"
+      cases[op] = (lambda impl, variant=variant, **k: functools.partial(
+          log_linear_state_update, variant=variant, impl=impl, **k), args, None)
+      nbytes[op] = 2 * H * L * dk * dv * 4                                 # levels r+w
+  return cases, nbytes
+
+
 def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
              sweep: bool = False) -> dict:
   """Per-op time and bandwidth, Pallas vs its XLA reference, at one layer's shapes."""
@@ -346,6 +388,11 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                                                              **k),
                          (x, g, r(11, V, D)), V * D),
   }
+  nbytes = {op: elems * dt.itemsize for op, (_, _, elems) in cases.items()}   # before extras
+  cases_extra, nbytes_extra = _hybrid_op_cases(cfg, kv_len, S, r)
+  cases.update(cases_extra)
+  nbytes.update(nbytes_extra)
+
   def timed(f, args, nbytes):
     # Calls inside one jitted loop: a Python loop of jitted calls measures host
     # dispatch (~30 us per call on an H100), not ~5-50 us kernels. Each loop trip calls
@@ -375,7 +422,7 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
 
   out = {}
   for op, (make, args, elems) in cases.items():
-    row = {"bytes": elems * dt.itemsize}
+    row = {"bytes": nbytes[op]}
     for impl in ("xla", "pallas"):
       kw = dict(opts.get(op, {}), interpret=interpret) if impl == "pallas" else {}
       row[impl] = _guarded(f"op {op} {impl}", lambda: timed(make(impl, **kw), args, row["bytes"]))
@@ -536,16 +583,17 @@ def format_table(res: dict) -> str:
     elif prof:
       lines.append(f"profile {v}: {prof.get('note') or prof.get('error')}")
   if "ops" in res:
-    lines.append(f"per op (one layer): {'op':18s} {'MB':>7s} {'pallas us':>10s} {'GB/s':>7s} "
+    w = max([18] + [len(op) for op in res["ops"] if op != "sweep"])
+    lines.append(f"per op (one layer): {'op':{w}s} {'MB':>7s} {'pallas us':>10s} {'GB/s':>7s} "
                  f"{'xla us':>9s} {'GB/s':>7s}")
     for op, r in res["ops"].items():
       if op == "sweep":
         continue
       if "error" in r["pallas"] or "error" in r["xla"]:
-        lines.append(f"{'':20s}{op:18s} FAILED pallas: {r['pallas'].get('error', 'ok')}; "
+        lines.append(f"{'':20s}{op:{w}s} FAILED pallas: {r['pallas'].get('error', 'ok')}; "
                      f"xla: {r['xla'].get('error', 'ok')}")
         continue
-      lines.append(f"{'':20s}{op:18s} {r['bytes'] / 1e6:7.2f} {r['pallas']['us']:10.1f} "
+      lines.append(f"{'':20s}{op:{w}s} {r['bytes'] / 1e6:7.2f} {r['pallas']['us']:10.1f} "
                    f"{r['pallas']['gbps']:7.1f} {r['xla']['us']:9.1f} {r['xla']['gbps']:7.1f}")
     for name, r in res["ops"].get("sweep", {}).items():
       if "error" in r:

@@ -29,8 +29,9 @@ cache to the head-major layout [Hkv, S, Dh] the kernels stream.
 
 Other token mixers (per layer, in the same step):
   PaTH ("path"): the mixer's own projections (XLA), then
-              K = path_key_update(K, w, beta, pos)   (every cached key through H_t)
-              K, V = append(k, v);  o = decode_attention(q, K, V, pos + 1)
+              K, V = append(k, v)
+              o, K = path_decode_attention(q, K, V, w, beta, pos + 1)
+                     (one pass: older keys through H_t, then attention)
               x = out_proj_residual(o, x);  MLP as above
   log-linear Mamba-2 / Gated DeltaNet: the mixer's own projections and output
               (XLA) around log_linear_state_update (the O(log T) level states).
@@ -239,7 +240,7 @@ def _kernel_kw(spec: _Spec):
 
 def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
-  from kernels.path_key_update import path_key_update
+  from kernels.path_decode_attention import path_decode_attention
   from kernels.rope_append.reference import write_slot
   _, _, decode_attention, out_proj_residual, _, _ = _ops()
   kw = _kernel_kw(spec)
@@ -249,11 +250,13 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   ok = pos < spec.max_len
 
   def attend(k, v):
-    if w is not None:   # carry every cached key through this token's transition
-      k = path_key_update(k, w[0, 0], beta[0, 0], pos, **kw, **spec.opts("path_key_update"))
     k, v = write_slot(k, kt[0, 0], pos), write_slot(v, vt[0, 0], pos)
-    o = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **kw,
-                         **spec.opts("decode_attention"))
+    if w is None:   # path_w_conv / transitions off: plain attention
+      return decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **kw,
+                              **spec.opts("decode_attention")), k, v
+    # One pass over K: older keys through this token's transition, then attention.
+    o, k = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
+                                 **kw, **spec.opts("path_decode_attention"))
     return o, k, v
 
   # A full cache is never modified (the head turns the step's logits into NaN).
