@@ -28,6 +28,21 @@ def check_impl(impl: str, op: str) -> str:
   return impl
 
 
+def concrete_int(x) -> int | None:
+  """x as a Python int when it is concrete, None under tracing (then checks are skipped)."""
+  try:
+    return int(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_length(op: str, length, lo: int, S: int):
+  """A concrete cache length must be in lo..S (the cache length); traced ones pass."""
+  n = concrete_int(length)
+  if n is not None and not lo <= n <= S:
+    raise ValueError(f"{op}: length={n} must be in {lo}..{S} (the cache length)")
+
+
 def default_interpret() -> bool:
   """Pallas kernels must be interpreted on CPU (there is no CPU lowering)."""
   return jax.default_backend() == "cpu"

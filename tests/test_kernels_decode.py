@@ -53,39 +53,56 @@ def test_streamer_interface_for_the_cli(model, reference_tokens):
     next(s.stream(PROMPT, N + 1))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_nan_in_unused_cache_slots_changes_nothing(model, impl):
-  dec = make_decoder(model, impl, MAX_LEN)
-  _, clean = dec.prefill(PROMPT)
+def _poisoned(dec, clean):
+  """A copy of a fresh prefill state with NaN in every K/V slot past the prompt (its own
+  buffers: steps donate their state)."""
   T = len(PROMPT)
   tail = jnp.arange(dec.cache_len)[None, :, None] >= T
-  poisoned = dict(clean, k=tuple(jnp.where(tail, jnp.nan, k) for k in clean["k"]),
-                  v=tuple(jnp.where(tail, jnp.nan, v) for v in clean["v"]),
-                  pos=jnp.int32(T))   # its own buffers: steps donate their state
+  nan_tail = lambda c: None if c is None else jnp.where(tail, jnp.nan, c)
+  return dict(clean, k=tuple(map(nan_tail, clean["k"])), v=tuple(map(nan_tail, clean["v"])),
+              conv=tuple(jax.tree.map(jnp.copy, clean["conv"])),
+              levels=tuple(jax.tree.map(jnp.copy, clean["levels"])), pos=jnp.int32(T))
+
+
+def _steps_agree(dec, clean, poisoned, n=3):
+  """n greedy steps from both states give identical, finite logits; returns the clean state."""
   tok = jnp.int32(5)
-  for step in range(3):
+  for _ in range(n):
     la, ta, clean = dec.step(clean, tok)
     lb, tb, poisoned = dec.step(poisoned, tok)
     np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
     assert int(ta) == int(tb)
     assert np.all(np.isfinite(np.asarray(la)))
     tok = ta
+  return clean
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_nan_in_unused_cache_slots_changes_nothing(model, impl):
+  dec = make_decoder(model, impl, MAX_LEN)
+  _, clean = dec.prefill(PROMPT)
+  _steps_agree(dec, clean, _poisoned(dec, clean))
+
+
+def _full_cache_is_refused(dec, state):
+  """At pos = max_len: Decoder.step raises; inside jit (traced position) the step gives
+  NaN logits and token -1 and leaves every cache (k, v, conv, levels) as it was."""
+  full = dict(state, pos=jnp.int32(MAX_LEN))
+  with pytest.raises(ValueError, match=f"position {MAX_LEN}"):
+    dec.step(full, 1)
+  before = jax.tree.map(np.asarray, full)
+  logits, tok, after = dec.step_fn(dec.weights, full, jnp.int32(1))
+  assert np.all(np.isnan(np.asarray(logits))) and int(tok) == -1
+  for name in ("k", "v", "conv", "levels"):
+    for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+      np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_end_of_cache_is_an_error(model, impl):
   dec = make_decoder(model, impl, MAX_LEN)
   _, state = dec.prefill(PROMPT)
-  full = dict(state, pos=jnp.int32(MAX_LEN))
-  with pytest.raises(ValueError, match=f"position {MAX_LEN}"):
-    dec.step(full, 1)
-  # Inside jit the position is traced: NaN logits, token -1, cache untouched.
-  before = jax.tree.map(np.asarray, full)
-  logits, tok, after = dec.step_fn(dec.weights, full, jnp.int32(1))
-  assert np.all(np.isnan(np.asarray(logits))) and int(tok) == -1
-  for a, b in zip(jax.tree.leaves(before["k"] + before["v"]),
-                  jax.tree.leaves(after["k"] + after["v"])):
-    np.testing.assert_array_equal(a, np.asarray(b))
+  _full_cache_is_refused(dec, state)
   with pytest.raises(ValueError, match="does not fit"):
     dec.prefill(list(range(MAX_LEN + 1)))
 
@@ -152,29 +169,7 @@ def test_hybrid_logits_match_the_model(hybrid, impl):
 def test_hybrid_nan_tails_and_end_of_cache(hybrid, impl):
   dec = make_decoder(hybrid, impl, MAX_LEN)
   _, clean = dec.prefill(PROMPT)
-  T = len(PROMPT)
-  tail = jnp.arange(dec.cache_len)[None, :, None] >= T
-  nan_tail = lambda c: None if c is None else jnp.where(tail, jnp.nan, c)
-  poisoned = dict(clean, k=tuple(map(nan_tail, clean["k"])), v=tuple(map(nan_tail, clean["v"])),
-                  conv=tuple(jax.tree.map(jnp.copy, clean["conv"])),
-                  levels=tuple(jax.tree.map(jnp.copy, clean["levels"])),
-                  pos=jnp.int32(T))   # its own buffers: steps donate their state
-  tok = jnp.int32(5)
-  for _ in range(3):
-    la, ta, clean = dec.step(clean, tok)
-    lb, tb, poisoned = dec.step(poisoned, tok)
-    np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    assert np.all(np.isfinite(np.asarray(la)))
-    tok = ta
-  full = dict(clean, pos=jnp.int32(MAX_LEN))
-  with pytest.raises(ValueError, match=f"position {MAX_LEN}"):
-    dec.step(full, 1)
-  before = jax.tree.map(np.asarray, full)
-  logits, tok, after = dec.step_fn(dec.weights, full, jnp.int32(1))
-  assert np.all(np.isnan(np.asarray(logits))) and int(tok) == -1
-  for name in ("k", "v", "conv", "levels"):   # every cache kind is left as it was
-    for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
-      np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
+  _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))
 
 
 def test_hybrid_decoder_errors(hybrid):

@@ -29,12 +29,7 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
   if Dk != Dh or Hq % Hkv:
     raise ValueError(f"decode_attention: q_HD {q_HD.shape} does not match k_cache_KSD "
                      f"{k_cache_KSD.shape} (head dims equal, Hq a multiple of Hkv)")
-  try:
-    n = int(length)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    n = None
-  if n is not None and not 1 <= n <= S:
-    raise ValueError(f"decode_attention: length={n} must be in 1..{S} (the cache length)")
+  C.check_length("decode_attention", length, 1, S)
   if impl == "xla":
     return reference.decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale)
   from kernels.decode_attention import pallas

@@ -36,10 +36,7 @@ def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax
                      "not accepted for 'mamba2'")
   if beta_H is not None and beta_H.shape != (H,):
     raise ValueError(f"log_linear_state_update: beta_H {beta_H.shape} must be [{H}]")
-  try:
-    tc = int(t)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    tc = None
+  tc = C.concrete_int(t)
   if tc is not None and not 0 <= tc < 2 ** (L - 1):
     raise ValueError(f"log_linear_state_update: t={tc} needs more than L={L} levels "
                      f"(t must be in 0..{2 ** (L - 1) - 1})")

@@ -36,12 +36,7 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
   if w_KD.shape != (Hkv, Dh) or beta_K.shape != (Hkv,):
     raise ValueError(f"path_decode_attention: w_KD {w_KD.shape} / beta_K {beta_K.shape} must "
                      f"be [{Hkv}, {Dh}] / [{Hkv}]")
-  try:
-    n = int(length)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    n = None
-  if n is not None and not 1 <= n <= S:
-    raise ValueError(f"path_decode_attention: length={n} must be in 1..{S} (the cache length)")
+  C.check_length("path_decode_attention", length, 1, S)
   if impl == "xla":
     return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
                                            scale=scale)

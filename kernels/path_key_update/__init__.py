@@ -24,12 +24,7 @@ def path_key_update(k_cache_KSD: jax.Array, w_KD: jax.Array, beta_K: jax.Array, 
   if w_KD.shape != (Hkv, Dh) or beta_K.shape != (Hkv,):
     raise ValueError(f"path_key_update: w_KD {w_KD.shape} / beta_K {beta_K.shape} must be "
                      f"[{Hkv}, {Dh}] / [{Hkv}]")
-  try:
-    n = int(length)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    n = None
-  if n is not None and not 0 <= n <= S:
-    raise ValueError(f"path_key_update: length={n} must be in 0..{S} (the cache length)")
+  C.check_length("path_key_update", length, 0, S)
   if impl == "xla":
     return reference.path_key_update(k_cache_KSD, w_KD, beta_K)
   from kernels.path_key_update import pallas
