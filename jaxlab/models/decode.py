@@ -192,10 +192,8 @@ def _rope(spec: _Spec, pos):
 
 def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
   """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
-  rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, rmsnorm_swiglu, _ = _ops()
-  kw = dict(impl=spec.impl)
-  if spec.impl == "pallas":
-    kw["interpret"] = spec.interpret
+  rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, _, _ = _ops()
+  kw = _kernel_kw(spec)
   qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps, **kw,
                     **spec.opts("rmsnorm_qkv"))
   if not use_rope:   # "nope" layers: identity rotation
@@ -209,9 +207,7 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
                        **spec.opts("decode_attention"))
   x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, **kw, **spec.opts("out_proj_residual"))
-  x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
-                     eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu"))
-  return x, k, v
+  return _mlp(spec, lw, x, kw), k, v
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,7 +238,7 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
   from kernels.path_decode_attention import path_decode_attention
   from kernels.rope_append.reference import write_slot
-  _, _, decode_attention, out_proj_residual, _, _ = _ops()
+  _, _, _, out_proj_residual, _, _ = _ops()
   kw = _kernel_kw(spec)
   m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
   xn = _norm(x, lw["attn_norm"], spec.eps)
@@ -251,9 +247,6 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
 
   def attend(k, v):
     k, v = write_slot(k, kt[0, 0], pos), write_slot(v, vt[0, 0], pos)
-    if w is None:   # path_w_conv / transitions off: plain attention
-      return decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **kw,
-                              **spec.opts("decode_attention")), k, v
     # One pass over K: older keys through this token's transition, then attention.
     o, k = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
                                  **kw, **spec.opts("path_decode_attention"))
@@ -280,18 +273,20 @@ def _levels_layer(spec: _Spec, l: int, lw, x, levels, conv, pos):
   kern = LevelKernel(spec.impl, spec.interpret)
   ok = pos < spec.max_len
 
-  y, new = m.extend(xn[None, None], cache, level_kernel=kern)
-  # A full state is never modified (the head turns the step's logits into NaN).
-  new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, cache)
-  x = x + y[0, 0].astype(x.dtype)
+  def run(cache):
+    y, new = m.extend(xn[None, None], cache, level_kernel=kern)
+    return y[0, 0], new
+
+  # A full state is never modified (the head turns the step's logits into NaN); a cond,
+  # not a select, so the state is not read and rewritten a second time.
+  y, new = jax.lax.cond(ok, run, lambda c: (jnp.full(x.shape, jnp.nan, x.dtype), c), cache)
+  x = x + y.astype(x.dtype)
   return _mlp(spec, lw, x, kw), new["state"].levels[0], new["conv"]
 
 
 def _head(spec: _Spec, weights, x, pos):
   *_, lm_head_argmax = _ops()
-  kw = dict(impl=spec.impl)
-  if spec.impl == "pallas":
-    kw["interpret"] = spec.interpret
+  kw = _kernel_kw(spec)
   logits, tok = lm_head_argmax(x, weights["final_norm"], weights["w_head_t"], eps=spec.eps, **kw,
                                **spec.opts("lm_head_argmax"))
   ok = pos < spec.max_len
