@@ -154,12 +154,13 @@ def test_hybrid_logits_match_the_model(hybrid, impl):
   from jaxlab.testing import assert_rel_close, tol
   dec = make_decoder(hybrid, impl, MAX_LEN)
   logits, state = dec.prefill(PROMPT)
-  cache = hybrid.init_cache(1, MAX_LEN)
-  ref, cache = hybrid.extend(jnp.asarray([PROMPT]), cache)
+  graphdef, params = nnx.split(hybrid)
+  extend = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).extend(t, c))
+  ref, cache = extend(params, jnp.asarray([PROMPT]), hybrid.init_cache(1, MAX_LEN))
   tok = int(jnp.argmax(logits))
   for _ in range(6):
     logits, _, state = dec.step(state, tok)
-    ref, cache = hybrid.extend(jnp.asarray([[tok]]), cache)
+    ref, cache = extend(params, jnp.asarray([[tok]]), cache)
     assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
                      rtol=tol(jnp.float32, HYBRID.d_model * HYBRID.n_layers), name=impl)
     tok = int(jnp.argmax(logits))
