@@ -211,9 +211,15 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
 
 
 @functools.lru_cache(maxsize=64)
+def _abstract_mixer(cfg: ModelConfig, layer: int):
+  """Layer `layer`'s mixer with abstract parameters (its structure, options and shapes)."""
+  from jaxlab.models.mixers.base import get_mixer_factory
+  return nnx.eval_shape(
+      lambda: get_mixer_factory(cfg.layer_mixer(layer))(cfg, layer, rngs=nnx.Rngs(0)))
+
+
 def _mixer_graphdef(cfg: ModelConfig, layer: int):
-  """The structure of layer `layer`'s mixer (no parameters are made)."""
-  return nnx.graphdef(nnx.eval_shape(lambda: _new_mixer(cfg, layer)))
+  return nnx.graphdef(_abstract_mixer(cfg, layer))
 
 
 def _norm(x, scale, eps):
@@ -446,13 +452,9 @@ def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
   from jaxlab.models.mixers.mamba2 import check_levels
   for l, kind in enumerate(kinds):
     if kind == "levels":
-      m = nnx.eval_shape(lambda: _new_mixer(cfg, l))
+      m = _abstract_mixer(cfg, l)
       check_levels(m.opts.num_levels, max_len, f"layer {l} ({cfg.layer_mixer(l)})")
 
-
-def _new_mixer(cfg: ModelConfig, layer: int):
-  from jaxlab.models.mixers.base import get_mixer_factory
-  return get_mixer_factory(cfg.layer_mixer(layer))(cfg, layer, rngs=nnx.Rngs(0))
 
 
 def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", pos: int = 0):
@@ -469,7 +471,7 @@ def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", po
     if kind == "attention":
       k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
     else:
-      m = nnx.eval_shape(lambda: _new_mixer(cfg, l))
+      m = _abstract_mixer(cfg, l)
       c = jax.eval_shape(lambda: m.init_cache(1, 1))
       conv = None if c["conv"] is None else jnp.zeros(c["conv"].shape[1:], jnp.float32)[None]
       if kind == "path":   # as PathCache: fp32 keys (rewritten every step), values in dt

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 
 from kernels import _common as C
+from kernels.decode_attention import check_shapes
 from kernels.path_decode_attention import reference
 
 
@@ -24,19 +25,10 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
   """q [Hq, Dh], K / V [Hkv, S, Dh], w [Hkv, Dh], beta [Hkv], length (1..S) ->
   (o [Hq, Dh], K). Pallas options as decode_attention (num_splits, block_s, stages)."""
   C.check_impl(impl, "path_decode_attention")
-  if q_HD.ndim != 2 or k_cache_KSD.ndim != 3 or v_cache_KSD.shape != k_cache_KSD.shape:
-    raise ValueError(f"path_decode_attention: q_HD {q_HD.shape}, k_cache_KSD "
-                     f"{k_cache_KSD.shape}, v_cache_KSD {v_cache_KSD.shape}: expected [Hq, Dh] "
-                     "and two [Hkv, S, Dh]")
-  Hq, Dh = q_HD.shape
-  Hkv, S, Dk = k_cache_KSD.shape
-  if Dk != Dh or Hq % Hkv:
-    raise ValueError(f"path_decode_attention: q_HD {q_HD.shape} does not match k_cache_KSD "
-                     f"{k_cache_KSD.shape} (head dims equal, Hq a multiple of Hkv)")
+  Hkv, _, Dh = check_shapes("path_decode_attention", q_HD, k_cache_KSD, v_cache_KSD, length)
   if w_KD.shape != (Hkv, Dh) or beta_K.shape != (Hkv,):
     raise ValueError(f"path_decode_attention: w_KD {w_KD.shape} / beta_K {beta_K.shape} must "
                      f"be [{Hkv}, {Dh}] / [{Hkv}]")
-  C.check_length("path_decode_attention", length, 1, S)
   if impl == "xla":
     return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
                                            scale=scale)

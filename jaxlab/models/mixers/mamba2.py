@@ -145,6 +145,8 @@ def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n):
         g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
         impl=kern.impl, interpret=kern.interpret)
     outs.append(o)
+    # Without padding n is a constant and XLA folds this select away (checked in the
+    # compiled decode step: no select over the level state).
     levels.append(jnp.where(n[b] > 0, new, state.levels[b]))
   y = jnp.stack(outs)[:, None].astype(v.dtype)
   return y, ll.LogLinearState(jnp.stack(levels), state.count + n)
