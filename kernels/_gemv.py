@@ -24,12 +24,13 @@ from kernels import _common as C
 ARGMAX_SENTINEL = 2 ** 30
 
 
-def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_bias, has_resid, argmax,
-          stages, out_f32):
+def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
+          argmax, stages, out_f32):
   refs = list(refs)
   v_g = refs.pop(0)
   g_g = refs.pop(0) if has_norm else None
   w_g = refs.pop(0)
+  ws_g = refs.pop(0) if has_wscale else None
   b_g = refs.pop(0) if has_bias else None
   r_g = refs.pop(0) if has_resid else None
   o_g = refs.pop(0)
@@ -70,6 +71,8 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_bias, has_resid
       ss_g[s * (N // BN) + n] = jnp.sum(ss)
     return
   y = acc * lax.rsqrt(jnp.sum(ss) / K + eps) if has_norm else acc
+  if has_wscale:   # int8 W: the per-row scale factors out of the dot product
+    y = y * ctx.load(ws_g.at[rows], lambda s: ctx.ld(s, C.ROW).astype(f32))
   if has_bias:
     y = y + ctx.load(b_g.at[rows], lambda s: ctx.ld(s, C.ROW).astype(f32))
   if has_resid:
@@ -99,11 +102,13 @@ def pick_split(n_blocks: int, K: int, BK: int) -> int:
   return S
 
 
-def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0.0,
-         argmax: bool = False, out_dtype=None, mode: str, block_n: int | None = None,
-         block_k: int | None = None, stages: int = 2, split_k: int | None = None,
-         name: str = "gemv"):
-  """y = W^T (norm(v) or v) (+ bias) (+ resid), and optionally per-block (max, argmax).
+def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,
+         eps: float = 0.0, argmax: bool = False, out_dtype=None, mode: str,
+         block_n: int | None = None, block_k: int | None = None, stages: int = 2,
+         split_k: int | None = None, name: str = "gemv"):
+  """y = W^T (norm(v) or v) (* w_scale) (+ bias) (+ resid), and optionally per-block
+  (max, argmax). int8 W^T streams as int8 (half the bytes of bf16) and is converted in
+  registers; its fp32 per-row scale w_scale_N multiplies each finished dot product.
 
   Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
   block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
@@ -125,13 +130,13 @@ def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0
     if argmax and S > 1:
       raise ValueError(f"{name}: split_k > 1 is not supported with argmax")
   out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
-  flags = dict(has_norm=scale_K is not None, has_bias=bias_N is not None,
-               has_resid=resid_N is not None)
+  flags = dict(has_norm=scale_K is not None, has_wscale=w_scale_N is not None,
+               has_bias=bias_N is not None, has_resid=resid_N is not None)
   if S > 1:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
     if flags["has_norm"]:
       out_type += [jax.ShapeDtypeStruct((S * (N // BN),), jnp.float32)]
-    kflags = dict(flags, has_bias=False, has_resid=False)
+    kflags = dict(flags, has_wscale=False, has_bias=False, has_resid=False)
   else:
     out_type = [jax.ShapeDtypeStruct((N,), out_dtype)]
     if argmax:
@@ -146,13 +151,15 @@ def gemv(v_K, w_t_NK, *, scale_K=None, bias_N=None, resid_N=None, eps: float = 0
       grid_names=grid_names, mode=mode, name=name)
   args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
   if S == 1:
-    args += ([bias_N] if flags["has_bias"] else []) + ([resid_N] if flags["has_resid"] else [])
+    args += [a for a in (w_scale_N, bias_N, resid_N) if a is not None]
     return kern(*args)
   outs = kern(*args)
   part, ss = (outs if flags["has_norm"] else (outs, None))
   y = jnp.sum(part.reshape(S, N), axis=0)
   if flags["has_norm"]:
     y = y * lax.rsqrt(jnp.sum(ss.reshape(S, N // BN)[:, 0]) / K + eps)
+  if flags["has_wscale"]:
+    y = y * w_scale_N.astype(jnp.float32)
   if flags["has_bias"]:
     y = y + bias_N.astype(jnp.float32)
   if flags["has_resid"]:

@@ -5,10 +5,13 @@ Variants (each decodes the same greedy continuation from the same cache):
   xla-unrolled  the same step with the XLA reference ops, per-layer caches, donated state
   xla-scan      the XLA step over stacked layers (lax.scan), cache rows written in place
   model         the LM's own `extend` (what `jaxlab generate` runs), donated cache
+  pallas-int8   pallas with int8 weight-only GEMVs (per-output fp32 scales)
+  xla-int8      xla-unrolled with the same int8 weights (the plain-XLA int8 baseline)
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
-cache read. Bandwidth is compared with a lone large bf16 GEMV timed in the same
-run (the practical ceiling on this device; see docs/kernels.md).
+cache read (int8 variants: their int8 weights and scales). Agreement is checked
+against xla-unrolled (int8 variants: xla-int8). Bandwidth is compared with a lone
+large bf16 GEMV timed in the same run (the practical ceiling on this device; see docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ CONFIGS["hybrid-tiny"] = (dict(
     CONFIGS["tiny"][0], n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=CONFIGS["hybrid-1b-bench"][0]["mixer_pattern"],
     mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 2}), 64, 1024)
-VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model")
+VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8")
+# variant -> (impl, layers, quantize) for the make_decoder variants
+_DECODER_VARIANTS = {
+    "pallas": ("pallas", "unrolled", None), "xla-unrolled": ("xla", "unrolled", None),
+    "xla-scan": ("xla", "scan", None), "pallas-int8": ("pallas", "unrolled", "int8"),
+    "xla-int8": ("xla", "unrolled", "int8")}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -100,6 +108,14 @@ def _model_weight_bytes(model) -> int:
   from flax import nnx
   total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   return total - (model.embed.embedding[...].nbytes if model.lm_head is not None else 0)
+
+
+def _decode_weight_bytes(weights) -> int:
+  """Bytes of a decoder's prepared weights read per token: everything once, except the
+  embedding table (one row is looked up)."""
+  nbytes = lambda a: int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize   # arrays or shapes
+  rest = sum(nbytes(a) for a in jax.tree.leaves(dict(weights, embed=None)))
+  return rest + nbytes(weights["embed"]) // weights["embed"].shape[0]
 
 
 def _cache_bytes(cfg, state, length: float) -> float:
@@ -314,6 +330,37 @@ def _run_model(model, cfg, kv_len, max_len, first_token, steps, warmup, repeats,
   return out
 
 
+# GEMV op -> (positions of its weights in the case's args, their scale keywords, the
+# reduction axis of each weight)
+_INT8_OPS = {"rmsnorm_qkv": ((2,), ("w_scale_N",), (1,)),
+             "out_proj_residual": ((1,), ("w_scale_D",), (1,)),
+             "rmsnorm_swiglu": ((2, 3, 4), ("w_gate_scale_F", "w_up_scale_F", "w_down_scale_D"),
+                                (1, 1, 0)),
+             "lm_head_argmax": ((2,), ("w_scale_V",), (1,))}
+
+
+def _int8_op_cases(cases):
+  """The GEMV ops with int8 weights (kernels.quant): (cases, bytes per call = the int8
+  weights and their fp32 scales)."""
+  from kernels.quant import quantize_int8
+  out, nbytes = {}, {}
+  for op, (pos, names, axes) in _INT8_OPS.items():
+    make, args, _ = cases[op]
+    args, scales = list(args), []
+    for p, axis in zip(pos, axes):
+      args[p], sc = quantize_int8(args[p], axis=axis)
+      scales.append(sc)
+    n = len(args)
+
+    def make8(impl, make=make, names=names, n=n, **k):
+      f = make(impl, **k)
+      return lambda *a: f(*a[:n], **dict(zip(names, a[n:])))
+
+    out[f"{op} int8"] = (make8, tuple(args) + tuple(scales), None)
+    nbytes[f"{op} int8"] = sum(args[p].nbytes for p in pos) + sum(sc.nbytes for sc in scales)
+  return out, nbytes
+
+
 def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
   """Per-op cases for the PaTH and log-linear decode kernels at the config's own layer
   shapes (only for configs that have such layers): (cases, bytes per call)."""
@@ -389,9 +436,9 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                          (x, g, r(11, V, D)), V * D),
   }
   nbytes = {op: elems * dt.itemsize for op, (_, _, elems) in cases.items()}   # before extras
-  cases_extra, nbytes_extra = _hybrid_op_cases(cfg, kv_len, S, r)
-  cases.update(cases_extra)
-  nbytes.update(nbytes_extra)
+  for extra in (_int8_op_cases(cases), _hybrid_op_cases(cfg, kv_len, S, r)):
+    cases.update(extra[0])
+    nbytes.update(extra[1])
 
   def timed(f, args, nbytes):
     # Calls inside one jitted loop: a Python loop of jitted calls measures host
@@ -424,7 +471,8 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
   for op, (make, args, elems) in cases.items():
     row = {"bytes": nbytes[op]}
     for impl in ("xla", "pallas"):
-      kw = dict(opts.get(op, {}), interpret=interpret) if impl == "pallas" else {}
+      base = op.split()[0]   # "rmsnorm_qkv int8" takes rmsnorm_qkv's options
+      kw = dict(opts.get(base, {}), interpret=interpret) if impl == "pallas" else {}
       row[impl] = _guarded(f"op {op} {impl}", lambda: timed(make(impl, **kw), args, row["bytes"]))
     out[op] = row
   if sweep:
@@ -475,7 +523,7 @@ def run(args) -> dict:
   from flax import nnx
 
   from jaxlab.models import LM, ModelConfig
-  from jaxlab.models.decode import make_decoder
+  from jaxlab.models.decode import make_decoder, prepare_weights
   kwargs, default_kv, default_gemv = CONFIGS[args.config]
   cfg = ModelConfig(**kwargs)
   kv_len = args.kv_len if args.kv_len is not None else default_kv
@@ -508,6 +556,8 @@ def run(args) -> dict:
     shapes = jax.eval_shape(lambda: init_state(cfg, -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE))
     bytes_tok = res["weight_bytes"] + _cache_bytes(cfg, shapes, mean_len)
   res["bytes_per_token"] = bytes_tok
+  full_weights = _decode_weight_bytes(jax.eval_shape(lambda: prepare_weights(model)))
+
   def one(v):
     if v == "model" and not attention_only:
       raise ValueError("variant model: the bench builds attention caches only "
@@ -516,18 +566,19 @@ def run(args) -> dict:
       r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
                      key)
     else:
-      impl, layers = {"pallas": ("pallas", "unrolled"), "xla-unrolled": ("xla", "unrolled"),
-                      "xla-scan": ("xla", "scan")}[v]
+      impl, layers, quantize = _DECODER_VARIANTS[v]
       dec = make_decoder(model, impl, max_len, layers=layers,
                          interpret=args.interpret if impl == "pallas" else None,
-                         kernel_options=opts if impl == "pallas" else None)
+                         kernel_options=opts if impl == "pallas" else None, quantize=quantize)
       r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
+      if quantize:   # the same cache traffic; the weights as this decoder stores them
+        r["bytes_per_token"] = bytes_tok + _decode_weight_bytes(dec.weights) - full_weights
       if args.profile and v in ("pallas", "xla-unrolled"):
         import os
         r["profile"] = _guarded(f"profile {v}", lambda: _profile_decoder(
             dec, cfg, kv_len, first, key, os.path.join(args.profile, v)))
       del dec
-    r["gbps"] = bytes_tok / (r["ms_per_token"] * 1e-3) / 1e9
+    r["gbps"] = r.setdefault("bytes_per_token", bytes_tok) / (r["ms_per_token"] * 1e-3) / 1e9
     r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
     return r
 
@@ -535,9 +586,15 @@ def run(args) -> dict:
     res["variants"][v] = _guarded(f"variant {v}", functools.partial(one, v))
   if args.ops:
     res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
-  ref = res["variants"].get("xla-unrolled", {}).get("tokens")
-  ref_logits = res["variants"].get("xla-unrolled", {}).get("logits0")
   for v, r in res["variants"].items():
+    # pallas-int8 against the same int8 step in XLA; xla-int8 against the unquantized
+    # step (its row then shows the quantization error).
+    ref_v = "xla-int8" if v == "pallas-int8" and "logits0" in res["variants"].get(
+        "xla-int8", {}) else "xla-unrolled"
+    ref = res["variants"].get(ref_v, {}).get("tokens")
+    ref_logits = res["variants"].get(ref_v, {}).get("logits0")
+    if ref_logits is not None and v != ref_v:
+      r["reference"] = ref_v
     if ref is not None and "tokens" in r:
       r["tokens_match_xla"] = f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}"
     if ref_logits is not None and "logits0" in r:
@@ -561,16 +618,18 @@ def format_table(res: dict) -> str:
            "(reference bandwidth)"]
   if "note" in res:
     lines.append(f"NOTE: {res['note']}")
-  lines.append(f"{'variant':14s} {'ms/token':>9s} {'GB/s':>8s} {'of GEMV':>8s} {'compile s':>9s}"
-               f" {'tokens=xla':>10s} {'logits err':>10s} {'argmax=xla':>10s}")
+  lines.append(f"{'variant':14s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
+               f"{'compile s':>9s} {'vs':>12s} {'tokens=':>7s} {'logits err':>10s} "
+               f"{'argmax=':>7s}")
   for v, r in res["variants"].items():
     if "error" in r:
       lines.append(f"{v:14s} FAILED {r['error']}")
       continue
-    lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} "
-                 f"{r['compile_s']:9.1f} {r.get('tokens_match_xla', '-'):>10s} "
+    lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
+                 f"{r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} {r['compile_s']:9.1f} "
+                 f"{r.get('reference', '-'):>12s} {r.get('tokens_match_xla', '-'):>7s} "
                  f"{r.get('logits_rel_err', float('nan')):10.2e} "
-                 f"{str(r.get('argmax_match_xla', '-')):>10s}")
+                 f"{str(r.get('argmax_match_xla', '-')):>7s}")
   for v, r in res["variants"].items():
     prof = r.get("profile", {})
     if "top" in prof:

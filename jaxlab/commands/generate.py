@@ -15,6 +15,7 @@ import time
 DECODE_IMPLS: dict[str, str | None] = {
     "xla": "jaxlab.models.generate:Streamer",
     "pallas": "jaxlab.models.decode:DecodeStreamer",  # batch-1 Pallas kernels (FlashFormer)
+    "pallas-int8": "jaxlab.models.decode:Int8DecodeStreamer",  # the same, int8 weight-only
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 # Compiled decoders, reused when the same model structure, length bucket and sampling

@@ -60,6 +60,12 @@ from jaxlab.models.rope import rope_cos_sin, rope_frequencies
 
 IMPLS = ("xla", "pallas")
 LAYER_MODES = ("unrolled", "scan")
+QUANTIZE = (None, "int8")
+# GEMV weight -> (its scale's key, the reduction axis): int8 weight-only quantization,
+# one fp32 scale per output channel (kernels.quant).
+INT8_SCALES = {"w_qkv_t": ("w_qkv_scale", 1), "w_o_t": ("w_o_scale", 1),
+               "w_gate_t": ("w_gate_scale", 1), "w_up_t": ("w_up_scale", 1),
+               "w_down": ("w_down_scale", 0), "w_head_t": ("w_head_scale", 1)}
 SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 
 
@@ -100,7 +106,9 @@ def _check_model(cfg: ModelConfig):
     raise ValueError(f"make_decoder: head_dim={cfg.dim_per_head} must be even (RoPE)")
 
 
-def _check_args(impl: str, max_len: int, layers: str):
+def _check_args(impl: str, max_len: int, layers: str, quantize: str | None = None):
+  if quantize not in QUANTIZE:
+    raise ValueError(f"make_decoder: unknown quantize {quantize!r} (known: None, 'int8')")
   if impl not in IMPLS:
     raise ValueError(f"make_decoder: unknown impl {impl!r} (known: {', '.join(IMPLS)})")
   if layers not in LAYER_MODES:
@@ -111,12 +119,15 @@ def _check_args(impl: str, max_len: int, layers: str):
     raise ValueError(f"make_decoder: max_len must be a positive integer, got {max_len!r}")
 
 
-def prepare_weights(model) -> dict[str, Any]:
+def prepare_weights(model, quantize: str | None = None) -> dict[str, Any]:
   """Decode-layout copies of the model's parameters (done once per decoder).
 
   GEMV weights are stored [out, in] so each output is one contiguous row;
   Q, K and V are concatenated into one matrix (one GEMV); the down projection
   keeps its natural [F, D] layout (the MLP kernel splits over F).
+  quantize="int8": the kernels' GEMV weights (QKV, output projection, MLP, LM head)
+  become int8 with one fp32 scale per output channel (INT8_SCALES); norms, the
+  embedding lookup and the PaTH / log-linear mixers' own projections stay as they are.
   """
   cfg: ModelConfig = model.cfg
   kinds = layer_kinds(cfg)
@@ -146,8 +157,24 @@ def prepare_weights(model) -> dict[str, Any]:
     layers.append(lw)
   head = (model.embed.embedding[...] if model.lm_head is None
           else jnp.asarray(model.lm_head.kernel[...].T))
-  return dict(layers=layers, embed=model.embed.embedding[...],
-              final_norm=model.final_norm.scale[...], w_head_t=head)
+  out = dict(layers=layers, embed=model.embed.embedding[...],
+             final_norm=model.final_norm.scale[...], w_head_t=head)
+  if quantize not in QUANTIZE:
+    raise ValueError(f"prepare_weights: unknown quantize {quantize!r} (known: None, 'int8')")
+  return out if quantize is None else _quantize(out)
+
+
+def _quantize(weights: dict) -> dict:
+  from kernels.quant import quantize_int8
+
+  def q(d: dict) -> dict:
+    d = dict(d)
+    for name, (scale_name, axis) in INT8_SCALES.items():
+      if name in d:
+        d[name], d[scale_name] = quantize_int8(d[name], axis=axis)
+    return d
+
+  return dict(q(weights), layers=[q(lw) for lw in weights["layers"]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +219,10 @@ def _rope(spec: _Spec, pos):
 
 def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
   """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
-  rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, _, _ = _ops()
+  rmsnorm_qkv, rope_append, decode_attention, _, _, _ = _ops()
   kw = _kernel_kw(spec)
-  qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps, **kw,
-                    **spec.opts("rmsnorm_qkv"))
+  qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps,
+                    w_scale_N=lw.get("w_qkv_scale"), **kw, **spec.opts("rmsnorm_qkv"))
   if not use_rope:   # "nope" layers: identity rotation
     cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
   # Past max_len the write goes to slot cache_len, which write_slot ignores: a full
@@ -206,7 +233,7 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
   length = jnp.minimum(pos + 1, spec.cache_len)
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
                        **spec.opts("decode_attention"))
-  x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, **kw, **spec.opts("out_proj_residual"))
+  x = _out_proj(spec, lw, o, x, kw)
   return _mlp(spec, lw, x, kw), k, v
 
 
@@ -230,7 +257,15 @@ def _norm(x, scale, eps):
 def _mlp(spec: _Spec, lw, x, kw):
   *_, rmsnorm_swiglu, _ = _ops()
   return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
-                        eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu"))
+                        eps=spec.eps, w_gate_scale_F=lw.get("w_gate_scale"),
+                        w_up_scale_F=lw.get("w_up_scale"), w_down_scale_D=lw.get("w_down_scale"),
+                        **kw, **spec.opts("rmsnorm_swiglu"))
+
+
+def _out_proj(spec: _Spec, lw, o, x, kw):
+  out_proj_residual = _ops()[3]
+  return out_proj_residual(o.reshape(-1), lw["w_o_t"], x, w_scale_D=lw.get("w_o_scale"), **kw,
+                           **spec.opts("out_proj_residual"))
 
 
 def _kernel_kw(spec: _Spec):
@@ -244,7 +279,6 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
   from kernels.path_decode_attention import path_decode_attention
   from kernels.rope_append.reference import write_slot
-  _, _, _, out_proj_residual, _, _ = _ops()
   kw = _kernel_kw(spec)
   m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
   xn = _norm(x, lw["attn_norm"], spec.eps)
@@ -262,7 +296,7 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   o, k, v = jax.lax.cond(ok, attend,
                          lambda k, v: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v), k, v)
   conv = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_conv, conv)
-  x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, **kw, **spec.opts("out_proj_residual"))
+  x = _out_proj(spec, lw, o, x, kw)
   return _mlp(spec, lw, x, kw), k, v, conv
 
 
@@ -293,7 +327,8 @@ def _levels_layer(spec: _Spec, l: int, lw, x, levels, conv, pos):
 def _head(spec: _Spec, weights, x, pos):
   *_, lm_head_argmax = _ops()
   kw = _kernel_kw(spec)
-  logits, tok = lm_head_argmax(x, weights["final_norm"], weights["w_head_t"], eps=spec.eps, **kw,
+  logits, tok = lm_head_argmax(x, weights["final_norm"], weights["w_head_t"], eps=spec.eps,
+                               w_scale_V=weights.get("w_head_scale"), **kw,
                                **spec.opts("lm_head_argmax"))
   ok = pos < spec.max_len
   return jnp.where(ok, logits, jnp.nan), jnp.where(ok, tok, -1).astype(jnp.int32)
@@ -338,7 +373,8 @@ def _step_scan(spec: _Spec, weights, state, token):
 
   def body(carry, lw):
     x, K, V, l = carry
-    qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps)
+    qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps,
+                      w_scale_N=lw.get("w_qkv_scale"))
     q, k, v = split_qkv(qkv, spec.n_heads, spec.n_kv)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     old_k = jax.lax.dynamic_slice(K, (l, 0, at, 0), (1, spec.n_kv, 1, spec.head_dim))
@@ -348,9 +384,10 @@ def _step_scan(spec: _Spec, weights, state, token):
     K = jax.lax.dynamic_update_slice(K, k, (l, 0, at, 0))
     V = jax.lax.dynamic_update_slice(V, v, (l, 0, at, 0))
     o = decode_attention(q, K[l], V[l], length, scale=spec.head_dim ** -0.5)
-    x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x)
+    x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, lw.get("w_o_scale"))
     x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
-                       eps=spec.eps)
+                       eps=spec.eps, w_gate_scale_F=lw.get("w_gate_scale"),
+                       w_up_scale_F=lw.get("w_up_scale"), w_down_scale_D=lw.get("w_down_scale"))
     return (x, K, V, l + 1), None
 
   (x, K, V, _), _ = jax.lax.scan(body, (x, state["k"], state["v"], jnp.int32(0)),
@@ -396,8 +433,9 @@ class Decoder:
 
 def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
                  interpret: bool | str | None = None,
-                 kernel_options: Mapping[str, Mapping[str, Any]] | None = None) -> Decoder:
-  """Batch-1 decoder for a jaxlab LM (softmax-attention layers).
+                 kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 quantize: str | None = None) -> Decoder:
+  """Batch-1 decoder for a jaxlab LM (attention, PaTH and log-linear layers).
 
   impl: "xla" (reference ops) or "pallas" (Mosaic-GPU kernels; interpreted on
   CPU, see kernels/_common.resolve_interpret for `interpret`).
@@ -405,11 +443,14 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   (stacked layers, impl="xla" only: a Pallas kernel inside a scan would get a
   copied per-layer slice as its operand).
   kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
+  quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
+  fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   """
   cfg: ModelConfig = model.cfg
+  _check_args(impl, max_len, layers, quantize)
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
                                      kernel_options=kernel_options)
-  weights = prepare_weights(model)
+  weights = prepare_weights(model, quantize)
   if layers == "scan":
     weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
   graphdef, mstate = nnx.split(model)
@@ -528,12 +569,13 @@ def _step_fn(spec: _Spec):
 
 def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                   max_len: int | None = None, interpret: bool | str | None = None,
-                  layers: str = "unrolled") -> np.ndarray:
+                  layers: str = "unrolled", quantize: str | None = None) -> np.ndarray:
   """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n])."""
   if n < 1:
     raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
   max_len = len(prompt_tokens) + n if max_len is None else max_len
-  dec = make_decoder(model, impl, max_len, layers=layers, interpret=interpret)
+  dec = make_decoder(model, impl, max_len, layers=layers, interpret=interpret,
+                     quantize=quantize)
   logits, state = dec.prefill(prompt_tokens)
   tok = jnp.argmax(logits).astype(jnp.int32)
   out = [tok]
@@ -553,9 +595,9 @@ class DecodeStreamer:
   new one per model (cheap: the jitted steps are cached per decoder shape)."""
 
   def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0, impl: str = "pallas",
-               interpret: bool | str | None = None):
+               interpret: bool | str | None = None, quantize: str | None = None):
     from jaxlab.models.sampling import SamplingConfig
-    self.dec = make_decoder(model, impl, max_len, interpret=interpret)
+    self.dec = make_decoder(model, impl, max_len, interpret=interpret, quantize=quantize)
     self.max_len = max_len
     self.sampling = SamplingConfig() if sampling is None else sampling
     self.rng = jax.random.key(seed)
@@ -582,3 +624,11 @@ class XLADecodeStreamer(DecodeStreamer):
 
   def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0):
     super().__init__(model, max_len=max_len, sampling=sampling, seed=seed, impl="xla")
+
+
+class Int8DecodeStreamer(DecodeStreamer):
+  """DecodeStreamer with int8 weight-only GEMVs (`jaxlab generate --impl pallas-int8`)."""
+
+  def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0):
+    super().__init__(model, max_len=max_len, sampling=sampling, seed=seed, impl="pallas",
+                     quantize="int8")

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from kernels import _gemv
 
 
-def lm_head_argmax(x_D, scale_D, w_t_VD, *, eps: float, mode: str, **block):
-  logits, bmax, barg = _gemv.gemv(x_D, w_t_VD, scale_K=scale_D, eps=eps, argmax=True,
-                                  out_dtype=jnp.float32, mode=mode, name="lm_head_argmax",
-                                  **block)
+def lm_head_argmax(x_D, scale_D, w_t_VD, w_scale_V=None, *, eps: float, mode: str, **block):
+  logits, bmax, barg = _gemv.gemv(x_D, w_t_VD, scale_K=scale_D, w_scale_N=w_scale_V, eps=eps,
+                                  argmax=True, out_dtype=jnp.float32, mode=mode,
+                                  name="lm_head_argmax", **block)
   return logits, barg[jnp.argmax(bmax)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from kernels import _gemv
 
 
-def rmsnorm_qkv(x_D, scale_D, w_t_ND, bias_N=None, *, eps: float, mode: str, **block):
-  return _gemv.gemv(x_D, w_t_ND, scale_K=scale_D, bias_N=bias_N, eps=eps, mode=mode,
-                    name="rmsnorm_qkv", **block)
+def rmsnorm_qkv(x_D, scale_D, w_t_ND, bias_N=None, w_scale_N=None, *, eps: float, mode: str,
+                **block):
+  return _gemv.gemv(x_D, w_t_ND, scale_K=scale_D, w_scale_N=w_scale_N, bias_N=bias_N, eps=eps,
+                    mode=mode, name="rmsnorm_qkv", **block)

@@ -8,15 +8,22 @@ weight is the natural [F, D] `kernel` layout, so every CTA reads contiguous rows
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from kernels import _common as C
+from kernels.quant import check_scale
 from kernels.rmsnorm_swiglu import reference
 
 
 def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
                    w_up_t_FD: jax.Array, w_down_FD: jax.Array, *, eps: float, impl: str,
-                   interpret: bool | str | None = None, **block) -> jax.Array:
-  """x [D], g [D], W_gate^T [F, D], W_up^T [F, D], W_down [F, D] -> [D] in x.dtype."""
+                   interpret: bool | str | None = None, w_gate_scale_F: jax.Array | None = None,
+                   w_up_scale_F: jax.Array | None = None, w_down_scale_D: jax.Array | None = None,
+                   **block) -> jax.Array:
+  """x [D], g [D], W_gate^T [F, D], W_up^T [F, D], W_down [F, D] -> [D] in x.dtype.
+
+  int8 weights take their fp32 per-output scales (kernels.quant.quantize_int8: axis=1
+  for W_gate^T / W_up^T -> [F], axis=0 for W_down -> [D])."""
   C.check_impl(impl, "rmsnorm_swiglu")
   D = x_D.shape[0]
   if x_D.ndim != 1 or scale_D.shape != x_D.shape:
@@ -27,10 +34,21 @@ def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
                   ("w_down_FD", w_down_FD)):
     if w.shape != (F, D):
       raise ValueError(f"rmsnorm_swiglu: {name} {w.shape} must be [{F}, {D}]")
+  n_int8 = sum(jnp.dtype(w.dtype) == jnp.int8 for w in (w_gate_t_FD, w_up_t_FD, w_down_FD))
+  if n_int8 not in (0, 3):
+    raise ValueError("rmsnorm_swiglu: quantize all three weights to int8 or none "
+                     f"(got {n_int8} int8)")
+  scales = (w_gate_scale_F, w_up_scale_F, w_down_scale_D)
+  for w_name, w, s_name, s, n in (("w_gate_t_FD", w_gate_t_FD, "w_gate_scale_F", scales[0], F),
+                                  ("w_up_t_FD", w_up_t_FD, "w_up_scale_F", scales[1], F),
+                                  ("w_down_FD", w_down_FD, "w_down_scale_D", scales[2], D)):
+    check_scale("rmsnorm_swiglu", w_name, w, s_name, s, n)
   if impl == "xla":
-    return reference.rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, eps=eps)
+    return reference.rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, eps=eps,
+                                    w_gate_scale_F=scales[0], w_up_scale_F=scales[1],
+                                    w_down_scale_D=scales[2])
   from kernels.rmsnorm_swiglu import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rmsnorm_swiglu", lambda *a: pallas.rmsnorm_swiglu(*a, eps=eps, mode=mode, **block),
-      x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
+      x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *scales)

@@ -9,6 +9,10 @@ Grid: one CTA per BF hidden units. CTA p
 No CTA needs another's h, so no grid-wide barrier is needed; the F/BF partial
 rows are summed with the residual by one small XLA reduction (F/BF * D * 4
 bytes, ~1% of the MLP weight bytes at Llama sizes).
+
+int8 weights stream as int8 and convert in registers; the gate/up row scales
+multiply the finished dot products in the CTA, the down projection's column
+scale multiplies the summed partial rows (it is constant along the reduction).
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ def _silu(x):
   return x / (1.0 + jnp.exp(-x))
 
 
-def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps, stages,
-          store_once):
+def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8):
+  if int8:
+    x_g, g_g, wg_g, wu_g, wd_g, sg_g, su_g, part_g = refs
+  else:
+    x_g, g_g, wg_g, wu_g, wd_g, part_g = refs
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.tile_transforms(BK, wg_g.dtype)
@@ -45,9 +52,16 @@ def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps,
   acc_g, acc_u, ss = ctx.pipeline(up_step, grid=(D // BK,), in_specs=[vec(), vec(), mat(), mat()],
                                   stages=stages, init_carry=carry0)(x_g, g_g, wg_g, wu_g)
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
+  if int8:
+    rows = pl.ds(p * BF, BF)
+    load_row = lambda s: ctx.ld(s, C.ROW).astype(f32)
+    acc_g = acc_g * ctx.load(sg_g.at[rows], load_row)
+    acc_u = acc_u * ctx.load(su_g.at[rows], load_row)
   h = _silu(acc_g * r) * (acc_u * r)                       # [BF], ROW layout
-  if jnp.dtype(wd_g.dtype) != jnp.float32:
-    h = h.astype(wd_g.dtype).astype(f32)   # the down projection's operand dtype, as in XLA
+  # The down projection's operand dtype, as in XLA: the weights' (int8: the activations').
+  op_dtype = x_g.dtype if int8 else wd_g.dtype
+  if jnp.dtype(op_dtype) != jnp.float32:
+    h = h.astype(op_dtype).astype(f32)
 
   down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
                                transforms=C.tile_transforms(BD, wd_g.dtype))
@@ -78,7 +92,8 @@ def _body(x_g, g_g, wg_g, wu_g, wd_g, part_g, *, ctx: C.Ctx, D, BF, BK, BD, eps,
   ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
 
 
-def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: float, mode: str,
+def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F=None,
+                   w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str,
                    block_f: int | None = None, block_k: int | None = None,
                    block_d: int | None = None, stages: int = 2, store_once: bool = False):
   F, D = w_gate_t_FD.shape
@@ -89,10 +104,14 @@ def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: floa
   C.check_block(F, BF, 64, "F")
   C.check_block(D, BK, 32, "D")
   C.check_block(D, BD, 32, "D")
+  int8 = w_gate_scale_F is not None
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
-                            store_once=store_once),
+                            store_once=store_once, int8=int8),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu")
-  part = kern(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
-  return (x_D.astype(jnp.float32) + jnp.sum(part, axis=0)).astype(x_D.dtype)
+  args = (x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
+  y = jnp.sum(kern(*args, w_gate_scale_F, w_up_scale_F) if int8 else kern(*args), axis=0)
+  if int8:
+    y = y * w_down_scale_D.astype(jnp.float32)
+  return (x_D.astype(jnp.float32) + y).astype(x_D.dtype)
