@@ -45,8 +45,8 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   decode.add_arguments(p)
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                       "--variants", "xla-unrolled,pallas", "--profile", str(tmp_path / "prof"),
-                       "--json", str(out)])
+                       "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8",
+                       "--profile", str(tmp_path / "prof"), "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
   for v in ("xla-unrolled", "pallas"):
@@ -54,6 +54,16 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
     assert r["ms_per_token"] > 0 and r["argmax_match_xla"] is True
     assert r["profile"]["note"].startswith("no GPU stream events")   # CPU trace
   assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4            # fp32 tiny model
+  # int8: pallas-int8 is checked against the same int8 step in XLA; bytes per token drop
+  # by 3 bytes per GEMV weight (fp32 -> int8) and add one fp32 scale per output channel.
+  r8 = res["variants"]["pallas-int8"]
+  assert r8["reference"] == "xla-int8" and r8["argmax_match_xla"] is True
+  assert r8["logits_rel_err"] < 1e-4
+  assert res["variants"]["xla-int8"]["reference"] == "xla-unrolled"
+  D, F, V, L, N = 128, 256, 512, 2, (6 + 2 * 2) * 32
+  weights = L * (N * D + D * 6 * 32 + 3 * F * D) + V * D
+  scales = L * (N + D + 2 * F + D) + V
+  assert r8["bytes_per_token"] == res["bytes_per_token"] - 3 * weights + 4 * scales
 
 
 def test_cpu_smoke_run_hybrid_config(tmp_path):

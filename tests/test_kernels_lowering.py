@@ -30,16 +30,20 @@ def _lower(fn, *avals):
     raise
 
 
-@pytest.mark.parametrize("name", ["llama-1b-bench", "llama-8b-bench", "hybrid-1b-bench", "tiny",
-                                  "hybrid-tiny"])
-def test_decode_step_lowers_for_cuda(name):
+@pytest.mark.parametrize("name,quantize", [
+    ("llama-1b-bench", None), ("llama-8b-bench", None), ("hybrid-1b-bench", None),
+    ("tiny", None), ("hybrid-tiny", None),
+    ("llama-1b-bench", "int8"), ("llama-8b-bench", "int8"), ("hybrid-1b-bench", "int8")])
+def test_decode_step_lowers_for_cuda(name, quantize):
   """One full Pallas decode step (one layer of the bench shapes, one mixer cycle of the
-  hybrid; the tiny test models)."""
+  hybrid; the tiny test models), with bf16 and with int8 weight-only GEMVs."""
   kw = dict(CONFIGS[name][0])
   if "tiny" not in name:
     kw["n_layers"] = len(kw.get("mixer_pattern") or (1,))
   cfg = ModelConfig(**kw)
-  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize))
+  if quantize:
+    assert weights["layers"][0]["w_down"].dtype == jnp.int8
   step, S = step_function(cfg, "pallas", 1100, interpret=False)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))

@@ -64,6 +64,34 @@ def test_gemv_kernels_mosaic():
   assert int(tk) == int(tr)
 
 
+def test_int8_gemv_kernels_mosaic():
+  """int8 weights through TMA (int8 SMEM tiling) with the per-row scale in the kernel
+  (one pass), in the XLA epilogue (split-K) and in the MLP (gate/up in-kernel, down in
+  the epilogue)."""
+  from kernels.quant import quantize_int8
+  D, N, F, V = 128, 192, 128, 256
+  x, g = _r(0, D), 1.0 + 0.1 * _r(1, D)
+  q, s = quantize_int8(_r(2, N, D) / 11, axis=1)
+  for split in (1, 2):
+    _close(rmsnorm_qkv(x, g, q, eps=EPS, impl="pallas", interpret=M, w_scale_N=s, block_n=64,
+                       block_k=64, split_k=split),
+           rmsnorm_qkv(x, g, q, eps=EPS, impl="xla", w_scale_N=s), D, f"int8 qkv split {split}")
+  (qg, sg), (qu, su), (qd, sd) = (quantize_int8(_r(i, F, D) / 11, axis=a)
+                                  for i, a in ((6, 1), (7, 1), (8, 0)))
+  sc = dict(w_gate_scale_F=sg, w_up_scale_F=su, w_down_scale_D=sd)
+  for once in (False, True):
+    _close(rmsnorm_swiglu(x, g, qg, qu, qd, eps=EPS, impl="pallas", interpret=M, block_f=64,
+                          block_k=64, block_d=64, store_once=once, **sc),
+           rmsnorm_swiglu(x, g, qg, qu, qd, eps=EPS, impl="xla", **sc), F,
+           f"int8 mlp store_once={once}")
+  qe, se = quantize_int8(_r(9, V, D) / 11, axis=1)
+  lg, tk = lm_head_argmax(x, g, qe, eps=EPS, impl="pallas", interpret=M, w_scale_V=se,
+                          block_n=64)
+  lr, tr = lm_head_argmax(x, g, qe, eps=EPS, impl="xla", w_scale_V=se)
+  _close(lg, lr, D, "int8 logits")
+  assert int(tk) == int(tr)
+
+
 def test_rope_and_attention_mosaic():
   Hq, Hkv, Dh, S, L = 8, 2, 64, 192, 77
   qkv = _r(10, (Hq + 2 * Hkv) * Dh)

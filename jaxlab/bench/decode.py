@@ -492,6 +492,20 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       sw[f"rmsnorm_swiglu store_once={once}"] = _guarded(
           f"sweep rmsnorm_swiglu store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args, elems * dt.itemsize))
+    # Wider MLP tiles (more bytes in flight per pipeline step), and the int8 MLP's store.
+    D = cfg.d_model
+    for bk, bd in ((64, 64), (256, 128), (128, 256), (256, 256)):
+      if D % bk == 0 and D % bd == 0:
+        sw[f"rmsnorm_swiglu block_k={bk} block_d={bd}"] = _guarded(
+            f"sweep rmsnorm_swiglu block_k={bk} block_d={bd}", lambda: timed(
+                make("pallas", block_k=bk, block_d=bd, interpret=interpret), args,
+                elems * dt.itemsize))
+    make, args, _ = cases["rmsnorm_swiglu int8"]
+    for once in (False, True):
+      sw[f"rmsnorm_swiglu int8 store_once={once}"] = _guarded(
+          f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
+              make("pallas", store_once=once, interpret=interpret), args,
+              nbytes["rmsnorm_swiglu int8"]))
     for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
       make, args, elems = cases[op]
       for st in (2, 3, 4):
