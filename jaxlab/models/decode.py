@@ -217,7 +217,7 @@ def _rope(spec: _Spec, pos):
   return cos[0, 0], sin[0, 0]
 
 
-def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
+def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
   """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
   rmsnorm_qkv, rope_append, decode_attention, _, _, _ = _ops()
   kw = _kernel_kw(spec)
@@ -235,6 +235,15 @@ def _layer(spec: _Spec, lw, x, k, v, pos, cos, sin, use_rope: bool):
                        **spec.opts("decode_attention"))
   x = _out_proj(spec, lw, o, x, kw)
   return _mlp(spec, lw, x, kw), k, v
+
+
+@functools.lru_cache(maxsize=64)
+def _block_fn(spec: _Spec, block, static):
+  """block(spec, static, *args) as its own jitted function, called inside the step: the
+  layers of one kind and shape then share a single lowering (each Pallas kernel is
+  lowered once per step, not once per layer: 16x less to lower and compile for the 1B
+  bench), and XLA inlines the calls (caches still update in place)."""
+  return jax.jit(functools.partial(block, spec, static))
 
 
 @functools.lru_cache(maxsize=64)
@@ -275,12 +284,12 @@ def _kernel_kw(spec: _Spec):
   return kw
 
 
-def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
+def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, pos):
   """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
   from kernels.path_decode_attention import path_decode_attention
   from kernels.rope_append.reference import write_slot
   kw = _kernel_kw(spec)
-  m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
+  m = nnx.merge(graphdef, lw["mixer"])
   xn = _norm(x, lw["attn_norm"], spec.eps)
   q, kt, vt, w, beta, _, new_conv = m.decode_inputs(xn[None, None], conv)
   ok = pos < spec.max_len
@@ -300,13 +309,13 @@ def _path_layer(spec: _Spec, l: int, lw, x, k, v, conv, pos):
   return _mlp(spec, lw, x, kw), k, v, conv
 
 
-def _levels_layer(spec: _Spec, l: int, lw, x, levels, conv, pos):
+def _levels_layer(spec: _Spec, graphdef, lw, x, levels, conv, pos):
   """A log-linear block for one token: the mixer's own projections around the level-state
   kernel. levels [H, L, K, V] fp32 hold tokens 0..pos-1."""
   from jaxlab.models.mixers.mamba2 import LevelKernel
   from jaxlab.ops.log_linear import LogLinearState
   kw = _kernel_kw(spec)
-  m = nnx.merge(_mixer_graphdef(spec.cfg, l), lw["mixer"])
+  m = nnx.merge(graphdef, lw["mixer"])
   xn = _norm(x, lw["attn_norm"], spec.eps)
   cache = dict(state=LogLinearState(levels[None], jnp.reshape(pos, (1,)).astype(jnp.int32)),
                conv=conv)
@@ -342,11 +351,14 @@ def _step_unrolled(spec: _Spec, weights, state, token):
   for l, lw in enumerate(weights["layers"]):
     kind = spec.kinds[l]
     if kind == "attention":
-      x, ks[l], vs[l] = _layer(spec, lw, x, ks[l], vs[l], pos, cos, sin, spec.use_rope[l])
+      fn = _block_fn(spec, _layer, spec.use_rope[l])
+      x, ks[l], vs[l] = fn(lw, x, ks[l], vs[l], pos, cos, sin)
     elif kind == "path":
-      x, ks[l], vs[l], convs[l] = _path_layer(spec, l, lw, x, ks[l], vs[l], convs[l], pos)
+      fn = _block_fn(spec, _path_layer, _mixer_graphdef(spec.cfg, l))
+      x, ks[l], vs[l], convs[l] = fn(lw, x, ks[l], vs[l], convs[l], pos)
     else:
-      x, levels[l], convs[l] = _levels_layer(spec, l, lw, x, levels[l], convs[l], pos)
+      fn = _block_fn(spec, _levels_layer, _mixer_graphdef(spec.cfg, l))
+      x, levels[l], convs[l] = fn(lw, x, levels[l], convs[l], pos)
   logits, tok = _head(spec, weights, x, pos)
   return logits, tok, dict(k=tuple(ks), v=tuple(vs), conv=tuple(convs), levels=tuple(levels),
                            pos=pos + 1)
