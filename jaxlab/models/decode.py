@@ -23,6 +23,9 @@ Usage (what `jaxlab generate --impl pallas` does):
       logits, greedy, state = dec.step(state, tok)  # greedy: int32 argmax of logits
       tok = int(greedy)                             # or sample from logits
 
+make_decoder(..., quantize="int8") stores the GEMV weights (QKV, O, MLP, LM head) as
+int8 with one fp32 scale per output channel (kernels.quant) for either impl.
+
 `DecodeStreamer` wraps this in the interface of jaxlab.models.generate.Streamer
 (for the CLI). Prefill runs the model's own `extend` (XLA) and converts its
 cache to the head-major layout [Hkv, S, Dh] the kernels stream.
