@@ -67,7 +67,7 @@ fi
 
 if [ -n "${B8:-}" ]; then
   timeout ${B8_TIMEOUT:-140} $PY -m jaxlab.bench.decode --config llama-8b-bench \
-    --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 \
+    --variants ${B8_VARIANTS:-xla-unrolled,pallas,pallas-int8} --steps 32 --repeats 2 --warmup 2 \
     > "$OUT/llama-8b.txt" 2>&1
   stamp "llama-8b-bench rc=$?"
 fi
