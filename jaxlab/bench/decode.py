@@ -110,12 +110,16 @@ def _model_weight_bytes(model) -> int:
   return total - (model.embed.embedding[...].nbytes if model.lm_head is not None else 0)
 
 
+def _nbytes(a) -> int:
+  """Bytes of an array or a ShapeDtypeStruct."""
+  return int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+
+
 def _decode_weight_bytes(weights) -> int:
   """Bytes of a decoder's prepared weights read per token: everything once, except the
   embedding table (one row is looked up)."""
-  nbytes = lambda a: int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize   # arrays or shapes
-  rest = sum(nbytes(a) for a in jax.tree.leaves(dict(weights, embed=None)))
-  return rest + nbytes(weights["embed"]) // weights["embed"].shape[0]
+  rest = sum(_nbytes(a) for a in jax.tree.leaves(dict(weights, embed=None)))
+  return rest + _nbytes(weights["embed"]) // weights["embed"].shape[0]
 
 
 def _cache_bytes(cfg, state, length: float) -> float:
@@ -123,14 +127,13 @@ def _cache_bytes(cfg, state, length: float) -> float:
   PaTH reads and rewrites its fp32 keys (in place, fused) and reads V; a log-linear
   layer reads and rewrites its level states."""
   from jaxlab.models.decode import layer_kinds
-  nbytes = lambda a: int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
   total = 0.0
   for l, kind in enumerate(layer_kinds(cfg)):
     if kind == "levels":
-      total += 2 * nbytes(state["levels"][l])
+      total += 2 * _nbytes(state["levels"][l])
       continue
     k, v = state["k"][l], state["v"][l]
-    per_slot = (nbytes(k) / k.shape[1]) * (2 if kind == "path" else 1) + nbytes(v) / v.shape[1]
+    per_slot = (_nbytes(k) / k.shape[1]) * (2 if kind == "path" else 1) + _nbytes(v) / v.shape[1]
     total += per_slot * length
   return total
 

@@ -109,9 +109,7 @@ def _check_model(cfg: ModelConfig):
     raise ValueError(f"make_decoder: head_dim={cfg.dim_per_head} must be even (RoPE)")
 
 
-def _check_args(impl: str, max_len: int, layers: str, quantize: str | None = None):
-  if quantize not in QUANTIZE:
-    raise ValueError(f"make_decoder: unknown quantize {quantize!r} (known: None, 'int8')")
+def _check_args(impl: str, max_len: int, layers: str):
   if impl not in IMPLS:
     raise ValueError(f"make_decoder: unknown impl {impl!r} (known: {', '.join(IMPLS)})")
   if layers not in LAYER_MODES:
@@ -132,6 +130,8 @@ def prepare_weights(model, quantize: str | None = None) -> dict[str, Any]:
   become int8 with one fp32 scale per output channel (INT8_SCALES); norms, the
   embedding lookup and the PaTH / log-linear mixers' own projections stay as they are.
   """
+  if quantize not in QUANTIZE:
+    raise ValueError(f"unknown quantize {quantize!r} (known: None, 'int8')")
   cfg: ModelConfig = model.cfg
   kinds = layer_kinds(cfg)
   _check_model(cfg)
@@ -162,8 +162,6 @@ def prepare_weights(model, quantize: str | None = None) -> dict[str, Any]:
           else jnp.asarray(model.lm_head.kernel[...].T))
   out = dict(layers=layers, embed=model.embed.embedding[...],
              final_norm=model.final_norm.scale[...], w_head_t=head)
-  if quantize not in QUANTIZE:
-    raise ValueError(f"prepare_weights: unknown quantize {quantize!r} (known: None, 'int8')")
   return out if quantize is None else _quantize(out)
 
 
@@ -266,12 +264,16 @@ def _norm(x, scale, eps):
   return (x.astype(jnp.float32) * rms_scale(x, eps) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def _mlp_scales(lw) -> dict:
+  """The MLP op's int8 scale keywords (None for float weights)."""
+  return dict(w_gate_scale_F=lw.get("w_gate_scale"), w_up_scale_F=lw.get("w_up_scale"),
+              w_down_scale_D=lw.get("w_down_scale"))
+
+
 def _mlp(spec: _Spec, lw, x, kw):
   *_, rmsnorm_swiglu, _ = _ops()
   return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
-                        eps=spec.eps, w_gate_scale_F=lw.get("w_gate_scale"),
-                        w_up_scale_F=lw.get("w_up_scale"), w_down_scale_D=lw.get("w_down_scale"),
-                        **kw, **spec.opts("rmsnorm_swiglu"))
+                        eps=spec.eps, **_mlp_scales(lw), **kw, **spec.opts("rmsnorm_swiglu"))
 
 
 def _out_proj(spec: _Spec, lw, o, x, kw):
@@ -401,8 +403,7 @@ def _step_scan(spec: _Spec, weights, state, token):
     o = decode_attention(q, K[l], V[l], length, scale=spec.head_dim ** -0.5)
     x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, lw.get("w_o_scale"))
     x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
-                       eps=spec.eps, w_gate_scale_F=lw.get("w_gate_scale"),
-                       w_up_scale_F=lw.get("w_up_scale"), w_down_scale_D=lw.get("w_down_scale"))
+                       eps=spec.eps, **_mlp_scales(lw))
     return (x, K, V, l + 1), None
 
   (x, K, V, _), _ = jax.lax.scan(body, (x, state["k"], state["v"], jnp.int32(0)),
@@ -462,7 +463,6 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   """
   cfg: ModelConfig = model.cfg
-  _check_args(impl, max_len, layers, quantize)
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
                                      kernel_options=kernel_options)
   weights = prepare_weights(model, quantize)
