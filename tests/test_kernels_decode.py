@@ -140,10 +140,12 @@ def hybrid_tokens(hybrid):
   return np.asarray(generate(hybrid, np.array([PROMPT]), max_new_tokens=N)["tokens"][0])
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl):
-  """The PaTH key update and log-linear level-state kernels inside the decode step."""
-  toks = decode_greedy(hybrid, PROMPT, N, impl=impl)
+@pytest.mark.parametrize("impl,share_layers", [("xla", True), ("pallas", True),
+                                               ("pallas", False)])
+def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl, share_layers):
+  """The PaTH key update and log-linear level-state kernels inside the decode step, with
+  one jitted block per layer kind (default) and with every layer inlined."""
+  toks = decode_greedy(hybrid, PROMPT, N, impl=impl, share_layers=share_layers)
   assert len(set(hybrid_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
   np.testing.assert_array_equal(toks, hybrid_tokens)
 

@@ -7,6 +7,9 @@ Variants (each decodes the same greedy continuation from the same cache):
   model         the LM's own `extend` (what `jaxlab generate` runs), donated cache
   pallas-int8   pallas with int8 weight-only GEMVs (per-output fp32 scales)
   xla-int8      xla-unrolled with the same int8 weights (the plain-XLA int8 baseline)
+  pallas-inline, pallas-int8-inline
+                the same Pallas steps with every layer inlined into one flat program
+                (make_decoder(share_layers=False)) instead of one jitted block per layer kind
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -49,12 +52,16 @@ CONFIGS["hybrid-tiny"] = (dict(
     CONFIGS["tiny"][0], n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=CONFIGS["hybrid-1b-bench"][0]["mixer_pattern"],
     mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 2}), 64, 1024)
-VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8")
-# variant -> (impl, layers, quantize) for the make_decoder variants
+VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
+            "pallas-inline", "pallas-int8-inline")
+# variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
+# ("-inline": every layer inlined into one flat step instead of one jitted block per kind)
 _DECODER_VARIANTS = {
-    "pallas": ("pallas", "unrolled", None), "xla-unrolled": ("xla", "unrolled", None),
-    "xla-scan": ("xla", "scan", None), "pallas-int8": ("pallas", "unrolled", "int8"),
-    "xla-int8": ("xla", "unrolled", "int8")}
+    "pallas": ("pallas", "unrolled", None, True), "xla-unrolled": ("xla", "unrolled", None, True),
+    "xla-scan": ("xla", "scan", None, True), "pallas-int8": ("pallas", "unrolled", "int8", True),
+    "xla-int8": ("xla", "unrolled", "int8", True),
+    "pallas-inline": ("pallas", "unrolled", None, False),
+    "pallas-int8-inline": ("pallas", "unrolled", "int8", False)}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -79,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="with --ops: also time decode_attention num_splits, GEMV split-K and "
                       "pipeline depths (tuning hints for the next GPU session)")
   p.add_argument("--profile", default=None, metavar="DIR",
-                 help="also trace 16 steps of the pallas and xla-unrolled variants with "
+                 help="also trace 16 steps of each make_decoder variant with "
                       "jax.profiler into DIR/<variant>/ and summarize device time per kernel, "
                       "kernels per step and idle time between them")
   p.add_argument("--seed", type=int, default=0)
@@ -583,14 +590,15 @@ def run(args) -> dict:
       r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
                      key)
     else:
-      impl, layers, quantize = _DECODER_VARIANTS[v]
+      impl, layers, quantize, share = _DECODER_VARIANTS[v]
       dec = make_decoder(model, impl, max_len, layers=layers,
                          interpret=args.interpret if impl == "pallas" else None,
-                         kernel_options=opts if impl == "pallas" else None, quantize=quantize)
+                         kernel_options=opts if impl == "pallas" else None, quantize=quantize,
+                         share_layers=share)
       r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
       if quantize:   # the same cache traffic; the weights as this decoder stores them
         r["bytes_per_token"] = bytes_tok + _decode_weight_bytes(dec.weights) - full_weights
-      if args.profile and v in ("pallas", "xla-unrolled"):
+      if args.profile:
         import os
         r["profile"] = _guarded(f"profile {v}", lambda: _profile_decoder(
             dec, cfg, kv_len, first, key, os.path.join(args.profile, v)))
@@ -606,7 +614,7 @@ def run(args) -> dict:
   for v, r in res["variants"].items():
     # pallas-int8 against the same int8 step in XLA; xla-int8 against the unquantized
     # step (its row then shows the quantization error).
-    ref_v = "xla-int8" if v == "pallas-int8" and "logits0" in res["variants"].get(
+    ref_v = "xla-int8" if v.startswith("pallas-int8") and "logits0" in res["variants"].get(
         "xla-int8", {}) else "xla-unrolled"
     ref = res["variants"].get(ref_v, {}).get("tokens")
     ref_logits = res["variants"].get(ref_v, {}).get("logits0")
@@ -635,14 +643,14 @@ def format_table(res: dict) -> str:
            "(reference bandwidth)"]
   if "note" in res:
     lines.append(f"NOTE: {res['note']}")
-  lines.append(f"{'variant':14s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
+  lines.append(f"{'variant':18s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
                f"{'compile s':>9s} {'vs':>12s} {'tokens=':>7s} {'logits err':>10s} "
                f"{'argmax=':>7s}")
   for v, r in res["variants"].items():
     if "error" in r:
-      lines.append(f"{v:14s} FAILED {r['error']}")
+      lines.append(f"{v:18s} FAILED {r['error']}")
       continue
-    lines.append(f"{v:14s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
+    lines.append(f"{v:18s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
                  f"{r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} {r['compile_s']:9.1f} "
                  f"{r.get('reference', '-'):>12s} {r.get('tokens_match_xla', '-'):>7s} "
                  f"{r.get('logits_rel_err', float('nan')):10.2e} "

@@ -197,6 +197,7 @@ class _Spec:
   options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
   kinds: tuple[str, ...] = ()
   cfg: ModelConfig | None = None   # builds the non-attention mixers' graphdefs
+  share_layers: bool = True
 
   def opts(self, op: str) -> dict:
     return dict(dict(self.options).get(op, ()))
@@ -348,6 +349,13 @@ def _head(spec: _Spec, weights, x, pos):
   return jnp.where(ok, logits, jnp.nan), jnp.where(ok, tok, -1).astype(jnp.int32)
 
 
+def _block(spec: _Spec, block, static):
+  """One layer's block: shared per kind (_block_fn) or inlined into the step."""
+  if spec.share_layers:
+    return _block_fn(spec, block, static)
+  return functools.partial(block, spec, static)
+
+
 def _step_unrolled(spec: _Spec, weights, state, token):
   pos = state["pos"]
   x = weights["embed"][token]
@@ -356,13 +364,13 @@ def _step_unrolled(spec: _Spec, weights, state, token):
   for l, lw in enumerate(weights["layers"]):
     kind = spec.kinds[l]
     if kind == "attention":
-      fn = _block_fn(spec, _layer, spec.use_rope[l])
+      fn = _block(spec, _layer, spec.use_rope[l])
       x, ks[l], vs[l] = fn(lw, x, ks[l], vs[l], pos, cos, sin)
     elif kind == "path":
-      fn = _block_fn(spec, _path_layer, _mixer_graphdef(spec.cfg, l))
+      fn = _block(spec, _path_layer, _mixer_graphdef(spec.cfg, l))
       x, ks[l], vs[l], convs[l] = fn(lw, x, ks[l], vs[l], convs[l], pos)
     else:
-      fn = _block_fn(spec, _levels_layer, _mixer_graphdef(spec.cfg, l))
+      fn = _block(spec, _levels_layer, _mixer_graphdef(spec.cfg, l))
       x, levels[l], convs[l] = fn(lw, x, levels[l], convs[l], pos)
   logits, tok = _head(spec, weights, x, pos)
   return logits, tok, dict(k=tuple(ks), v=tuple(vs), conv=tuple(convs), levels=tuple(levels),
@@ -450,7 +458,7 @@ class Decoder:
 def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
                  interpret: bool | str | None = None,
                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 quantize: str | None = None) -> Decoder:
+                 quantize: str | None = None, share_layers: bool = True) -> Decoder:
   """Batch-1 decoder for a jaxlab LM (attention, PaTH and log-linear layers).
 
   impl: "xla" (reference ops) or "pallas" (Mosaic-GPU kernels; interpreted on
@@ -461,10 +469,13 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
+  share_layers: True lowers each layer kind once and calls it per layer (fast compile:
+  the 8B Pallas step compiles in ~7 s on an H100); False inlines every layer into one
+  flat program (the same numbers; see docs/kernels.md for the speed of each on a GPU).
   """
   cfg: ModelConfig = model.cfg
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
-                                     kernel_options=kernel_options)
+                                     kernel_options=kernel_options, share_layers=share_layers)
   weights = prepare_weights(model, quantize)
   if layers == "scan":
     weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
@@ -476,7 +487,8 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
 
 def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "unrolled",
                   interpret: bool | str | None = None,
-                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None):
+                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
+                  share_layers: bool = True):
   """(jitted step_fn(weights, state, token) -> (logits, token, state), cache_len).
 
   Usable on abstract inputs, e.g. to lower the step for another platform."""
@@ -499,7 +511,8 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
       interpret=resolve_interpret(interpret) if impl == "pallas" else None,
       options=tuple(sorted((op, tuple(sorted(dict(o).items())))
                            for op, o in (kernel_options or {}).items())),
-      kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg)
+      kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg,
+      share_layers=bool(share_layers))
   return _step_fn(spec), cache_len
 
 
@@ -584,13 +597,14 @@ def _step_fn(spec: _Spec):
 
 def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                   max_len: int | None = None, interpret: bool | str | None = None,
-                  layers: str = "unrolled", quantize: str | None = None) -> np.ndarray:
+                  layers: str = "unrolled", quantize: str | None = None,
+                  share_layers: bool = True) -> np.ndarray:
   """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n])."""
   if n < 1:
     raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
   max_len = len(prompt_tokens) + n if max_len is None else max_len
   dec = make_decoder(model, impl, max_len, layers=layers, interpret=interpret,
-                     quantize=quantize)
+                     quantize=quantize, share_layers=share_layers)
   logits, state = dec.prefill(prompt_tokens)
   tok = jnp.argmax(logits).astype(jnp.int32)
   out = [tok]
