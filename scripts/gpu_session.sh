@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 7 in one device call (stage timeouts sum to ~8.9 minutes, a
-# typical run ~6; a session has 15 minutes of device time, machine start included; with
-# B8=1 set HYBRID=0 or lower the timeouts to stay under the 600 s call limit):
+# typical run ~6; a session has 15 minutes of device time, machine start included (~35 s
+# on 2026-11-26); with B8=1 or CMDBUF=1 set HYBRID=0 or lower the timeouts to stay under
+# the 600 s call limit):
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights) + 64 greedy
 #      tokens pallas == xla
 #   2. jaxlab bench decode --config llama-1b-bench (variants incl. int8 weight-only,
@@ -9,7 +10,11 @@
 #      decode kernels in the step, ~1-2 min)
 #   3. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
-#   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~2.5 minutes)
+#   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~3 minutes: the inlined
+#      Pallas 8B step compiles in ~110 s)
+#   5. with CMDBUF=1: the 1B pallas step again with Mosaic custom calls allowed into XLA's
+#      command buffers (CUDA graphs), to test whether the launch gaps go (an experiment;
+#      the XLA flag's syntax is the one to check first if the stage fails)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
 # so a hang loses one stage, not the run. At most 8 result files land in $OUT (the
 # device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz, attention.{jsonl,txt},
@@ -39,7 +44,7 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 PROF=$(mktemp -d)
 timeout ${B1_TIMEOUT:-270} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
-  --variants ${B1_VARIANTS:-xla-unrolled,pallas,model,xla-int8,pallas-int8} --profile "$PROF" \
+  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-shared,xla-int8,pallas-int8} --profile "$PROF" \
   --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
 tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JSON, xplane)
@@ -66,10 +71,19 @@ if [ -n "${ATTN:-}" ]; then
 fi
 
 if [ -n "${B8:-}" ]; then
-  timeout ${B8_TIMEOUT:-140} $PY -m jaxlab.bench.decode --config llama-8b-bench \
-    --variants ${B8_VARIANTS:-xla-unrolled,pallas,pallas-int8} --steps 32 --repeats 2 --warmup 2 \
+  timeout ${B8_TIMEOUT:-180} $PY -m jaxlab.bench.decode --config llama-8b-bench \
+    --variants ${B8_VARIANTS:-xla-unrolled,pallas-shared,pallas} --steps 32 --repeats 2 --warmup 2 \
     > "$OUT/llama-8b.txt" 2>&1
   stamp "llama-8b-bench rc=$?"
+fi
+
+if [ -n "${CMDBUF:-}" ]; then
+  { echo; echo "=== command buffers incl. custom calls ==="; } >> "$OUT/llama-1b.txt"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+    timeout ${CMDBUF_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config llama-1b-bench \
+    --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
+    >> "$OUT/llama-1b.txt" 2>&1
+  stamp "command-buffer experiment rc=$?"
 fi
 
 echo "=== pytest ==="; tail -n 40 "$OUT/pytest.txt"

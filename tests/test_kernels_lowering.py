@@ -30,13 +30,16 @@ def _lower(fn, *avals):
     raise
 
 
-@pytest.mark.parametrize("name,quantize", [
-    ("llama-1b-bench", None), ("llama-8b-bench", None), ("hybrid-1b-bench", None),
-    ("tiny", None), ("hybrid-tiny", None),
-    ("llama-1b-bench", "int8"), ("llama-8b-bench", "int8"), ("hybrid-1b-bench", "int8")])
-def test_decode_step_lowers_for_cuda(name, quantize):
+@pytest.mark.parametrize("name,quantize,share", [
+    ("llama-1b-bench", None, False), ("llama-8b-bench", None, False),
+    ("hybrid-1b-bench", None, False), ("tiny", None, False), ("hybrid-tiny", None, False),
+    ("llama-1b-bench", "int8", False), ("llama-8b-bench", "int8", False),
+    ("hybrid-1b-bench", "int8", False), ("llama-1b-bench", None, True),
+    ("hybrid-tiny", None, True), ("llama-1b-bench", "int8", True)])
+def test_decode_step_lowers_for_cuda(name, quantize, share):
   """One full Pallas decode step (one layer of the bench shapes, one mixer cycle of the
-  hybrid; the tiny test models), with bf16 and with int8 weight-only GEMVs."""
+  hybrid; the tiny test models), with bf16 and with int8 weight-only GEMVs, inlined
+  layers and one shared block per layer kind."""
   kw = dict(CONFIGS[name][0])
   if "tiny" not in name:
     kw["n_layers"] = len(kw.get("mixer_pattern") or (1,))
@@ -44,7 +47,7 @@ def test_decode_step_lowers_for_cuda(name, quantize):
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize))
   if quantize:
     assert weights["layers"][0]["w_down"].dtype == jnp.int8
-  step, S = step_function(cfg, "pallas", 1100, interpret=False)
+  step, S = step_function(cfg, "pallas", 1100, interpret=False, share_layers=share)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
@@ -125,3 +128,19 @@ def test_rope_kernel_names_the_bf16_shape_it_cannot_compile():
                                                        n_kv_heads=4, mode="compile"),
            SD((16 * 64,), bf), SD((64,), jnp.float32), SD((64,), jnp.float32),
            SD((4, 64, 64), bf), SD((4, 64, 64), bf))
+
+
+def test_shared_layers_lower_each_kernel_once():
+  """share_layers=True: the two layers of the tiny model share one lowered block, so the
+  step holds each Mosaic kernel once; inlined, once per layer (plus the LM head)."""
+  cfg = ModelConfig(**CONFIGS["tiny"][0])
+  assert cfg.n_layers == 2
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  counts = {}
+  for share in (False, True):
+    step, S = step_function(cfg, "pallas", 1100, interpret=False, share_layers=share)
+    state = jax.eval_shape(lambda: init_state(cfg, S))
+    text = step.trace(weights, state, SD((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    counts[share] = text.count("mosaic_gpu")
+  assert counts[True] < counts[False], counts

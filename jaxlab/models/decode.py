@@ -197,7 +197,7 @@ class _Spec:
   options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
   kinds: tuple[str, ...] = ()
   cfg: ModelConfig | None = None   # builds the non-attention mixers' graphdefs
-  share_layers: bool = True
+  share_layers: bool = False
 
   def opts(self, op: str) -> dict:
     return dict(dict(self.options).get(op, ()))
@@ -243,8 +243,10 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
 def _block_fn(spec: _Spec, block, static):
   """block(spec, static, *args) as its own jitted function, called inside the step: the
   layers of one kind and shape then share a single lowering (each Pallas kernel is
-  lowered once per step, not once per layer: 16x less to lower and compile for the 1B
-  bench), and XLA inlines the calls (caches still update in place)."""
+  lowered once per step, not once per layer), which cuts the GPU compile time ~10x
+  (llama-1b-bench 49 s -> 5 s on an H200) but leaves longer gaps between the
+  kernels (1B step 14% slower on an H200, docs/kernels.md). Caches still update in
+  place: the profiled step runs the same 280 kernels either way, no copies."""
   return jax.jit(functools.partial(block, spec, static))
 
 
@@ -458,7 +460,7 @@ class Decoder:
 def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
                  interpret: bool | str | None = None,
                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 quantize: str | None = None, share_layers: bool = True) -> Decoder:
+                 quantize: str | None = None, share_layers: bool = False) -> Decoder:
   """Batch-1 decoder for a jaxlab LM (attention, PaTH and log-linear layers).
 
   impl: "xla" (reference ops) or "pallas" (Mosaic-GPU kernels; interpreted on
@@ -469,9 +471,10 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
-  share_layers: True lowers each layer kind once and calls it per layer (fast compile:
-  the 8B Pallas step compiles in ~7 s on an H100); False inlines every layer into one
-  flat program (the same numbers; see docs/kernels.md for the speed of each on a GPU).
+  share_layers: False (default) inlines every layer into one flat program, the fastest
+  step measured; True lowers each layer kind once and calls it per layer: ~10x faster to
+  compile (Pallas llama-1b-bench on an H200: 5 s instead of 49 s; 8B: 7 s on an H100,
+  109 s inlined on an H200), ~14% slower per token (H200, 1B). Same numbers either way.
   """
   cfg: ModelConfig = model.cfg
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
@@ -488,7 +491,7 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
 def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "unrolled",
                   interpret: bool | str | None = None,
                   kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
-                  share_layers: bool = True):
+                  share_layers: bool = False):
   """(jitted step_fn(weights, state, token) -> (logits, token, state), cache_len).
 
   Usable on abstract inputs, e.g. to lower the step for another platform."""
@@ -598,7 +601,7 @@ def _step_fn(spec: _Spec):
 def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                   max_len: int | None = None, interpret: bool | str | None = None,
                   layers: str = "unrolled", quantize: str | None = None,
-                  share_layers: bool = True) -> np.ndarray:
+                  share_layers: bool = False) -> np.ndarray:
   """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n])."""
   if n < 1:
     raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
@@ -621,12 +624,15 @@ class DecodeStreamer:
   max_new_tokens, eos_ids)` yields token ids. Batch 1; impl="pallas" by default.
 
   It has no `.state` attribute on purpose: the CLI's streamer cache then builds a
-  new one per model (cheap: the jitted steps are cached per decoder shape)."""
+  new one per model (cheap: the jitted steps are cached per decoder shape). Its
+  decoder shares one lowering per layer kind (share_layers=True): an interactive
+  generation is dominated by compile time, not by the step."""
 
   def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0, impl: str = "pallas",
                interpret: bool | str | None = None, quantize: str | None = None):
     from jaxlab.models.sampling import SamplingConfig
-    self.dec = make_decoder(model, impl, max_len, interpret=interpret, quantize=quantize)
+    self.dec = make_decoder(model, impl, max_len, interpret=interpret, quantize=quantize,
+                            share_layers=True)
     self.max_len = max_len
     self.sampling = SamplingConfig() if sampling is None else sampling
     self.rng = jax.random.key(seed)
