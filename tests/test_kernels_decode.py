@@ -54,12 +54,14 @@ def test_streamer_interface_for_the_cli(model, reference_tokens):
 
 
 def _poisoned(dec, clean):
-  """A copy of a fresh prefill state with NaN in every K/V slot past the prompt (its own
-  buffers: steps donate their state)."""
+  """A copy of a fresh prefill state with NaN in every K/V (and gate) slot past the prompt
+  (its own buffers: steps donate their state)."""
   T = len(PROMPT)
   tail = jnp.arange(dec.cache_len)[None, :, None] >= T
   nan_tail = lambda c: None if c is None else jnp.where(tail, jnp.nan, c)
+  nan_gate = lambda c: None if c is None else jnp.where(tail[..., 0], jnp.nan, c)
   return dict(clean, k=tuple(map(nan_tail, clean["k"])), v=tuple(map(nan_tail, clean["v"])),
+              gate=tuple(map(nan_gate, clean["gate"])),
               conv=tuple(jax.tree.map(jnp.copy, clean["conv"])),
               levels=tuple(jax.tree.map(jnp.copy, clean["levels"])), pos=jnp.int32(T))
 
@@ -86,14 +88,14 @@ def test_nan_in_unused_cache_slots_changes_nothing(model, impl):
 
 def _full_cache_is_refused(dec, state):
   """At pos = max_len: Decoder.step raises; inside jit (traced position) the step gives
-  NaN logits and token -1 and leaves every cache (k, v, conv, levels) as it was."""
+  NaN logits and token -1 and leaves every cache (k, v, conv, levels, gate) as it was."""
   full = dict(state, pos=jnp.int32(MAX_LEN))
   with pytest.raises(ValueError, match=f"position {MAX_LEN}"):
     dec.step(full, 1)
   before = jax.tree.map(np.asarray, full)
   logits, tok, after = dec.step_fn(dec.weights, full, jnp.int32(1))
   assert np.all(np.isnan(np.asarray(logits))) and int(tok) == -1
-  for name in ("k", "v", "conv", "levels"):
+  for name in ("k", "v", "conv", "levels", "gate"):
     for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
       np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
 
@@ -144,7 +146,7 @@ def hybrid_tokens(hybrid):
                                                ("pallas", False)])
 def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl, share_layers):
   """The PaTH key update and log-linear level-state kernels inside the decode step, with
-  one jitted block per layer kind (default) and with every layer inlined."""
+  every layer inlined (default) and with one jitted block per layer kind."""
   toks = decode_greedy(hybrid, PROMPT, N, impl=impl, share_layers=share_layers)
   assert len(set(hybrid_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
   np.testing.assert_array_equal(toks, hybrid_tokens)
@@ -182,8 +184,74 @@ def test_hybrid_decoder_errors(hybrid):
     make_decoder(hybrid, "xla", 16, layers="scan")
   with pytest.raises(ValueError, match="exceed the .* capacity"):
     make_decoder(hybrid, "xla", HYBRID.max_seq_len + 1)
-  for mixer, why in (("fox", "gate bias"), ("mamba2", "log_linear_mamba2")):
+  for mixer, why in (("mamba2", "log_linear_mamba2"),
+                     ("gated_deltanet", "log_linear_gated_deltanet")):
     m = LM(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, mixer=mixer),
            rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=f"layer 0 uses mixer '{mixer}'.*{why}"):
       make_decoder(m, "xla", 16)
+
+
+# ------------------------------------------- forget-gated layers (PaTH-FoX, FoX)
+
+GATED = ModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
+                    head_dim=64, ffn_dim=256, init_std=0.3, max_seq_len=128,
+                    mixer_pattern=("path_fox", "fox", "attention"),
+                    mixer_options={"gate_bias_init": 1.0})
+
+
+@pytest.fixture(scope="module")
+def gated():
+  m = LM(GATED, rngs=nnx.Rngs(2))
+  # Gates away from 1 (bias init 1.0 + random projections), so the bias matters.
+  return m
+
+
+@pytest.fixture(scope="module")
+def gated_tokens(gated):
+  return np.asarray(generate(gated, np.array([PROMPT]), max_new_tokens=N)["tokens"][0])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gated_greedy_64_tokens_identical(gated, gated_tokens, impl):
+  """PaTH-FoX and FoX layers: the forget gate as the attention kernels' score bias."""
+  toks = decode_greedy(gated, PROMPT, N, impl=impl)
+  assert len(set(gated_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
+  np.testing.assert_array_equal(toks, gated_tokens)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gated_logits_and_gates_match_the_model(gated, impl):
+  """Per-step logits equal the model's extend, and the decoder's gate rows equal the
+  model's PathCache gates (G_t - G_j) on the live slots."""
+  from jaxlab.testing import assert_rel_close, tol
+  dec = make_decoder(gated, impl, MAX_LEN)
+  logits, state = dec.prefill(PROMPT)
+  graphdef, params = nnx.split(gated)
+  extend = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).extend(t, c))
+  ref, cache = extend(params, jnp.asarray([PROMPT]), gated.init_cache(1, MAX_LEN))
+  tok = int(jnp.argmax(logits))
+  for i in range(6):
+    logits, _, state = dec.step(state, tok)
+    ref, cache = extend(params, jnp.asarray([[tok]]), cache)
+    # fp32; per layer the longest sums are the MLP's (ffn 256) and attention's (<= 71
+    # slots x head dim 64), chained over 3 layers and the LM head (d_model 128).
+    assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
+                     rtol=tol(jnp.float32, GATED.d_model * GATED.n_layers), name=impl)
+    live = len(PROMPT) + i + 1
+    for l in (0, 1):
+      ours = np.asarray(state["gate"][l])[:, :live]
+      theirs = np.asarray(cache["layers"][l]["attn"].gate[0]).T[:, :live]
+      # a running sum of `live` fp32 log-gates
+      assert_rel_close(ours, theirs, rtol=tol(jnp.float32, live), name=f"gate layer {l}")
+      assert np.all(ours[:, :-1] < 0) and np.all(ours[:, -1] == 0)
+    tok = int(jnp.argmax(logits))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_gated_nan_tails_and_end_of_cache(gated, impl):
+  dec = make_decoder(gated, impl, MAX_LEN)
+  _, clean = dec.prefill(PROMPT)
+  assert clean["gate"][0] is not None and clean["gate"][1] is not None
+  assert clean["gate"][2] is None and clean["conv"][1] is None   # attention; FoX has no conv
+  _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))

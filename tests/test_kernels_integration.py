@@ -55,6 +55,47 @@ def test_path_decode_step_matches_jaxlab_ops():
     assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {impl}")
 
 
+@pytest.mark.parametrize("use_path", [True, False])
+def test_gated_decode_step_matches_jaxlab_ops(use_path):
+  """PaTH-FoX (use_path) and FoX: the decoder's gate row (older slots += g_t, new slot 0)
+  as path_decode_attention's / decode_attention's score bias = path_decode_step with g_t."""
+  from kernels.path_decode_attention import path_decode_attention
+  T, S, HQ, H, K = 29, 64, 4, 2, 64
+  ks = jax.random.split(jax.random.key(3), 12)
+  q, k, v = (jax.random.normal(ks[i], (1, T, n, K)) for i, n in ((0, HQ), (1, H), (2, H)))
+  w = _unit(jax.random.normal(ks[3], (1, T, H, K))) if use_path else None
+  beta = jax.random.uniform(ks[4], (1, T, H), minval=0.5, maxval=1.9) if use_path else None
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[9], (1, T, HQ)) + 1.0)
+  scale = K ** -0.5
+  # FoX (no transitions) goes through the ops' private entry points, as the FoX mixer does.
+  prefill = functools.partial(path._prefill, scale=scale, max_len=S, impl="naive", kv_mask=None,
+                              cache_dtype=None, block_size=path.DEFAULT_BLOCK)
+  _, cache = jax.jit(prefill)(q, k, v, w, beta, g)
+  q_t, k_t, v_t = (jax.random.normal(ks[5 + i], (1, n, K)) for i, n in enumerate((HQ, H, H)))
+  w_t = _unit(jax.random.normal(ks[8], (1, H, K))) if use_path else None
+  beta_t = jnp.array([[1.2, 1.8]]) if use_path else None
+  g_t = jax.nn.log_sigmoid(jax.random.normal(ks[10], (1, HQ)))
+  o_ref, new = jax.jit(functools.partial(path._decode_step, scale=scale, mask_t=None))(
+      cache, q_t, k_t, v_t, w_t, beta_t, g_t)
+
+  @functools.partial(jax.jit, static_argnames="impl")
+  def ours(kc, vc, gate, impl):
+    kc, vc = write_slot(kc, k_t[0], T), write_slot(vc, v_t[0], T)
+    gate = jax.lax.dynamic_update_slice(gate + g_t[0][:, None], jnp.zeros((HQ, 1)), (0, T))
+    if use_path:
+      return path_decode_attention(q_t[0], kc, vc, w_t[0], beta_t[0], jnp.int32(T + 1),
+                                   scale=scale, bias_HS=scale * gate, impl=impl)
+    return decode_attention(q_t[0], kc, vc, jnp.int32(T + 1), scale=scale,
+                            bias_HS=scale * gate, impl=impl), kc
+
+  for impl in ("xla", "pallas"):
+    o, kc = ours(jnp.transpose(cache.k[0], (1, 0, 2)), jnp.transpose(cache.v[0], (1, 0, 2)),
+                 cache.gate[0].T, impl)
+    assert_rel_close(np.asarray(o), np.asarray(o_ref[0]), rtol=tol(F32, T * K), name=impl)
+    new_k = np.transpose(np.asarray(new.k[0]), (1, 0, 2))[:, :T + 1]
+    assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {impl}")
+
+
 @pytest.mark.parametrize("variant", ["mamba2", "gdn"])
 def test_log_linear_recurrence_matches_jaxlab_ops(variant):
   T, H, L, dk, dv = 13, 2, 5, 64, 32

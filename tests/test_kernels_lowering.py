@@ -93,6 +93,26 @@ def test_path_decode_attention_lowers_for_cuda(Dh, vdt):
          SD((8,), f32), SD((), jnp.int32))
 
 
+@pytest.mark.parametrize("path,Hq,Dh", [(False, 32, 64), (True, 32, 64), (False, 24, 128),
+                                         (True, 8, 128)])
+def test_gate_bias_lowers_for_cuda(path, Hq, Dh):
+  """The [Hq, S] score bias of FoX / PaTH-FoX layers (GQA 4 and 3 and 1) streams through
+  the attention pipeline for CUDA, with fp32 keys and bf16 values as the driver holds them."""
+  from kernels.decode_attention import pallas
+  f32, bf = jnp.float32, jnp.bfloat16
+  if path:
+    fn = lambda q, k, v, bias, w, b, n: pallas.path_decode_attention(
+        q, k, v, w, b, n, scale=0.1, mode="compile", bias_HS=bias)
+  else:
+    fn = lambda q, k, v, bias, n: pallas.decode_attention(q, k, v, n, scale=0.1, mode="compile",
+                                                          bias_HS=bias)
+  avals = [SD((Hq, Dh), bf), SD((8, 1024, Dh), f32), SD((8, 1024, Dh), bf), SD((Hq, 1024), f32)]
+  if path:
+    avals += [SD((8, Dh), f32), SD((8,), f32)]
+  text = _lower(fn, *avals, SD((), jnp.int32)).as_text()
+  assert "mosaic_gpu" in text
+
+
 def test_rope_kernel_rejects_shapes_it_cannot_compile():
   from kernels.rope_append import pallas
   with pytest.raises(ValueError, match="multiple of 128"):
@@ -102,14 +122,17 @@ def test_rope_kernel_rejects_shapes_it_cannot_compile():
            SD((2, 64, 32), jnp.float32), SD((2, 64, 32), jnp.float32))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_hybrid_decode_step_lowers_for_cuda(dtype):
-  """The step with PaTH and log-linear Mamba-2 / GDN layers (their decode kernels, the
-  mixers' own XLA projections, lax.cond guards) lowers for CUDA."""
+@pytest.mark.parametrize("dtype,pattern", [
+    ("float32", ("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet")),
+    ("bfloat16", ("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet")),
+    ("bfloat16", ("path_fox", "log_linear_mamba2", "fox", "log_linear_gated_deltanet"))])
+def test_hybrid_decode_step_lowers_for_cuda(dtype, pattern):
+  """The step with PaTH (-FoX), FoX and log-linear Mamba-2 / GDN layers (their decode
+  kernels, the gate bias, the mixers' own XLA projections, lax.cond guards) lowers for
+  CUDA."""
   cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=12, n_kv_heads=4,
                     head_dim=64, ffn_dim=512, max_seq_len=2048, param_dtype=dtype,
-                    mixer_pattern=("path", "log_linear_mamba2", "attention",
-                                   "log_linear_gated_deltanet"),
+                    mixer_pattern=pattern,
                     mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 4})
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
   step, S = step_function(cfg, "pallas", 1100, interpret=False)

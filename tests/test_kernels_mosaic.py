@@ -138,6 +138,28 @@ def test_path_decode_attention_mosaic():
   _close(np.asarray(k)[:, :L], np.asarray(k_r)[:, :L], Dh, "keys")
 
 
+def test_gate_bias_mosaic():
+  """The FoX / PaTH-FoX score bias exactly as written: its [G, BS] blocks through the
+  pipeline, NaN past the live length in keys, values and bias (GQA 3)."""
+  from kernels.path_decode_attention import path_decode_attention
+  Hq, Hkv, S, Dh, L = 6, 2, 192, 64, 130
+  live = jnp.arange(S) < L
+  kc = jnp.where(~live[None, :, None], jnp.nan, _r(44, Hkv, S, Dh))
+  vc = jnp.where(~live[None, :, None], jnp.nan, _r(45, Hkv, S, Dh)).astype(jnp.bfloat16)
+  bias = jnp.where(live, -jnp.abs(_r(46, Hq, S)) * jnp.arange(S)[::-1] / S, jnp.nan)
+  w = _r(47, Hkv, Dh)
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta, q = jnp.array([0.7, 1.8]), _r(48, Hq, Dh)
+  kw = dict(scale=0.125, bias_HS=bias)
+  o = decode_attention(q, kc, vc, L, impl="pallas", interpret=M, block_s=64, num_splits=2, **kw)
+  _close(o, decode_attention(q, kc, vc, L, impl="xla", **kw), L * Dh, "fox o")
+  o, k = path_decode_attention(q, kc, vc, w, beta, L, impl="pallas", interpret=M, block_s=64,
+                               num_splits=2, **kw)
+  o_r, k_r = path_decode_attention(q, kc, vc, w, beta, L, impl="xla", **kw)
+  _close(o, o_r, L * Dh, "path-fox o")
+  _close(np.asarray(k)[:, :L], np.asarray(k_r)[:, :L], Dh, "path-fox keys")
+
+
 def test_path_and_log_linear_mosaic():
   Hkv, S, Dh, L = 2, 192, 64, 100
   kc = jnp.where(jnp.arange(S)[None, :, None] >= L, jnp.nan, _r(14, Hkv, S, Dh))

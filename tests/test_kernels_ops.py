@@ -308,6 +308,65 @@ def test_path_decode_attention(Dh, G):
     path_decode_attention(q, kc, vc, w, beta, 5, scale=1.0, impl="triton")
 
 
+# ------------------------------------------- forget-gate score bias (FoX, PaTH-FoX)
+
+
+@pytest.mark.parametrize("path,Hq,Hkv,Dh", [(False, 6, 2, 64), (False, 4, 4, 128),
+                                            (True, 8, 2, 64), (True, 4, 1, 128)])
+def test_attention_with_gate_bias(path, Hq, Hkv, Dh):
+  """scores = scale q.k + bias [Hq, S]: Pallas = reference over lengths that are not block
+  multiples, with NaN in every key, value and bias slot past the live length; the
+  reference = a float64 softmax written out here."""
+  from kernels.path_decode_attention import path_decode_attention
+  S, BS = 192, 64
+  k = _keys(23, 6)
+  q = jax.random.normal(k[0], (Hq, Dh))
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  # G_t - G_j of log-sigmoid gates: 0 at the newest slot, decreasing into the past
+  g = jax.nn.log_sigmoid(jax.random.normal(k[3], (Hq, S)) + 1.0)
+  w = jax.random.normal(k[4], (Hkv, Dh))
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jax.random.uniform(k[5], (Hkv,), minval=0.5, maxval=1.9)
+  scale = Dh ** -0.5
+  if path:
+    op = lambda q, kc, vc, n, bias, **kw: path_decode_attention(q, kc, vc, w, beta, n,
+                                                                bias_HS=bias, **kw)
+  else:
+    op = lambda q, kc, vc, n, bias, **kw: decode_attention(q, kc, vc, n, bias_HS=bias, **kw)
+  f = jax.jit(functools.partial(op, scale=scale, impl="pallas", block_s=BS, num_splits=2))
+  r = jax.jit(functools.partial(op, scale=scale, impl="xla"))
+  for L in (1, 63, 77, 192):
+    live = jnp.arange(S) < L
+    bias = scale * jnp.where(live, jnp.cumsum(g[:, ::-1], axis=1)[:, ::-1] - g, 0.0)
+    bias = bias - bias[:, L - 1:L]   # newest slot: 0
+    nan = ~live[None, :, None]
+    out = f(q, jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc), jnp.int32(L),
+            jnp.where(live, bias, jnp.nan))
+    ref = r(q, kc, vc, jnp.int32(L), bias)
+    o, o_r = (out[0], ref[0]) if path else (out, ref)
+    _close(o, o_r, L * Dh, f"biased attention L={L}")
+    if path:
+      _close(np.asarray(out[1])[:, :L], np.asarray(ref[1])[:, :L], Dh, f"keys L={L}")
+    # the reference against a float64 softmax over its own (updated) keys
+    keys = np.asarray(ref[1] if path else kc, np.float64)[:, :L]
+    qg = np.asarray(q, np.float64).reshape(Hkv, Hq // Hkv, Dh)
+    s = scale * np.einsum("kgd,ksd->kgs", qg, keys) + np.asarray(
+        bias, np.float64)[:, :L].reshape(Hkv, Hq // Hkv, L)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    oracle = np.einsum("kgs,ksd->kgd", p, np.asarray(vc, np.float64)[:, :L]).reshape(Hq, Dh)
+    _close(o_r, oracle, L * Dh, f"reference vs float64 L={L}")
+  # the bias changes the output (the test would notice a kernel that ignores it)
+  L = 150
+  biased, plain = r(q, kc, vc, jnp.int32(L), bias), r(q, kc, vc, jnp.int32(L), jnp.zeros_like(bias))
+  if path:
+    biased, plain = biased[0], plain[0]
+  assert float(jnp.max(jnp.abs(biased - plain))) > 1e-2
+  with pytest.raises(ValueError, match="bias_HS"):
+    op(q, kc, vc, 5, bias[:, :5], scale=1.0, impl="xla")
+
+
 # ------------------------------------------------------- log-linear decode
 
 

@@ -134,8 +134,9 @@ def _decode_weight_bytes(weights) -> int:
 
 def _cache_bytes(cfg, state, length: float) -> float:
   """The floor of a step's cache traffic, per layer kind: attention reads K and V;
-  PaTH reads and rewrites its fp32 keys (in place, fused) and reads V; a log-linear
-  layer reads and rewrites its level states."""
+  PaTH reads and rewrites its fp32 keys (in place, fused) and reads V (FoX: reads K and
+  V); forget-gated layers also read and rewrite their gate row; a log-linear layer reads
+  and rewrites its level states."""
   from jaxlab.models.decode import layer_kinds
   total = 0.0
   for l, kind in enumerate(layer_kinds(cfg)):
@@ -143,7 +144,11 @@ def _cache_bytes(cfg, state, length: float) -> float:
       total += 2 * _nbytes(state["levels"][l])
       continue
     k, v = state["k"][l], state["v"][l]
-    per_slot = (_nbytes(k) / k.shape[1]) * (2 if kind == "path" else 1) + _nbytes(v) / v.shape[1]
+    rewrites_k = kind == "path" and cfg.layer_mixer(l) != "fox"
+    per_slot = (_nbytes(k) / k.shape[1]) * (2 if rewrites_k else 1) + _nbytes(v) / v.shape[1]
+    gate = state.get("gate", (None,) * cfg.n_layers)[l]
+    if gate is not None:
+      per_slot += 2 * _nbytes(gate) / gate.shape[1]
     total += per_slot * length
   return total
 
@@ -192,8 +197,9 @@ def _synthetic_state(dec, cfg, pos: int, key):
   k, v = _random_cache(cfg, dec.cache_len, key)
   none = (None,) * cfg.n_layers   # attention-only bench configs: no conv / level states
   if dec.layers == "scan":
-    return dict(k=jnp.stack(k), v=jnp.stack(v), conv=none, levels=none, pos=jnp.int32(pos))
-  return dict(k=tuple(k), v=tuple(v), conv=none, levels=none, pos=jnp.int32(pos))
+    return dict(k=jnp.stack(k), v=jnp.stack(v), conv=none, levels=none, gate=none,
+                pos=jnp.int32(pos))
+  return dict(k=tuple(k), v=tuple(v), conv=none, levels=none, gate=none, pos=jnp.int32(pos))
 
 
 def _synthetic_hybrid_state(dec, cfg, pos: int, key):

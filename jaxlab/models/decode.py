@@ -36,10 +36,15 @@ Other token mixers (per layer, in the same step):
               o, K = path_decode_attention(q, K, V, w, beta, pos + 1)
                      (one pass: older keys through H_t, then attention)
               x = out_proj_residual(o, x);  MLP as above
+  PaTH-FoX ("path_fox") / FoX ("fox"): the same, with the forget gate as a score bias:
+              gate <- gate + g_t (older slots), 0 (new slot)      [Hq, S] = G_t - G_j
+              path_decode_attention / decode_attention(..., bias_HS=scale * gate)
+              (FoX has no transitions: its keys are appended, never rewritten)
   log-linear Mamba-2 / Gated DeltaNet: the mixer's own projections and output
               (XLA) around log_linear_state_update (the O(log T) level states).
-Their caches: PaTH keys fp32 [Hkv, S, Dh] (every step rewrites them), values in the model dtype, and
-the w conv state; log-linear level states [H, L, K, V] and the conv state.
+Their caches: PaTH / FoX keys fp32 [Hkv, S, Dh] (as the model's PathCache), values in the
+model dtype, the w conv state and the gate [Hq, S] fp32; log-linear level states
+[H, L, K, V] and the conv state.
 
 Positions: the cache has `max_len` usable slots. `Decoder.step` raises
 ValueError naming the position when the state is full; the jitted
@@ -74,10 +79,9 @@ SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 
 # mixer -> how the decode step runs its layer
 LAYER_KINDS = {"attention": "attention", "nope": "attention", "path": "path",
+               "path_fox": "path", "fox": "path",
                "log_linear_mamba2": "levels", "log_linear_gated_deltanet": "levels"}
 _NO_KERNEL = {
-    "fox": "its forget gate needs a gate bias that the decode_attention kernel does not take",
-    "path_fox": "its forget gate needs a gate bias that the decode_attention kernel does not take",
     "mamba2": "the level-state kernel runs the log-linear form (use log_linear_mamba2)",
     "gated_deltanet": "the level-state kernel runs the log-linear form "
                       "(use log_linear_gated_deltanet)",
@@ -85,7 +89,8 @@ _NO_KERNEL = {
 
 
 def layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
-  """Per layer: "attention" (softmax, RoPE or NoPE), "path" or "levels" (log-linear)."""
+  """Per layer: "attention" (softmax, RoPE or NoPE), "path" (PaTH, PaTH-FoX, FoX) or
+  "levels" (log-linear)."""
   kinds = []
   for i in range(cfg.n_layers):
     name = cfg.layer_mixer(i)
@@ -292,29 +297,40 @@ def _kernel_kw(spec: _Spec):
   return kw
 
 
-def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, pos):
-  """A PaTH block for one token. k, v: fp32 caches [Hkv, S, Dh] (keys carried to pos - 1)."""
+def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
+  """A PaTH / PaTH-FoX / FoX block for one token. k, v: caches [Hkv, S, Dh] (fp32 keys,
+  carried to pos - 1); gate: [Hq, S] fp32 G_{pos-1} - G_j (None without a forget gate)."""
+  from kernels.decode_attention import decode_attention
   from kernels.path_decode_attention import path_decode_attention
   from kernels.rope_append.reference import write_slot
   kw = _kernel_kw(spec)
   m = nnx.merge(graphdef, lw["mixer"])
   xn = _norm(x, lw["attn_norm"], spec.eps)
-  q, kt, vt, w, beta, _, new_conv = m.decode_inputs(xn[None, None], conv)
+  q, kt, vt, w, beta, g, new_conv = m.decode_inputs(xn[None, None], conv)
   ok = pos < spec.max_len
 
-  def attend(k, v):
+  def attend(k, v, gate):
     k, v = write_slot(k, kt[0, 0], pos), write_slot(v, vt[0, 0], pos)
-    # One pass over K: older keys through this token's transition, then attention.
-    o, k = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
-                                 **kw, **spec.opts("path_decode_attention"))
-    return o, k, v
+    bias = None
+    if gate is not None:   # older slots += g_t, the new slot 0 (as PathCache.gate)
+      gate = jax.lax.dynamic_update_slice(gate + g[0, 0][:, None],
+                                          jnp.zeros((gate.shape[0], 1), gate.dtype), (0, pos))
+      bias = m.scale * gate
+    if w is None:          # FoX: no transitions, keys stay as appended
+      o = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, bias_HS=bias, **kw,
+                           **spec.opts("decode_attention"))
+    else:                  # one pass over K: older keys through H_t, then attention
+      o, k = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
+                                   bias_HS=bias, **kw, **spec.opts("path_decode_attention"))
+    return o, k, v, gate
 
   # A full cache is never modified (the head turns the step's logits into NaN).
-  o, k, v = jax.lax.cond(ok, attend,
-                         lambda k, v: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v), k, v)
+  o, k, v, gate = jax.lax.cond(
+      ok, attend, lambda k, v, gate: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v, gate),
+      k, v, gate)
   conv = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_conv, conv)
   x = _out_proj(spec, lw, o, x, kw)
-  return _mlp(spec, lw, x, kw), k, v, conv
+  return _mlp(spec, lw, x, kw), k, v, conv, gate
 
 
 def _levels_layer(spec: _Spec, graphdef, lw, x, levels, conv, pos):
@@ -362,7 +378,7 @@ def _step_unrolled(spec: _Spec, weights, state, token):
   pos = state["pos"]
   x = weights["embed"][token]
   cos, sin = _rope(spec, pos)
-  ks, vs, convs, levels = (list(state[n]) for n in ("k", "v", "conv", "levels"))
+  ks, vs, convs, levels, gates = (list(state[n]) for n in ("k", "v", "conv", "levels", "gate"))
   for l, lw in enumerate(weights["layers"]):
     kind = spec.kinds[l]
     if kind == "attention":
@@ -370,13 +386,13 @@ def _step_unrolled(spec: _Spec, weights, state, token):
       x, ks[l], vs[l] = fn(lw, x, ks[l], vs[l], pos, cos, sin)
     elif kind == "path":
       fn = _block(spec, _path_layer, _mixer_graphdef(spec.cfg, l))
-      x, ks[l], vs[l], convs[l] = fn(lw, x, ks[l], vs[l], convs[l], pos)
+      x, ks[l], vs[l], convs[l], gates[l] = fn(lw, x, ks[l], vs[l], convs[l], gates[l], pos)
     else:
       fn = _block(spec, _levels_layer, _mixer_graphdef(spec.cfg, l))
       x, levels[l], convs[l] = fn(lw, x, levels[l], convs[l], pos)
   logits, tok = _head(spec, weights, x, pos)
   return logits, tok, dict(k=tuple(ks), v=tuple(vs), conv=tuple(convs), levels=tuple(levels),
-                           pos=pos + 1)
+                           gate=tuple(gates), pos=pos + 1)
 
 
 def _step_scan(spec: _Spec, weights, state, token):
@@ -530,16 +546,17 @@ def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
 
 
 def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", pos: int = 0):
-  """An empty decode state: dict(k, v, conv, levels, pos), one entry per layer in each
-  tuple (None where a layer has no such cache). Attention: k, v [Hkv, S, Dh] in the
-  parameter dtype (stacked for layers='scan'); PaTH: fp32 k, v and the w conv state;
+  """An empty decode state: dict(k, v, conv, levels, gate, pos), one entry per layer in
+  each tuple (None where a layer has no such cache). Attention: k, v [Hkv, S, Dh] in the
+  parameter dtype (stacked for layers='scan'); PaTH / FoX: fp32 k, v in the parameter
+  dtype, the w conv state (PaTH) and the gate [Hq, S] fp32 (forget-gated layers);
   log-linear: levels [H, L, K, V] fp32 and the conv state."""
   kinds = layer_kinds(cfg)
   shape = (cfg.kv_heads, cache_len, cfg.dim_per_head)
   dt = jnp.dtype(cfg.param_dtype)
-  ks, vs, convs, levels = [], [], [], []
+  ks, vs, convs, levels, gates = [], [], [], [], []
   for l, kind in enumerate(kinds):
-    k = v = conv = lev = None
+    k = v = conv = lev = gate = None
     if kind == "attention":
       k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)
     else:
@@ -548,16 +565,20 @@ def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", po
       conv = None if c["conv"] is None else jnp.zeros(c["conv"].shape[1:], jnp.float32)[None]
       if kind == "path":   # as PathCache: fp32 keys (rewritten every step), values in dt
         k, v = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, dt)
+        if m.opts.use_gate:
+          gate = jnp.zeros((cfg.n_heads, cache_len), jnp.float32)
       else:
         lev = jnp.zeros(c["state"].levels.shape[1:], jnp.float32)
     ks.append(k)
     vs.append(v)
     convs.append(conv)
     levels.append(lev)
+    gates.append(gate)
   ks, vs = tuple(ks), tuple(vs)
   if layers == "scan":
     ks, vs = jnp.stack(ks), jnp.stack(vs)
-  return dict(k=ks, v=vs, conv=tuple(convs), levels=tuple(levels), pos=jnp.int32(pos))
+  return dict(k=ks, v=vs, conv=tuple(convs), levels=tuple(levels), gate=tuple(gates),
+              pos=jnp.int32(pos))
 
 
 @functools.lru_cache(maxsize=32)
@@ -575,7 +596,7 @@ def _prefill_fn(graphdef, cache_len: int, layers: str):
         for blk, kind in zip(m.layers, layer_kinds(m.cfg))),
         next_pos=jnp.zeros((1,), jnp.int32))
     logits, cache = m.extend(tokens_T[None], cache)
-    ks, vs, convs, levels = [], [], [], []
+    ks, vs, convs, levels, gates = [], [], [], [], []
     for c, kind in zip(cache["layers"], layer_kinds(m.cfg)):
       kv = c if kind == "attention" else c.get("attn")
       head_major = lambda a: jnp.transpose(a[0], (1, 0, 2))
@@ -583,11 +604,12 @@ def _prefill_fn(graphdef, cache_len: int, layers: str):
       vs.append(None if kv is None else head_major(kv["v"] if kind == "attention" else kv.v))
       convs.append(c.get("conv"))
       levels.append(c["state"].levels[0] if kind == "levels" else None)
+      gates.append(None if kind != "path" or kv.gate is None else kv.gate[0].T)   # [Hq, S]
     ks, vs = tuple(ks), tuple(vs)
     if layers == "scan":
       ks, vs = jnp.stack(ks), jnp.stack(vs)
     return logits[0, -1], dict(k=ks, v=vs, conv=tuple(convs), levels=tuple(levels),
-                               pos=jnp.int32(T))
+                               gate=tuple(gates), pos=jnp.int32(T))
 
   return prefill_fn
 

@@ -2,6 +2,8 @@
 
 Cache layout [Hkv, S, Dh]; query heads h = kv * G + g with G = Hq / Hkv (the
 model's grouping). `length` may be traced; slots >= length are never visible.
+An optional score bias [Hq, S] is added after scaling: a forget gate's
+scale * (G_t - G_j) for FoX / PaTH-FoX layers (papers.md 2.1).
 """
 
 from __future__ import annotations
@@ -27,20 +29,35 @@ def check_shapes(op: str, q_HD, k_cache_KSD, v_cache_KSD, length):
   return Hkv, S, Dh
 
 
+def check_bias(op: str, bias_HS, Hq: int, S: int):
+  """None, or a float [Hq, S] score bias. Shared with path_decode_attention."""
+  if bias_HS is None:
+    return
+  if bias_HS.shape != (Hq, S) or not jax.numpy.issubdtype(bias_HS.dtype, jax.numpy.floating):
+    raise ValueError(f"{op}: bias_HS {bias_HS.shape} {bias_HS.dtype} must be a float "
+                     f"[Hq, S] = [{Hq}, {S}] array")
+
+
 def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.Array, length, *,
-                     scale: float, impl: str, interpret: bool | str | None = None,
-                     **kw) -> jax.Array:
-  """q [Hq, Dh], caches [Hkv, S, Dh], length (int, 1..S) -> o [Hq, Dh] in q.dtype.
+                     scale: float, impl: str, bias_HS: jax.Array | None = None,
+                     interpret: bool | str | None = None, **kw) -> jax.Array:
+  """q [Hq, Dh], caches [Hkv, S, Dh], length (int, 1..S) -> o [Hq, Dh] in q.dtype;
+  scores = scale q.k (+ bias_HS [Hq, S], fp32).
 
   Pallas options: num_splits (split-K factor P), block_s (cache rows per stage),
   stages (TMA pipeline depth).
   """
   C.check_impl(impl, "decode_attention")
-  check_shapes("decode_attention", q_HD, k_cache_KSD, v_cache_KSD, length)
+  _, S, _ = check_shapes("decode_attention", q_HD, k_cache_KSD, v_cache_KSD, length)
+  check_bias("decode_attention", bias_HS, q_HD.shape[0], S)
   if impl == "xla":
-    return reference.decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale)
+    return reference.decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale,
+                                      bias_HS=bias_HS)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
+  args = (q_HD, k_cache_KSD, v_cache_KSD, length) + (() if bias_HS is None else (bias_HS,))
   return C.inference_only(
-      "decode_attention", lambda *a: pallas.decode_attention(*a, scale=scale, mode=mode, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, length)
+      "decode_attention",
+      lambda q, k, v, n, *b: pallas.decode_attention(q, k, v, n, scale=scale, mode=mode,
+                                                     bias_HS=b[0] if b else None, **kw),
+      *args)

@@ -15,8 +15,13 @@ every older key, K <- K - beta (K w) w^T for slots < length - 1 (slot length - 1
 holds the new key), stores the updated block and attends with it, so K is read
 once and written once per step (papers.md 2.3, FlashFormer-style fusion).
 
+Score bias (bias_HS, e.g. a forget gate's scale * (G_t - G_j) in FoX / PaTH-FoX):
+[G, BS] blocks of it stream through the same pipeline and are added to the scaled
+scores of the live slots.
+
 Masking: scores of slots >= length are -inf and their V rows are zeroed before
-the product (0 * NaN would be NaN), so NaN garbage in unused slots is harmless.
+the product (0 * NaN would be NaN), so NaN garbage in unused slots (keys, values,
+bias) is harmless.
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
+def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
+  refs = list(refs)
+  len_g, q_g, k_g, v_g = refs[:4]
+  del refs[:4]
   if path:   # PaTH: also carry every older key through the token's transition
-    len_g, q_g, k_g, v_g, w_g, b_g, o_g, m_g, l_g, knew_g = refs
-  else:
-    len_g, q_g, k_g, v_g, o_g, m_g, l_g = refs
+    w_g, b_g = refs.pop(0), refs.pop(0)
+  bias_g = refs.pop(0) if bias else None
+  o_g, m_g, l_g = refs[:3]
+  knew_g = refs[3] if path else None
   h = ctx.axis("h")
   p = ctx.axis("p")
   f32 = jnp.float32
@@ -51,7 +60,8 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
     beta = b_g[h].astype(f32)
     w2 = C.bcast_rows(ctx.load(w_g.at[h], lambda s: ctx.ld(s, C.COL).astype(f32)), (BS, Dh))
 
-  def step(idx, k_s, v_s, carry):
+  def step(idx, k_s, v_s, *rest):
+    *bias_s, carry = rest
     slot = ctx.iota((BS,), 0, C.ROW) + (start + idx[0]) * BS
     valid = slot < length
     k = k_s[...].astype(f32)
@@ -64,7 +74,10 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
     v = jnp.where(C.bcast_cols(valid, (BS, Dh)), v_s[...].astype(f32), 0.0)
     out = []
     for g, (acc, m, l) in enumerate(carry):
-      s = jnp.where(valid, jnp.sum(k * C.bcast_rows(q[g], (BS, Dh)), axis=1), -jnp.inf)
+      s = jnp.sum(k * C.bcast_rows(q[g], (BS, Dh)), axis=1)
+      if bias:
+        s = s + ctx.ld(bias_s[0].at[g], C.ROW)
+      s = jnp.where(valid, s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s))
       alpha = jnp.exp(m - m_new)
       pr = jnp.exp(s - m_new)
@@ -76,9 +89,12 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
   spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
                                       transforms=C.tile_transforms(Dh, dt))
   carry0 = tuple((ctx.zeros((Dh,), C.COL), f32(-jnp.inf), f32(0.0)) for _ in range(G))
-  res = ctx.pipeline(step, grid=(n_blocks,), in_specs=[spec(k_g.dtype), spec(v_g.dtype)],
-                     stages=stages,
-                     init_carry=carry0)(k_g.at[h], v_g.at[h])
+  in_specs, operands = [spec(k_g.dtype), spec(v_g.dtype)], [k_g.at[h], v_g.at[h]]
+  if bias:   # [G, BS] of bias_g[h] per cache block
+    in_specs.append(C.plgpu.BlockSpec((G, BS), lambda i: (0, start + i)))
+    operands.append(bias_g.at[h])
+  res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
+                     init_carry=carry0)(*operands)
   for g, (acc, m, l) in enumerate(res):
     ctx.store(acc, o_g.at[h, p, g])
     m_g[h, p, g] = m
@@ -86,9 +102,10 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path):
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2, path_wb=None):
+             block_s=None, stages=2, path_wb=None, bias_HS=None):
   """The kernel alone: (o_p [Hkv, P, G, Dh], m_p [Hkv, P, G], l_p [Hkv, P, G]), fp32;
-  with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written)."""
+  with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
+  bias_HS [Hq, S] is added to the scaled scores."""
   Hq, Dh = q_HD.shape
   Hkv, S, _ = k_cache_KSD.shape
   G = Hq // Hkv
@@ -99,6 +116,7 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
   path = path_wb is not None
+  bias = bias_HS is not None
   out_type = (jax.ShapeDtypeStruct((Hkv, P, G, Dh), jnp.float32),
               jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32),
               jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32))
@@ -106,11 +124,13 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     out_type += (jax.ShapeDtypeStruct(k_cache_KSD.shape, k_cache_KSD.dtype),)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
-                            stages=stages, path=path),
+                            stages=stages, path=path, bias=bias),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention")
   length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
   extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
+  if bias:
+    extra += (bias_HS.astype(jnp.float32).reshape(Hkv, G, S),)
   return kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD, *extra)
 
 

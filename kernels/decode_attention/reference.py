@@ -1,6 +1,7 @@
 """Reference: one query token against the first `length` cache slots, fp32 softmax,
-materialized. Slots >= length are excluded, and their values zeroed, so garbage
-(even NaN) there cannot reach the output."""
+materialized, with an optional additive score bias [Hq, S] (after scaling). Slots >=
+length are excluded, and their values zeroed, so garbage (even NaN) there cannot reach
+the output."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 HI = jax.lax.Precision.HIGHEST
 
 
-def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float):
+def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float, bias_HS=None):
   Hq, Dh = q_HD.shape
   Hkv, S, _ = k_cache_KSD.shape
   q = q_HD.astype(jnp.float32).reshape(Hkv, Hq // Hkv, Dh)
@@ -18,6 +19,8 @@ def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float):
   k = jnp.where(valid[None, :, None], k_cache_KSD.astype(jnp.float32), 0.0)
   v = jnp.where(valid[None, :, None], v_cache_KSD.astype(jnp.float32), 0.0)
   s = jnp.einsum("kgd,ksd->kgs", q, k, precision=HI) * scale
+  if bias_HS is not None:
+    s = s + bias_HS.astype(jnp.float32).reshape(Hkv, Hq // Hkv, S)
   s = jnp.where(valid, s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1)
   o = jnp.einsum("kgs,ksd->kgd", p, v, precision=HI)

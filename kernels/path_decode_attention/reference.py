@@ -12,8 +12,9 @@ from kernels.decode_attention.reference import decode_attention
 from kernels.path_key_update.reference import path_key_update
 
 
-def path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, *, scale: float):
+def path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, *, scale: float,
+                          bias_HS=None):
   S = k_cache_KSD.shape[1]
   older = (jnp.arange(S) < jnp.asarray(length) - 1)[None, :, None]
   k = jnp.where(older, path_key_update(k_cache_KSD, w_KD, beta_K), k_cache_KSD)
-  return decode_attention(q_HD, k, v_cache_KSD, length, scale=scale), k
+  return decode_attention(q_HD, k, v_cache_KSD, length, scale=scale, bias_HS=bias_HS), k
