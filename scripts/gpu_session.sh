@@ -12,7 +12,9 @@
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
 #   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~3 minutes: the inlined
 #      Pallas 8B step compiles in ~110 s)
-#   5. with CMDBUF=1: the 1B pallas step again with Mosaic custom calls allowed into XLA's
+#   5. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers, the gate-bias
+#      attention kernels), ~1.5 minutes
+#   6. with CMDBUF=1: the 1B pallas step again with Mosaic custom calls allowed into XLA's
 #      command buffers (CUDA graphs), to test whether the launch gaps go (an experiment;
 #      the XLA flag's syntax is the one to check first if the stage fails)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
@@ -75,6 +77,15 @@ if [ -n "${B8:-}" ]; then
     --variants ${B8_VARIANTS:-xla-unrolled,pallas-shared,pallas} --steps 32 --repeats 2 --warmup 2 \
     > "$OUT/llama-8b.txt" 2>&1
   stamp "llama-8b-bench rc=$?"
+fi
+
+# PaTH-FoX / FoX layers (GATED=1): the gate-bias attention kernels in the 1B-shaped step.
+if [ -n "${GATED:-}" ]; then
+  { echo; echo "=== gated-1b-bench ==="; } >> "$OUT/llama-1b.txt"
+  timeout ${GATED_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config gated-1b-bench --ops \
+    --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
+    >> "$OUT/llama-1b.txt" 2>&1
+  stamp "gated-1b-bench rc=$?"
 fi
 
 if [ -n "${CMDBUF:-}" ]; then

@@ -113,3 +113,36 @@ def test_hybrid_op_cases_run_and_agree():
       if x.ndim == 3 and x.shape[1] == 128:   # PaTH keys: only the live slots are defined
         x, y = x[:, :100], y[:, :100]
       assert_rel_close(y, x, rtol=tol(jnp.float32, reduction.get(op, 12 * 64)), name=op)
+
+
+def test_cpu_smoke_run_gated_config(tmp_path):
+  """PaTH-FoX / FoX layers in the bench: pallas agrees with xla; the cache bytes count the
+  gate row (read + rewritten) of each gated layer; the per-op rows for the biased
+  attention kernels run and agree."""
+  p = argparse.ArgumentParser()
+  decode.add_arguments(p)
+  out = tmp_path / "r.json"
+  args = p.parse_args(["--config", "gated-tiny", "--steps", "2", "--repeats", "1",
+                       "--warmup", "1", "--variants", "xla-unrolled,pallas", "--json", str(out)])
+  assert decode.main(args) == 0
+  res = json.loads(out.read_text())
+  assert res["variants"]["pallas"]["argmax_match_xla"] is True
+  assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4
+  from jaxlab.models import ModelConfig
+  from jaxlab.models.decode import init_state
+  cfg = ModelConfig(**decode.CONFIGS["gated-tiny"][0])
+  st = init_state(cfg, 128)
+  n = 100.0
+  want = (2 * 4 + 4) * 2 * 64 * n + 2 * 4 * 6 * n     # PaTH-FoX: K r+w, V r; gate r+w
+  want += (4 + 4) * 2 * 64 * n + 2 * 4 * 6 * n        # FoX: K, V read; gate r+w
+  assert decode._cache_bytes(cfg, st, n) == want
+  r = lambda i, *shape: jax.random.normal(jax.random.key(i), shape).astype(jnp.float32)
+  cases, nbytes = decode._hybrid_op_cases(cfg, 100, 128, r)
+  assert set(cases) == {"path_decode_attention (gate bias)", "decode_attention (gate bias)"}
+  from jaxlab.testing import assert_rel_close, tol
+  for op, (make, a, _) in cases.items():
+    assert nbytes[op] > 0
+    x = jax.tree.leaves(make("xla")(*a))
+    y = jax.tree.leaves(make("pallas")(*a))
+    # fp32 attention over 100 slots x Dh 64
+    assert_rel_close(np.asarray(y[0]), np.asarray(x[0]), rtol=tol(jnp.float32, 100 * 64), name=op)

@@ -1,8 +1,9 @@
 """The batch-1 decode driver (jaxlab/models/decode.py): a tiny jaxlab LM decodes
 64 greedy tokens identically with impl="xla", impl="pallas" (interpreted on
 CPU), the scanned XLA step and the model's own generate(); so does a hybrid with
-PaTH and log-linear Mamba-2 / Gated DeltaNet layers (their decode kernels); NaN in
-unused cache slots changes nothing; the end of the cache is an error, not a wrap."""
+PaTH and log-linear Mamba-2 / Gated DeltaNet layers (their decode kernels), and one
+with PaTH-FoX and FoX layers (the forget gate as a score bias); NaN in unused cache
+slots changes nothing; the end of the cache is an error, not a wrap."""
 
 from __future__ import annotations
 
@@ -202,9 +203,8 @@ GATED = ModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, n_kv_hea
 
 @pytest.fixture(scope="module")
 def gated():
-  m = LM(GATED, rngs=nnx.Rngs(2))
-  # Gates away from 1 (bias init 1.0 + random projections), so the bias matters.
-  return m
+  # gate_bias_init 1.0 plus random projections: gates well below 1, so the bias matters
+  return LM(GATED, rngs=nnx.Rngs(2))
 
 
 @pytest.fixture(scope="module")

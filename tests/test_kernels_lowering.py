@@ -35,7 +35,8 @@ def _lower(fn, *avals):
     ("hybrid-1b-bench", None, False), ("tiny", None, False), ("hybrid-tiny", None, False),
     ("llama-1b-bench", "int8", False), ("llama-8b-bench", "int8", False),
     ("hybrid-1b-bench", "int8", False), ("llama-1b-bench", None, True),
-    ("hybrid-tiny", None, True), ("llama-1b-bench", "int8", True)])
+    ("hybrid-tiny", None, True), ("llama-1b-bench", "int8", True),
+    ("gated-1b-bench", None, False), ("gated-tiny", None, False)])
 def test_decode_step_lowers_for_cuda(name, quantize, share):
   """One full Pallas decode step (one layer of the bench shapes, one mixer cycle of the
   hybrid; the tiny test models), with bf16 and with int8 weight-only GEMVs, inlined

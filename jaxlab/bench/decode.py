@@ -44,7 +44,8 @@ CONFIGS = {
                             tie_embeddings=False, param_dtype="bfloat16"), 1024, 16384),
 }
 # The 1B bench shapes with a PaTH / log-linear Mamba-2 / log-linear GDN / attention layer
-# cycle: times the PaTH key-update and level-state decode kernels inside the real step.
+# cycle: times the PaTH key-update and level-state decode kernels inside the real step;
+# gated-*: PaTH-FoX and FoX layers (the forget gate as the attention kernels' score bias).
 CONFIGS["hybrid-1b-bench"] = (dict(
     CONFIGS["llama-1b-bench"][0], max_seq_len=2048,
     mixer_pattern=("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet"),
@@ -53,6 +54,12 @@ CONFIGS["hybrid-tiny"] = (dict(
     CONFIGS["tiny"][0], n_layers=4, n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=CONFIGS["hybrid-1b-bench"][0]["mixer_pattern"],
     mixer_options={"state_size": 64, "expand": 1, "ssm_heads": 2}), 64, 1024)
+CONFIGS["gated-1b-bench"] = (dict(
+    CONFIGS["llama-1b-bench"][0], max_seq_len=2048, mixer_pattern=("path_fox", "fox")),
+    1024, 16384)
+CONFIGS["gated-tiny"] = (dict(
+    CONFIGS["tiny"][0], n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
+    mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
@@ -389,16 +396,33 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
   f32 = jnp.float32
   Dh, Hq, Hkv = cfg.dim_per_head, cfg.n_heads, cfg.kv_heads
   item = jnp.dtype(cfg.param_dtype).itemsize
-  if "path" in kinds:
+  mixers = {cfg.layer_mixer(l) for l in range(cfg.n_layers)}
+  # forget gate as a score bias: G_t - G_j <= 0, growing into the past
+  bias = -jnp.abs(r(31, Hq, S).astype(f32)) * jnp.arange(S, 0, -1, dtype=f32) / S
+  if mixers & {"path", "path_fox"}:
     from kernels.path_decode_attention import path_decode_attention
     w = jax.random.normal(jax.random.key(20), (Hkv, Dh), f32)
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
-    cases["path_decode_attention"] = (
-        lambda impl, **k: functools.partial(path_decode_attention, scale=Dh ** -0.5, impl=impl,
-                                            **k),
-        (r(21, Hq, Dh), r(22, Hkv, S, Dh).astype(f32), r(23, Hkv, S, Dh), w,
-         jnp.full((Hkv,), 1.5, f32), jnp.int32(kv_len)), None)
-    nbytes["path_decode_attention"] = Hkv * kv_len * Dh * (2 * 4 + item)   # K r+w, V r
+    args = (r(21, Hq, Dh), r(22, Hkv, S, Dh).astype(f32), r(23, Hkv, S, Dh), w,
+            jnp.full((Hkv,), 1.5, f32), jnp.int32(kv_len))
+    make = lambda impl, **k: functools.partial(path_decode_attention, scale=Dh ** -0.5,
+                                               impl=impl, **k)
+    if "path" in mixers:
+      cases["path_decode_attention"] = (make, args, None)
+      nbytes["path_decode_attention"] = Hkv * kv_len * Dh * (2 * 4 + item)   # K r+w, V r
+    if "path_fox" in mixers:
+      op = "path_decode_attention (gate bias)"
+      cases[op] = (lambda impl, **k: (lambda *a: make(impl, **k)(*a[:6], bias_HS=a[6])),
+                   args + (bias,), None)
+      nbytes[op] = Hkv * kv_len * Dh * (2 * 4 + item) + Hq * kv_len * 4      # + bias r
+  if "fox" in mixers:
+    from kernels.decode_attention import decode_attention
+    op = "decode_attention (gate bias)"
+    cases[op] = (lambda impl, **k: (lambda q, kc, vc, n, b: decode_attention(
+        q, kc, vc, n, scale=Dh ** -0.5, impl=impl, bias_HS=b, **k)),
+        (r(32, Hq, Dh), r(33, Hkv, S, Dh).astype(f32), r(34, Hkv, S, Dh), jnp.int32(kv_len),
+         bias), None)
+    nbytes[op] = Hkv * kv_len * Dh * (4 + item) + Hq * kv_len * 4           # K, V, bias r
   if "levels" in kinds:
     from kernels.log_linear_state import log_linear_state_update
     st = jax.eval_shape(lambda: init_state(cfg, 64))
