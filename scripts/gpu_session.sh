@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7 in one device call (stage timeouts sum to ~8.9 minutes, a
-# typical run ~6; a session has 15 minutes of device time, machine start included (~35 s
-# on 2026-11-26); with B8=1 or CMDBUF=1 set HYBRID=0 or lower the timeouts to stay under
-# the 600 s call limit):
+# The GPU checks of issue 7 in one device call (stage timeouts sum to ~8.7 minutes, a
+# typical run ~6-7; a session has 15 minutes of device time, machine start included (~35 s
+# on 2026-11-26); with B8=1, GATED=1, HYBRID=1 or CMDBUF=1 set THUNKS=0 or lower the
+# timeouts to stay under the 600 s call limit):
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights) + 64 greedy
 #      tokens pallas == xla
-#   2. jaxlab bench decode --config llama-1b-bench (variants incl. int8 weight-only,
-#      per-op table, sweep, profile), then --config hybrid-1b-bench (PaTH / log-linear
-#      decode kernels in the step, ~1-2 min)
+#   2. jaxlab bench decode --config llama-1b-bench (variants incl. int8 weight-only and
+#      shared layers, per-op table, sweep, profile); then which kernels of the step run
+#      inside XLA's command buffers (THUNKS=0 skips it, ~2.5 min); with HYBRID=1 also
+#      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)
 #   3. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
 #   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~3 minutes: the inlined
 #      Pallas 8B step compiles in ~110 s)
 #   5. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers, the gate-bias
 #      attention kernels), ~1.5 minutes
-#   6. with CMDBUF=1: the 1B pallas step again with Mosaic custom calls allowed into XLA's
-#      command buffers (CUDA graphs), to test whether the launch gaps go (an experiment;
-#      the XLA flag's syntax is the one to check first if the stage fails)
+#   6. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
+#      including CUSTOM_CALL (an experiment, worth it only if stage 2's thunk summary shows
+#      Mosaic custom calls launched from the host; the list replaces XLA's default one)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
 # so a hang loses one stage, not the run. At most 8 result files land in $OUT (the
 # device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz, attention.{jsonl,txt},
@@ -51,9 +52,25 @@ timeout ${B1_TIMEOUT:-270} $PY -m jaxlab.bench.decode --config llama-1b-bench --
 stamp "llama-1b-bench rc=$?"
 tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JSON, xplane)
 
+# Which kernels of the 1B step run inside XLA's command buffers (CUDA graphs) and which
+# are launched one by one from the host: the timed Pallas step sits ~360 us above its
+# kernels' busy time, XLA's does not (sixth session). THUNKS=0 skips it.
+if [ "${THUNKS:-1}" != 0 ]; then
+  { echo; echo "=== thunks: kernels inside / outside command buffers ==="; } >> "$OUT/llama-1b.txt"
+  for v in xla-unrolled pallas; do
+    D=$(mktemp -d)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-75} $PY -m \
+      jaxlab.bench.decode --config llama-1b-bench --variants $v --steps 8 --repeats 1 \
+      --warmup 1 > /dev/null 2>&1
+    echo "--- $v" >> "$OUT/llama-1b.txt"
+    $PY -m jaxlab.bench.thunks "$D" --match _step_unrolled >> "$OUT/llama-1b.txt" 2>&1
+    stamp "thunks $v rc=$?"
+  done
+fi
+
 # PaTH / log-linear decode kernels inside the 1B-shaped step (appended to llama-1b.txt;
-# HYBRID=0 skips it).
-if [ "${HYBRID:-1}" != 0 ]; then
+# HYBRID=1 runs it; measured on an H100 and an H200 in the sixth session).
+if [ "${HYBRID:-0}" != 0 ]; then
   { echo; echo "=== hybrid-1b-bench ==="; } >> "$OUT/llama-1b.txt"
   timeout ${HYB_TIMEOUT:-150} $PY -m jaxlab.bench.decode --config hybrid-1b-bench --ops \
     --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 >> "$OUT/llama-1b.txt" 2>&1

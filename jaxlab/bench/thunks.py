@@ -1,0 +1,117 @@
+"""Which kernels of a compiled XLA:GPU program run inside command buffers (CUDA graphs).
+
+XLA writes each GPU executable's thunk sequence when `--xla_dump_to=DIR` is set:
+`<module>.thunk_sequence_after_thunk_passes.txt`, one line per thunk (`NNN: kKind ...`,
+nested thunks indented under their command buffer). Kernels at the top level are
+launched one by one from the host; kernels inside a `kCommandBuffer` are replayed as one
+graph. For the batch-1 decode step this tells whether the Mosaic GPU custom calls are
+what splits the graphs (docs/kernels.md, "Where the time goes"). The optimized HLO
+(`<module>.gpu_after_optimizations.txt`) says the same from the other side: XLA wraps
+graph-captured instructions into computations named `command_buffer*`, so the summary
+also counts the `mosaic_gpu_v2` custom calls inside and outside them.
+
+  XLA_FLAGS=--xla_dump_to=/tmp/dump python -m jaxlab.bench.decode --variants pallas ...
+  python -m jaxlab.bench.thunks /tmp/dump [--match _step_unrolled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import pathlib
+import re
+import sys
+
+SUFFIX = "thunk_sequence_after_thunk_passes.txt"
+_LINE = re.compile(r"^(\s*)(\d+):\s+(k\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThunkSummary:
+  """Thunk kinds of one module: at the top level (launched from the host) and nested
+  (inside command buffers or other control-flow thunks)."""
+  module: str
+  top: dict[str, int]
+  nested: dict[str, int]
+
+  @property
+  def host_launched_custom_calls(self) -> int:
+    return self.top.get("kCustomCall", 0)
+
+  def line(self) -> str:
+    fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+    return (f"{self.module}: top level [{fmt(self.top) or '-'}]; "
+            f"nested [{fmt(self.nested) or '-'}]")
+
+
+def summarize_text(module: str, text: str) -> ThunkSummary:
+  """Count thunk kinds by depth: a line indented less than or as much as the first
+  thunk line is top level, a more indented one is nested."""
+  top, nested = collections.Counter(), collections.Counter()
+  base = None
+  for raw in text.splitlines():
+    m = _LINE.match(raw)
+    if not m:
+      continue
+    indent = len(m.group(1).expandtabs())
+    base = indent if base is None else min(base, indent)
+    (top if indent <= base else nested)[m.group(3)] += 1
+  return ThunkSummary(module, dict(top), dict(nested))
+
+
+def summarize_dir(dump_dir: str | pathlib.Path, match: str = "") -> list[ThunkSummary]:
+  """One summary per dumped module whose file name contains `match`."""
+  files = sorted(pathlib.Path(dump_dir).glob(f"*{SUFFIX}"))
+  return [summarize_text(f.name[:-len(SUFFIX)].rstrip("."), f.read_text())
+          for f in files if match in f.name]
+
+
+HLO_SUFFIX = "gpu_after_optimizations.txt"
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def mosaic_calls_by_region(hlo_text: str, target: str = "mosaic_gpu_v2") -> dict[str, int]:
+  """Custom calls to `target` in the optimized HLO, split by the computation that holds
+  them: {"command_buffer": n, "other": m}."""
+  out = {"command_buffer": 0, "other": 0}
+  current = ""
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      m = _COMPUTATION.match(line)
+      if m:
+        current = m.group(1)
+      continue
+    if f'custom_call_target="{target}"' in line:
+      out["command_buffer" if current.startswith("command_buffer") else "other"] += 1
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m jaxlab.bench.thunks", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("dump_dir", help="the --xla_dump_to directory")
+  p.add_argument("--match", default="", help="only modules whose file name contains this")
+  args = p.parse_args(argv)
+  if not pathlib.Path(args.dump_dir).is_dir():
+    print(f"thunks: {args.dump_dir}: no such directory", file=sys.stderr)
+    return 2
+  sums = summarize_dir(args.dump_dir, args.match)
+  hlos = [f for f in sorted(pathlib.Path(args.dump_dir).glob(f"*{HLO_SUFFIX}"))
+          if args.match in f.name]
+  if not sums and not hlos:
+    print(f"thunks: neither *{SUFFIX} nor *{HLO_SUFFIX} in {args.dump_dir} (match "
+          f"{args.match!r}); this XLA may name its dumps differently", file=sys.stderr)
+    return 1
+  for s in sums:
+    print(s.line())
+    print(f"  custom calls launched from the host: {s.host_launched_custom_calls}")
+  for f in hlos:
+    r = mosaic_calls_by_region(f.read_text())
+    print(f"{f.name}: mosaic_gpu_v2 calls inside command_buffer computations "
+          f"{r['command_buffer']}, elsewhere {r['other']}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

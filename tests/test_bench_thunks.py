@@ -1,0 +1,63 @@
+"""The thunk-sequence / optimized-HLO summaries of jaxlab.bench.thunks, on synthetic
+dumps in the format XLA:GPU writes (the CPU backend writes no thunk sequence)."""
+
+from __future__ import annotations
+
+from jaxlab.bench import thunks
+
+SEQUENCE = """\
+000: kCommandBuffer
+  000: kKernel fusion.1
+  001: kCustomCall mosaic_gpu_v2
+  002: kKernel fusion.2
+001: kCustomCall mosaic_gpu_v2
+002: kKernel loop_dynamic_slice_fusion
+003: kCommandBuffer
+  000: kCustomCall mosaic_gpu_v2
+"""
+
+HLO = """\
+HloModule jit__step_unrolled, entry_computation_layout={()->f32[]}
+
+%command_buffer (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %cc = f32[8]{0} custom-call(%p0), custom_call_target="mosaic_gpu_v2", api_version=API_VERSION_TYPED_FFI
+}
+
+%command_buffer.1 (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %a = f32[8]{0} custom-call(%p0), custom_call_target="mosaic_gpu_v2"
+  ROOT %b = f32[8]{0} custom-call(%a), custom_call_target="mosaic_gpu_v2"
+}
+
+ENTRY %main.3 (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %c = f32[8]{0} call(%x), to_apply=%command_buffer
+  ROOT %d = f32[8]{0} custom-call(%c), custom_call_target="mosaic_gpu_v2"
+}
+"""
+
+
+def test_thunk_sequence_counts_by_depth():
+  s = thunks.summarize_text("m", SEQUENCE)
+  assert s.top == {"kCommandBuffer": 2, "kCustomCall": 1, "kKernel": 1}
+  assert s.nested == {"kKernel": 2, "kCustomCall": 2}
+  assert s.host_launched_custom_calls == 1
+  assert "kCommandBuffer 2" in s.line()
+
+
+def test_hlo_custom_calls_inside_and_outside_command_buffers():
+  assert thunks.mosaic_calls_by_region(HLO) == {"command_buffer": 3, "other": 1}
+
+
+def test_cli_reads_a_dump_dir(tmp_path, capsys):
+  (tmp_path / f"module_0001.jit__step_unrolled.{thunks.SUFFIX}").write_text(SEQUENCE)
+  (tmp_path / f"module_0001.jit__step_unrolled.{thunks.HLO_SUFFIX}").write_text(HLO)
+  (tmp_path / f"module_0002.jit_other.{thunks.SUFFIX}").write_text("000: kKernel f\n")
+  assert thunks.main([str(tmp_path), "--match", "_step_unrolled"]) == 0
+  out = capsys.readouterr().out
+  assert "module_0001.jit__step_unrolled: top level" in out and "jit_other" not in out
+  assert "custom calls launched from the host: 1" in out
+  assert "inside command_buffer computations 3, elsewhere 1" in out
+  assert thunks.main([str(tmp_path / "missing")]) == 2
+  assert thunks.main([str(tmp_path), "--match", "nothing"]) == 1
