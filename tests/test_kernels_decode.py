@@ -180,25 +180,28 @@ def test_hybrid_nan_tails_and_end_of_cache(hybrid, impl):
   _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))
 
 
-def test_hybrid_decoder_errors(hybrid):
+def test_hybrid_decoder_errors(hybrid, monkeypatch):
   with pytest.raises(ValueError, match="layers='scan' supports attention layers only"):
     make_decoder(hybrid, "xla", 16, layers="scan")
   with pytest.raises(ValueError, match="exceed the .* capacity"):
     make_decoder(hybrid, "xla", HYBRID.max_seq_len + 1)
-  for mixer, why in (("mamba2", "log_linear_mamba2"),
-                     ("gated_deltanet", "log_linear_gated_deltanet")):
-    m = LM(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, mixer=mixer),
-           rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=f"layer 0 uses mixer '{mixer}'.*{why}"):
-      make_decoder(m, "xla", 16)
+  # every registered mixer has a decode path; one without gets a one-line error
+  from jaxlab.models import decode
+  monkeypatch.setattr(decode, "LAYER_KINDS", {k: v for k, v in decode.LAYER_KINDS.items()
+                                              if k != "fox"})
+  m = LM(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, mixer="fox"),
+         rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="layer 0 uses mixer 'fox': no batch-1 decode kernel"):
+    make_decoder(m, "xla", 16)
 
 
-# ------------------------------------------- forget-gated layers (PaTH-FoX, FoX)
+# ------------------ forget-gated layers (PaTH-FoX, FoX) and plain Mamba-2 / GDN
 
-GATED = ModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
+GATED = ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                     head_dim=64, ffn_dim=256, init_std=0.3, max_seq_len=128,
-                    mixer_pattern=("path_fox", "fox", "attention"),
-                    mixer_options={"gate_bias_init": 1.0})
+                    mixer_pattern=("path_fox", "fox", "mamba2", "gated_deltanet"),
+                    mixer_options={"gate_bias_init": 1.0, "state_size": 64, "expand": 1,
+                                   "ssm_heads": 2})
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +217,8 @@ def gated_tokens(gated):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_gated_greedy_64_tokens_identical(gated, gated_tokens, impl):
-  """PaTH-FoX and FoX layers: the forget gate as the attention kernels' score bias."""
+  """PaTH-FoX and FoX layers (the forget gate as the attention kernels' score bias) and
+  plain Mamba-2 / GDN layers (the state kernel with one accumulating state)."""
   toks = decode_greedy(gated, PROMPT, N, impl=impl)
   assert len(set(gated_tokens.tolist())) >= 16, "degenerate continuation: test is too weak"
   np.testing.assert_array_equal(toks, gated_tokens)
@@ -234,8 +238,9 @@ def test_gated_logits_and_gates_match_the_model(gated, impl):
   for i in range(6):
     logits, _, state = dec.step(state, tok)
     ref, cache = extend(params, jnp.asarray([[tok]]), cache)
-    # fp32; per layer the longest sums are the MLP's (ffn 256) and attention's (<= 71
-    # slots x head dim 64), chained over 3 layers and the LM head (d_model 128).
+    # fp32; per layer the longest sums are the MLP's (ffn 256), attention's (<= 71 slots x
+    # head dim 64) and the state read (dk 64), chained over 4 layers and the LM head
+    # (d_model 128).
     assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
                      rtol=tol(jnp.float32, GATED.d_model * GATED.n_layers), name=impl)
     live = len(PROMPT) + i + 1
@@ -253,5 +258,6 @@ def test_gated_nan_tails_and_end_of_cache(gated, impl):
   dec = make_decoder(gated, impl, MAX_LEN)
   _, clean = dec.prefill(PROMPT)
   assert clean["gate"][0] is not None and clean["gate"][1] is not None
-  assert clean["gate"][2] is None and clean["conv"][1] is None   # attention; FoX has no conv
+  assert clean["gate"][2] is None and clean["conv"][1] is None   # Mamba-2; FoX has no conv
+  assert clean["levels"][2].shape[1] == 1 and clean["levels"][3].shape[1] == 1   # one state
   _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))

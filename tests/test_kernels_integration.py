@@ -124,11 +124,46 @@ def test_log_linear_recurrence_matches_jaxlab_ops(variant):
   assert_rel_close(np.asarray(S), np.asarray(st.levels[0]), rtol=tol(F32, T), name="levels")
 
 
-@pytest.mark.parametrize("mixer", ["log_linear_mamba2", "log_linear_gated_deltanet"])
+@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
+def test_plain_recurrence_matches_jaxlab_ops(variant):
+  """fenwick=False (one state, insert added): the plain Mamba-2 / Gated DeltaNet
+  recurrence = jaxlab.ops.log_linear.linear_attention / gated_delta_rule (naive form),
+  for both impls, outputs and final state, with a score scale as the level weight."""
+  T, H, dk, dv, scale = 21, 2, 64, 32, 0.125
+  ks = jax.random.split(jax.random.key(4), 5)
+  q = jax.random.normal(ks[0], (T, H, dk))
+  k = _unit(jax.random.normal(ks[1], (T, H, dk)))
+  v = jax.random.normal(ks[2], (T, H, dv))
+  g = -jax.nn.softplus(jax.random.normal(ks[3], (T, H)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (T, H)))
+  gdn = variant == "gdn"
+  lam = jnp.full((H, 1), scale)
+  if gdn:
+    ref, st = jax.jit(functools.partial(ll.gated_delta_rule, scale=scale, impl="naive",
+                                        return_state=True))(
+        q[None], k[None], v[None], g[None], beta[None])
+  else:
+    ref, st = jax.jit(functools.partial(ll.linear_attention, scale=scale, impl="naive",
+                                        return_state=True))(q[None], k[None], v[None], g[None])
+  for impl in ("xla", "pallas"):
+    step = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl=impl,
+                                     fenwick=False))
+    S, outs = jnp.zeros((H, 1, dk, dv)), []
+    for t in range(T):
+      o, S = step(S, jnp.int32(t), q[t], k[t], v[t], lam, g[t], beta[t] if gdn else None)
+      outs.append(o)
+    # fp32; the longest sums: T tokens x dk in the output, T tokens in the state
+    assert_rel_close(np.stack(outs), np.asarray(ref[0]), rtol=tol(F32, T * dk), name=impl)
+    assert_rel_close(np.asarray(S), np.asarray(st.levels[0]), rtol=tol(F32, T), name="state")
+
+
+@pytest.mark.parametrize("mixer", ["log_linear_mamba2", "log_linear_gated_deltanet", "mamba2",
+                                   "gated_deltanet"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_mixer_extend_with_level_kernel_matches_recurrent(mixer, impl):
-  """A log-linear mixer's one-token extend through kernels/log_linear_state equals its own
-  recurrent step: outputs, level states and counts, for a batch with a padded row."""
+  """A Mamba-2 / GDN mixer's one-token extend through kernels/log_linear_state (log-linear:
+  the Fenwick levels; plain: its one state, fenwick=False) equals its own recurrent step:
+  outputs, states and counts, for a batch with a padded row."""
   from flax import nnx
   from jaxlab.models import ModelConfig
   from jaxlab.models.mixers.base import get_mixer_factory
@@ -144,7 +179,7 @@ def test_mixer_extend_with_level_kernel_matches_recurrent(mixer, impl):
   out, new = m.extend(x[:, 5:], cache, mask_BT=mask, level_kernel=LevelKernel(impl))
   # y: the level read sums L levels x dk (64), then the out-projection sums d_inner (128);
   # levels: the GDN transition reduces k^T S over dk (64); Mamba-2's is elementwise.
-  nl = m.opts.num_levels
+  nl = m.opts.num_levels if m.opts.log_linear else 1
   assert_rel_close(np.asarray(out), np.asarray(ref), rtol=tol(F32, nl * 64 + 128), name="y")
   assert_rel_close(np.asarray(new["state"].levels), np.asarray(ref_cache["state"].levels),
                    rtol=tol(F32, 64), name="levels")

@@ -126,11 +126,12 @@ def test_rope_kernel_rejects_shapes_it_cannot_compile():
 @pytest.mark.parametrize("dtype,pattern", [
     ("float32", ("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet")),
     ("bfloat16", ("path", "log_linear_mamba2", "attention", "log_linear_gated_deltanet")),
-    ("bfloat16", ("path_fox", "log_linear_mamba2", "fox", "log_linear_gated_deltanet"))])
+    ("bfloat16", ("path_fox", "log_linear_mamba2", "fox", "log_linear_gated_deltanet")),
+    ("bfloat16", ("path_fox", "mamba2", "fox", "gated_deltanet"))])
 def test_hybrid_decode_step_lowers_for_cuda(dtype, pattern):
-  """The step with PaTH (-FoX), FoX and log-linear Mamba-2 / GDN layers (their decode
-  kernels, the gate bias, the mixers' own XLA projections, lax.cond guards) lowers for
-  CUDA."""
+  """The step with PaTH (-FoX), FoX and (log-linear or plain) Mamba-2 / GDN layers (their
+  decode kernels, the gate bias, the mixers' own XLA projections, lax.cond guards) lowers
+  for CUDA."""
   cfg = ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=12, n_kv_heads=4,
                     head_dim=64, ffn_dim=512, max_seq_len=2048, param_dtype=dtype,
                     mixer_pattern=pattern,

@@ -177,3 +177,9 @@ def test_path_and_log_linear_mosaic():
   o_r, S1_r = f(S0, 6, *args, impl="xla")
   _close(o, o_r, Lv * dk, "o")
   _close(S1, S1_r, Lv, "state")
+  # the plain recurrence: one state, the insert added (fenwick=False)
+  one = (S0[:, :1], 40) + args[:3] + (jnp.full((H, 1), 0.125),) + args[4:]
+  o, S1 = f(*one, impl="pallas", interpret=M, block_v=32, fenwick=False)
+  o_r, S1_r = f(*one, impl="xla", fenwick=False)
+  _close(o, o_r, dk, "plain o")
+  _close(S1, S1_r, dk, "plain state")

@@ -426,6 +426,17 @@ def test_log_linear_level_overflow():
     f = jax.jit(functools.partial(log_linear_state_update, variant="mamba2", impl=impl))
     assert np.all(np.isnan(np.asarray(f(S, jnp.int32(4), *args)[0])))
     assert np.all(np.isfinite(np.asarray(f(S, jnp.int32(3), *args)[0])))
+  # the plain recurrence (fenwick=False) has one state and no capacity limit
+  one = (jnp.ones((H, dk)), jnp.ones((H, dk)), jnp.ones((H, dv)), jnp.ones((H, 1)),
+         jnp.zeros((H,)))
+  for impl in ("xla", "pallas"):
+    o, S1 = log_linear_state_update(jnp.ones((H, 1, dk, dv)), 10 ** 6, *one, variant="mamba2",
+                                    impl=impl, fenwick=False)
+    # decay 1: the old all-ones state plus k v^T = 2 everywhere; o = sum over dk of 2 * q
+    np.testing.assert_array_equal(np.asarray(S1), 2.0)
+    np.testing.assert_allclose(np.asarray(o), 2.0 * dk)
+    with pytest.raises(ValueError, match="fenwick=False runs one state"):
+      log_linear_state_update(S, 0, *args, variant="mamba2", impl=impl, fenwick=False)
 
 
 # ------------------------------------------------------------ API contracts

@@ -433,15 +433,16 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
         continue
       seen.add(name)
       variant = "gdn" if "deltanet" in name else "mamba2"
+      fenwick = name.startswith("log_linear")   # plain Mamba-2 / GDN: one state
       H, L, dk, dv = st["levels"][l].shape
       g = lambda i, *shape: jax.random.normal(jax.random.key(i), shape, f32)
       args = (0.01 * g(24, H, L, dk, dv), jnp.int32(kv_len), g(25, H, dk), g(26, H, dk) / 8,
               g(27, H, dv), jax.nn.softplus(g(28, H, L)), -jax.nn.softplus(g(29, H)))
       if variant == "gdn":
         args += (jax.nn.sigmoid(g(30, H)),)
-      op = f"log_linear_state_update ({variant})"
-      cases[op] = (lambda impl, variant=variant, **k: functools.partial(
-          log_linear_state_update, variant=variant, impl=impl, **k), args, None)
+      op = f"log_linear_state_update ({variant}{'' if fenwick else ', plain'})"
+      cases[op] = (lambda impl, variant=variant, fenwick=fenwick, **k: functools.partial(
+          log_linear_state_update, variant=variant, fenwick=fenwick, impl=impl, **k), args, None)
       nbytes[op] = 2 * H * L * dk * dv * 4                                 # levels r+w
   return cases, nbytes
 

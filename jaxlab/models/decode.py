@@ -80,12 +80,8 @@ SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 # mixer -> how the decode step runs its layer
 LAYER_KINDS = {"attention": "attention", "nope": "attention", "path": "path",
                "path_fox": "path", "fox": "path",
-               "log_linear_mamba2": "levels", "log_linear_gated_deltanet": "levels"}
-_NO_KERNEL = {
-    "mamba2": "the level-state kernel runs the log-linear form (use log_linear_mamba2)",
-    "gated_deltanet": "the level-state kernel runs the log-linear form "
-                      "(use log_linear_gated_deltanet)",
-}
+               "log_linear_mamba2": "levels", "log_linear_gated_deltanet": "levels",
+               "mamba2": "levels", "gated_deltanet": "levels"}
 
 
 def layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
@@ -95,9 +91,8 @@ def layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
   for i in range(cfg.n_layers):
     name = cfg.layer_mixer(i)
     if name not in LAYER_KINDS:
-      why = _NO_KERNEL.get(name, "no batch-1 decode kernel exists for it")
-      raise ValueError(f"make_decoder: layer {i} uses mixer {name!r}: {why} (supported: "
-                       f"{', '.join(LAYER_KINDS)})")
+      raise ValueError(f"make_decoder: layer {i} uses mixer {name!r}: no batch-1 decode "
+                       f"kernel exists for it (supported: {', '.join(LAYER_KINDS)})")
     kinds.append(LAYER_KINDS[name])
   return tuple(kinds)
 
@@ -536,10 +531,11 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
 
 
 def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
-  """Log-linear layers hold at most 2^(L-1) tokens: say so at construction."""
+  """Log-linear layers hold at most 2^(L-1) tokens: say so at construction (the plain
+  Mamba-2 / GDN state has no limit)."""
   from jaxlab.models.mixers.mamba2 import check_levels
   for l, kind in enumerate(kinds):
-    if kind == "levels":
+    if kind == "levels" and _abstract_mixer(cfg, l).opts.log_linear:
       m = _abstract_mixer(cfg, l)
       check_levels(m.opts.num_levels, max_len, f"layer {l} ({cfg.layer_mixer(l)})")
 

@@ -4,6 +4,10 @@ O(log T) level states: merge, transition, insert, read (papers.md 1.1).
 state [H, L, dk, dv] fp32 holds tokens 0..t-1; returns (o [H, dv] fp32, new
 state). lam [H, L] are the token's level weights, log_decay [H] its g <= 0,
 beta [H] the GDN step size (variant="gdn" only).
+
+fenwick=False: the plain Mamba-2 / GDN recurrence on one state (L = 1) that keeps every
+token (S <- transition(S) + insert; lam [H, 1] scales the read), for the non-log-linear
+mixers; no capacity limit on t.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from kernels.log_linear_state import reference
 def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax.Array,
                             v_HV: jax.Array, lam_HL: jax.Array, log_decay_H: jax.Array,
                             beta_H: jax.Array | None = None, *, variant: str, impl: str,
-                            interpret: bool | str | None = None, **kw):
+                            fenwick: bool = True, interpret: bool | str | None = None, **kw):
   C.check_impl(impl, "log_linear_state_update")
   if variant not in reference.VARIANTS:
     raise ValueError(f"log_linear_state_update: unknown variant {variant!r} "
@@ -36,17 +40,27 @@ def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax
                      "not accepted for 'mamba2'")
   if beta_H is not None and beta_H.shape != (H,):
     raise ValueError(f"log_linear_state_update: beta_H {beta_H.shape} must be [{H}]")
+  if not fenwick and L != 1:
+    raise ValueError(f"log_linear_state_update: fenwick=False runs one state (L = 1), got "
+                     f"state_HLKV {state_HLKV.shape}")
   tc = C.concrete_int(t)
-  if tc is not None and not 0 <= tc < 2 ** (L - 1):
+  if tc is not None and tc < 0:
+    raise ValueError(f"log_linear_state_update: t={tc} must be >= 0")
+  if fenwick and tc is not None and not 0 <= tc < 2 ** (L - 1):
     raise ValueError(f"log_linear_state_update: t={tc} needs more than L={L} levels "
                      f"(t must be in 0..{2 ** (L - 1) - 1})")
   if impl == "xla":
     return reference.log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL,
-                                             log_decay_H, beta_H, variant=variant)
+                                             log_decay_H, beta_H, variant=variant,
+                                             fenwick=fenwick)
   from kernels.log_linear_state import pallas
   mode = C.resolve_interpret(interpret)
+  z = reference.ctz_or_neg1(t) if fenwick else jnp.int32(-1)   # -1: nothing to merge
   o, new = C.inference_only(
       "log_linear_state_update",
-      lambda *a: pallas.log_linear_state_update(*a, gdn=variant == "gdn", mode=mode, **kw),
-      state_HLKV, reference.ctz_or_neg1(t), q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H)
+      lambda *a: pallas.log_linear_state_update(*a, gdn=variant == "gdn", mode=mode,
+                                                accumulate=not fenwick, **kw),
+      state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H)
+  if not fenwick:
+    return o, new
   return jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan), new

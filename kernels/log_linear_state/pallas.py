@@ -5,7 +5,8 @@ Grid (H, dv / BV). CTA (h, j) streams the L level tiles S[h, l, :, j-block]
   - keeps the running sum of levels <= z (z = ctz(t), a scalar) and drops it
     into level z + 1 (the "merge up to the lowest set bit" rule),
   - applies the transition (scalar decay, or GDN's a (I - beta k k^T)),
-  - overwrites level 0 with the inserted k v^T,
+  - overwrites level 0 with the inserted k v^T (fenwick=False, the plain recurrence with
+    one level and z = -1: adds it),
   - accumulates o_j += lambda_l S[l]^T q,
   - stores the new tile.
 One read and one write of the O(L dk dv) state per token; no KV cache.
@@ -21,7 +22,7 @@ from kernels import _common as C
 
 
 def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, L, dk, BV,
-          gdn, stages):
+          gdn, stages, accumulate):
   h = ctx.axis("h")
   j = ctx.axis("j")
   f32 = jnp.float32
@@ -45,7 +46,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
       S2 = a * (S1 - beta * k * kS)
     else:
       S2 = a * S1
-    S3 = jnp.where(lvl == 0, ins, S2)
+    S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
     o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
     ctx.store(S3, new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
               transforms=C.tile_transforms(BV, jnp.float32))
@@ -61,7 +62,8 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
 
 
 def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, *,
-                            gdn: bool, mode: str, block_v: int | None = None, stages: int = 2):
+                            gdn: bool, mode: str, block_v: int | None = None, stages: int = 2,
+                            accumulate: bool = False):
   H, L, dk, dv = state_HLKV.shape
   f32 = jnp.float32
   # fp32 [BV] rows: TMA copies need a multiple of 128 bytes (one warpgroup), so BV % 32 == 0.
@@ -71,7 +73,8 @@ def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H
     raise ValueError(f"log_linear_state_update: dk={dk} must be a multiple of 64 for the "
                      "Pallas kernel (WGMMA row tiles)")
   kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages),
+      lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages,
+                            accumulate=accumulate),
       out_type=(jax.ShapeDtypeStruct((H, dv), f32), jax.ShapeDtypeStruct((H, L * dk, dv), f32)),
       grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update")
   z_1 = jnp.reshape(jnp.asarray(z, jnp.int32), (1,))

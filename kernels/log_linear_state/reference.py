@@ -8,6 +8,9 @@ State S [H, L, dk, dv] holds the Fenwick levels of tokens 0..t-1. Step t:
   4. read: o = sum_l lambda_l S[l]^T q
 with a = exp(g), g <= 0 the log decay. t must be < 2^(L-1) (else z + 1 would
 fall off the last level): a concrete t raises, a traced t gives NaN output.
+
+fenwick=False (L = 1): the plain Mamba-2 / GDN recurrence, one state that keeps every
+token: no merge, S <- transition(S) + insert, o = lambda S^T q (any t).
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ def ctz_or_neg1(t):
 
 
 def log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H=None,
-                            *, variant: str):
+                            *, variant: str, fenwick: bool = True):
   f32 = jnp.float32
   H, L, dk, dv = state_HLKV.shape
   S = state_HLKV.astype(f32)
-  z = ctz_or_neg1(t)
+  z = ctz_or_neg1(t) if fenwick else jnp.int32(-1)   # -1: nothing to merge
   lvl = jnp.arange(L)
   below = (lvl <= z)[None, :, None, None]
   nxt = (lvl == z + 1)[None, :, None, None]
@@ -47,9 +50,10 @@ def log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL, log_decay_H
     kS = jnp.einsum("hk,hlkv->hlv", k, S, precision=HI)
     S = a * (S - b[:, None, None, None] * k[:, None, :, None] * kS[:, :, None, :])
     ins = b[:, None, None] * jnp.einsum("hk,hv->hkv", k, v, precision=HI)
-  S = S.at[:, 0].set(ins)
+  S = S.at[:, 0].set(ins) if fenwick else S.at[:, 0].add(ins)
   o = jnp.einsum("hl,hlkv,hk->hv", lam_HL.astype(f32), S, q, precision=HI)
-  o = jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan)
+  if fenwick:
+    o = jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan)
   return o, S
 
 

@@ -120,18 +120,20 @@ def _opt_impl(cfg):
 
 @dataclasses.dataclass(frozen=True)
 class LevelKernel:
-  """Run the one-token level-state update of a log-linear mixer with the batch-1 decode
-  op kernels/log_linear_state (impl "xla" | "pallas"; `interpret` as in kernels/).
-  Passed as `extend(..., level_kernel=...)` by the decode driver (jaxlab/models/decode.py)."""
+  """Run the one-token state update of a Mamba-2 / GDN mixer (log-linear: the Fenwick
+  levels; plain: its one state) with the batch-1 decode op kernels/log_linear_state
+  (impl "xla" | "pallas"; `interpret` as in kernels/). Passed as
+  `extend(..., level_kernel=...)` by the decode driver (jaxlab/models/decode.py)."""
   impl: str
   interpret: Any = None
 
 
-def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n):
+def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n, fenwick=True):
   """T = 1 through kernels/log_linear_state, one batch row at a time (the op is batch-1).
 
   q, k [B,1,G,K]; v [B,1,H,V]; g, beta [B,1,H]; lam [B,1,H,L]; state a LogLinearState.
-  A row with n = 0 (padding) keeps its state and count."""
+  A row with n = 0 (padding) keeps its state and count. fenwick=False: the plain
+  recurrence (one level)."""
   from kernels.log_linear_state import log_linear_state_update
   rep = v.shape[2] // q.shape[2]
   f32 = jnp.float32
@@ -143,7 +145,7 @@ def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n):
     o, new = log_linear_state_update(
         state.levels[b], state.count[b], qh[b], kh[b], v[b, 0].astype(f32), lam[b, 0].astype(f32),
         g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
-        impl=kern.impl, interpret=kern.interpret)
+        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret)
     outs.append(o)
     # Without padding n is a constant and XLA folds this select away (checked in the
     # compiled decode step: no select over the level state).
@@ -181,12 +183,11 @@ class StateMixer(nnx.Module):
   def extend(self, x_BTD, cache, *, positions_BT=None, mask_BT=None,
              level_kernel: LevelKernel | None = None):
     """level_kernel: run this one-token step's state update with kernels/log_linear_state
-    (log-linear mixers, T = 1 only; see LevelKernel)."""
+    (T = 1 only; see LevelKernel)."""
     del positions_BT
     if level_kernel is not None:
-      if not self.opts.log_linear or x_BTD.shape[1] != 1:
-        raise ValueError(f"extend: level_kernel needs a log-linear mixer and one token (T = 1); "
-                         f"got log_linear={self.opts.log_linear}, T={x_BTD.shape[1]}")
+      if x_BTD.shape[1] != 1:
+        raise ValueError(f"extend: level_kernel needs one token (T = 1); got T={x_BTD.shape[1]}")
       impl = level_kernel
     else:
       impl = "recurrent" if x_BTD.shape[1] == 1 else self.opts.impl
@@ -196,6 +197,9 @@ class StateMixer(nnx.Module):
   def _op(self, q, k, v, g, beta, lam, *, scale, impl, state, n):
     """(y, new state or None): the log-linear op, or the decode kernel for a LevelKernel."""
     if isinstance(impl, LevelKernel):
+      if lam is None:   # plain recurrence: one state, the score scale as its level weight
+        lam = jnp.full(v.shape[:3] + (1,), scale, F32)
+        return _level_kernel_step(impl, q, k, v, g, beta, lam, state, n, fenwick=False)
       assert scale == 1.0, scale   # the log-linear mixers fold any score scale into lambda
       return _level_kernel_step(impl, q, k, v, g, beta, lam, state, n)
     res = ll._run(q, k, v, g, beta, lam, scale=scale, impl=impl, initial_state=state,
