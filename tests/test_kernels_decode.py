@@ -153,24 +153,31 @@ def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl, share_la
   np.testing.assert_array_equal(toks, hybrid_tokens)
 
 
+def _lockstep(model, impl, steps=6):
+  """The decoder and the model's own extend in lock-step from the same prompt, fed the
+  decoder's greedy tokens: yields (step, logits, state, the model's logits, its cache)."""
+  dec = make_decoder(model, impl, MAX_LEN)
+  logits, state = dec.prefill(PROMPT)
+  graphdef, params = nnx.split(model)
+  extend = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).extend(t, c))
+  _, cache = extend(params, jnp.asarray([PROMPT]), model.init_cache(1, MAX_LEN))
+  tok = int(jnp.argmax(logits))
+  for i in range(steps):
+    logits, _, state = dec.step(state, tok)
+    ref, cache = extend(params, jnp.asarray([[tok]]), cache)
+    yield i, np.asarray(logits), state, np.asarray(ref[0, -1]), cache
+    tok = int(jnp.argmax(logits))
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_hybrid_logits_match_the_model(hybrid, impl):
   """Logits (not just argmax) of each step equal the model's own extend, to fp32 tolerance."""
   from jaxlab.testing import assert_rel_close, tol
-  dec = make_decoder(hybrid, impl, MAX_LEN)
-  logits, state = dec.prefill(PROMPT)
-  graphdef, params = nnx.split(hybrid)
-  extend = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).extend(t, c))
-  ref, cache = extend(params, jnp.asarray([PROMPT]), hybrid.init_cache(1, MAX_LEN))
-  tok = int(jnp.argmax(logits))
-  for _ in range(6):
-    logits, _, state = dec.step(state, tok)
-    ref, cache = extend(params, jnp.asarray([[tok]]), cache)
+  for _, logits, _, ref, _ in _lockstep(hybrid, impl):
     # fp32; per layer the longest sums are the MLP's (ffn 256) and the mixer's (<= 128 x
     # levels / cache slots), chained over 4 layers and the LM head (d_model 128).
-    assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
-                     rtol=tol(jnp.float32, HYBRID.d_model * HYBRID.n_layers), name=impl)
-    tok = int(jnp.argmax(logits))
+    assert_rel_close(logits, ref, rtol=tol(jnp.float32, HYBRID.d_model * HYBRID.n_layers),
+                     name=impl)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -229,20 +236,12 @@ def test_gated_logits_and_gates_match_the_model(gated, impl):
   """Per-step logits equal the model's extend, and the decoder's gate rows equal the
   model's PathCache gates (G_t - G_j) on the live slots."""
   from jaxlab.testing import assert_rel_close, tol
-  dec = make_decoder(gated, impl, MAX_LEN)
-  logits, state = dec.prefill(PROMPT)
-  graphdef, params = nnx.split(gated)
-  extend = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).extend(t, c))
-  ref, cache = extend(params, jnp.asarray([PROMPT]), gated.init_cache(1, MAX_LEN))
-  tok = int(jnp.argmax(logits))
-  for i in range(6):
-    logits, _, state = dec.step(state, tok)
-    ref, cache = extend(params, jnp.asarray([[tok]]), cache)
+  for i, logits, state, ref, cache in _lockstep(gated, impl):
     # fp32; per layer the longest sums are the MLP's (ffn 256), attention's (<= 71 slots x
     # head dim 64) and the state read (dk 64), chained over 4 layers and the LM head
     # (d_model 128).
-    assert_rel_close(np.asarray(logits), np.asarray(ref[0, -1]),
-                     rtol=tol(jnp.float32, GATED.d_model * GATED.n_layers), name=impl)
+    assert_rel_close(logits, ref, rtol=tol(jnp.float32, GATED.d_model * GATED.n_layers),
+                     name=impl)
     live = len(PROMPT) + i + 1
     for l in (0, 1):
       ours = np.asarray(state["gate"][l])[:, :live]
@@ -250,7 +249,6 @@ def test_gated_logits_and_gates_match_the_model(gated, impl):
       # a running sum of `live` fp32 log-gates
       assert_rel_close(ours, theirs, rtol=tol(jnp.float32, live), name=f"gate layer {l}")
       assert np.all(ours[:, :-1] < 0) and np.all(ours[:, -1] == 0)
-    tok = int(jnp.argmax(logits))
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
