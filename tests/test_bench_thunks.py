@@ -48,6 +48,8 @@ def test_thunk_sequence_counts_by_depth():
 
 def test_hlo_custom_calls_inside_and_outside_command_buffers():
   assert thunks.mosaic_calls_by_region(HLO) == {"command_buffer": 3, "other": 1}
+  assert thunks.mosaic_calls_per_computation(HLO) == {"command_buffer": 1, "command_buffer.1": 2,
+                                                      "main.3": 1}
 
 
 def test_cli_reads_a_dump_dir(tmp_path, capsys):
@@ -59,5 +61,6 @@ def test_cli_reads_a_dump_dir(tmp_path, capsys):
   assert "module_0001.jit__step_unrolled: top level" in out and "jit_other" not in out
   assert "custom calls launched from the host: 1" in out
   assert "inside command_buffer computations 3, elsewhere 1" in out
+  assert "by computation: command_buffer.1 2" in out
   assert thunks.main([str(tmp_path / "missing")]) == 2
   assert thunks.main([str(tmp_path), "--match", "nothing"]) == 1

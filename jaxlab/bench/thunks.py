@@ -71,10 +71,10 @@ HLO_SUFFIX = "gpu_after_optimizations.txt"
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
-def mosaic_calls_by_region(hlo_text: str, target: str = "mosaic_gpu_v2") -> dict[str, int]:
-  """Custom calls to `target` in the optimized HLO, split by the computation that holds
-  them: {"command_buffer": n, "other": m}."""
-  out = {"command_buffer": 0, "other": 0}
+def mosaic_calls_per_computation(hlo_text: str, target: str = "mosaic_gpu_v2"
+                                 ) -> collections.Counter:
+  """Custom calls to `target` in the optimized HLO, counted per computation name."""
+  out = collections.Counter()
   current = ""
   for line in hlo_text.splitlines():
     if line and not line[0].isspace():
@@ -83,8 +83,16 @@ def mosaic_calls_by_region(hlo_text: str, target: str = "mosaic_gpu_v2") -> dict
         current = m.group(1)
       continue
     if f'custom_call_target="{target}"' in line:
-      out["command_buffer" if current.startswith("command_buffer") else "other"] += 1
+      out[current] += 1
   return out
+
+
+def mosaic_calls_by_region(hlo_text: str, target: str = "mosaic_gpu_v2") -> dict[str, int]:
+  """The same, split into computations XLA outlined as command buffers and the rest:
+  {"command_buffer": n, "other": m}."""
+  per = mosaic_calls_per_computation(hlo_text, target)
+  inside = sum(v for k, v in per.items() if k.startswith("command_buffer"))
+  return {"command_buffer": inside, "other": sum(per.values()) - inside}
 
 
 def main(argv=None) -> int:
@@ -107,9 +115,12 @@ def main(argv=None) -> int:
     print(s.line())
     print(f"  custom calls launched from the host: {s.host_launched_custom_calls}")
   for f in hlos:
-    r = mosaic_calls_by_region(f.read_text())
+    text = f.read_text()
+    r = mosaic_calls_by_region(text)
     print(f"{f.name}: mosaic_gpu_v2 calls inside command_buffer computations "
           f"{r['command_buffer']}, elsewhere {r['other']}")
+    top = mosaic_calls_per_computation(text).most_common(5)
+    print("  by computation: " + ", ".join(f"{name} {n}" for name, n in top))
   return 0
 
 
