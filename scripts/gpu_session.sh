@@ -15,7 +15,8 @@
 #      Pallas 8B step compiles in ~110 s)
 #   5. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers, the gate-bias
 #      attention kernels), ~1.5 minutes
-#   6. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
+#   6. with LONG=1: the 1B step and per-op rows at a 32K-slot KV cache, ~1.5 minutes
+#   7. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
 #      including CUSTOM_CALL (an experiment, worth it only if stage 2's thunk summary shows
 #      Mosaic custom calls launched from the host; the list replaces XLA's default one)
 # Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
@@ -103,6 +104,17 @@ if [ -n "${GATED:-}" ]; then
     --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "gated-1b-bench rc=$?"
+fi
+
+# Long cache (LONG=1): the 1B step and the per-op rows at a 32K-slot KV cache, where
+# attention is 1 GB of the bytes per token (the issue's 32K data point for JAX's own
+# Pallas decode_attention: 1.0 TB/s vs XLA's 2.5 on an H200).
+if [ -n "${LONG:-}" ]; then
+  { echo; echo "=== llama-1b-bench, kv 32768 ==="; } >> "$OUT/llama-1b.txt"
+  timeout ${LONG_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config llama-1b-bench --kv-len 32768 \
+    --ops --variants xla-unrolled,pallas-shared --steps 32 --repeats 2 --warmup 2 \
+    >> "$OUT/llama-1b.txt" 2>&1
+  stamp "llama-1b-bench kv 32768 rc=$?"
 fi
 
 if [ -n "${CMDBUF:-}" ]; then
