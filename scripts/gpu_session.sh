@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7 in one device call (stage timeouts sum to ~8.7 minutes, a
-# typical run ~6-7; a session has 15 minutes of device time, machine start included (~35 s
+# The GPU checks of issue 7 in one device call (stage timeouts sum to ~9.8 minutes, a
+# typical run ~7-8; a session has 15 minutes of device time, machine start included (~35 s
 # on 2026-11-26); with B8=1, GATED=1, HYBRID=1 or CMDBUF=1 set THUNKS=0 or lower the
 # timeouts to stay under the 600 s call limit):
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights) + 64 greedy
 #      tokens pallas == xla
 #   2. jaxlab bench decode --config llama-1b-bench (variants incl. int8 weight-only and
 #      shared layers, per-op table, sweep, profile); then which kernels of the step run
-#      inside XLA's command buffers (THUNKS=0 skips it, ~2.5 min); with HYBRID=1 also
+#      inside XLA's command buffers (THUNKS=0 skips it, ~2 min) and the cache row write
+#      as one scatter (WRITE=0 skips it, ~1 min); with HYBRID=1 also
 #      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)
 #   3. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
@@ -60,13 +61,23 @@ if [ "${THUNKS:-1}" != 0 ]; then
   { echo; echo "=== thunks: kernels inside / outside command buffers ==="; } >> "$OUT/llama-1b.txt"
   for v in xla-unrolled pallas; do
     D=$(mktemp -d)
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-75} $PY -m \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-70} $PY -m \
       jaxlab.bench.decode --config llama-1b-bench --variants $v --steps 8 --repeats 1 \
       --warmup 1 > /dev/null 2>&1
     echo "--- $v" >> "$OUT/llama-1b.txt"
     $PY -m jaxlab.bench.thunks "$D" --match _step_unrolled >> "$OUT/llama-1b.txt" 2>&1
     stamp "thunks $v rc=$?"
   done
+fi
+
+# The cache row write as one scatter instead of slice + select + update (WRITE=0 skips):
+# fewer kernels per layer if XLA compiles it to one; compare with the shared rows above.
+if [ "${WRITE:-1}" != 0 ]; then
+  { echo; echo "=== rope_append write=scatter ==="; } >> "$OUT/llama-1b.txt"
+  timeout ${WRITE_TIMEOUT:-75} $PY -m jaxlab.bench.decode --config llama-1b-bench \
+    --variants xla-unrolled,pallas-shared --kernel-options '{"rope_append": {"write": "scatter"}}' \
+    >> "$OUT/llama-1b.txt" 2>&1
+  stamp "write=scatter rc=$?"
 fi
 
 # PaTH / log-linear decode kernels inside the 1B-shaped step (appended to llama-1b.txt;

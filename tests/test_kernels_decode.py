@@ -259,3 +259,20 @@ def test_gated_nan_tails_and_end_of_cache(gated, impl):
   assert clean["gate"][2] is None and clean["conv"][1] is None   # Mamba-2; FoX has no conv
   assert clean["levels"][2].shape[1] == 1 and clean["levels"][3].shape[1] == 1   # one state
   _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_scatter_row_write_decodes_the_same(model, reference_tokens, gated, gated_tokens, impl):
+  """kernel_options={"rope_append": {"write": "scatter"}} (the cache row written by one
+  scatter that drops an out-of-range slot) gives the same tokens as generate() for
+  attention, PaTH-FoX and FoX layers, and a full cache stays untouched."""
+  opts = {"rope_append": {"write": "scatter"}}
+  for m, want in ((model, reference_tokens), (gated, gated_tokens)):
+    dec = make_decoder(m, impl, MAX_LEN, kernel_options=opts)
+    logits, state = dec.prefill(PROMPT)
+    tok, toks = jnp.argmax(logits).astype(jnp.int32), []
+    for _ in range(N):
+      toks.append(int(tok))
+      _, tok, state = dec.step(state, tok)
+    np.testing.assert_array_equal(np.array(toks), want)
+    _full_cache_is_refused(dec, state)

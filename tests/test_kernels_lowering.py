@@ -169,3 +169,24 @@ def test_shared_layers_lower_each_kernel_once():
         lowering_platforms=("cuda",)).as_text()
     counts[share] = text.count("mosaic_gpu")
   assert counts[True] < counts[False], counts
+
+
+@pytest.mark.parametrize("name", ["llama-1b-bench", "gated-tiny"])
+def test_scatter_row_write_lowers_for_cuda(name):
+  """The decode step with kernel_options={"rope_append": {"write": "scatter"}} (one layer
+  of the 1B shapes; the PaTH-FoX / FoX tiny model) lowers for CUDA, with a scatter and no
+  dynamic-update-slice for the cache rows."""
+  kw = dict(CONFIGS[name][0])
+  if "tiny" not in name:
+    kw["n_layers"] = 1
+  cfg = ModelConfig(**kw)
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  texts = {}
+  for write in ("select", "scatter"):
+    step, S = step_function(cfg, "pallas", 1100, interpret=False,
+                            kernel_options={"rope_append": {"write": write}})
+    state = jax.eval_shape(lambda: init_state(cfg, S))
+    texts[write] = step.trace(weights, state, SD((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.scatter" in texts["scatter"] and "stablehlo.scatter" not in texts["select"]
+  assert "dynamic_update_slice" in texts["select"]

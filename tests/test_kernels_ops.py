@@ -165,19 +165,30 @@ def test_rope_append(Hq, Hkv, Dh):
   _close(out[0], ref[0], 2, "q (general cos/sin)")
 
 
-def test_rope_append_position_outside_cache():
+@pytest.mark.parametrize("write", ["select", "scatter"])
+def test_rope_append_position_outside_cache(write):
   Hq, Hkv, Dh, S = 4, 4, 64, 32
   qkv = jnp.ones(((Hq + 2 * Hkv) * Dh,))
   kc = jnp.zeros((Hkv, S, Dh))
   cos, sin = jnp.ones((Dh,)), jnp.zeros((Dh,))
   for impl in ("xla", "pallas"):
     with pytest.raises(ValueError, match="pos=32"):
-      rope_append(qkv, cos, sin, kc, kc, 32, n_heads=Hq, n_kv_heads=Hkv, impl=impl)
-    # Traced positions cannot raise: an out-of-range write leaves the cache unchanged.
-    f = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl=impl))
-    _, k2, v2 = f(qkv, cos, sin, kc, kc, jnp.int32(S))
-    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kc))
-    np.testing.assert_array_equal(np.asarray(v2), np.asarray(kc))
+      rope_append(qkv, cos, sin, kc, kc, 32, n_heads=Hq, n_kv_heads=Hkv, impl=impl, write=write)
+    # Traced positions cannot raise: an out-of-range write (past the end or negative)
+    # leaves the cache unchanged; an in-range one writes exactly its slot.
+    f = jax.jit(functools.partial(rope_append, n_heads=Hq, n_kv_heads=Hkv, impl=impl,
+                                  write=write))
+    for bad in (S, S + 5, -1):
+      _, k2, v2 = f(qkv, cos, sin, kc, kc, jnp.int32(bad))
+      np.testing.assert_array_equal(np.asarray(k2), np.asarray(kc))
+      np.testing.assert_array_equal(np.asarray(v2), np.asarray(kc))
+    _, k2, v2 = f(qkv, cos, sin, kc, kc, jnp.int32(S - 1))
+    written = np.zeros((S,), bool)
+    written[S - 1] = True
+    assert np.all(np.asarray(k2)[:, written] == 1) and np.all(np.asarray(k2)[:, ~written] == 0)
+    assert np.all(np.asarray(v2)[:, written] == 1) and np.all(np.asarray(v2)[:, ~written] == 0)
+  with pytest.raises(ValueError, match="unknown write 'copy'"):
+    rope_append(qkv, cos, sin, kc, kc, 0, n_heads=Hq, n_kv_heads=Hkv, impl="xla", write="copy")
 
 
 # ---------------------------------------------------------- decode attention

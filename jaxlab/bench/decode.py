@@ -87,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--interpret", default=None, choices=("hlo", "mosaic"),
                  help="force a Pallas interpreter (default: interpret only on CPU)")
   p.add_argument("--kernel-options", default=None,
-                 help='JSON per-op block options, e.g. \'{"decode_attention": {"num_splits": 8}}\'')
+                 help='JSON per-op options, e.g. \'{"decode_attention": {"num_splits": 8}}\' '
+                      '(Pallas only) or \'{"rope_append": {"write": "scatter"}}\' (the cache '
+                      'row write; also given to the XLA variants)')
   p.add_argument("--gemv-size", type=int, default=None,
                  help="side of the square bf16 reference GEMV (default 16384; tiny: 1024)")
   p.add_argument("--ops", action="store_true",
@@ -590,6 +592,8 @@ def run(args) -> dict:
     if v not in VARIANTS:
       raise ValueError(f"--variants: unknown variant {v!r} (known: {', '.join(VARIANTS)})")
   opts = json.loads(args.kernel_options) if args.kernel_options else None
+  # options of both impls (the cache row write) also reach the XLA variants
+  both_impls = {op: o for op, o in (opts or {}).items() if op == "rope_append"} or None
   backend = jax.default_backend()
   dev = jax.devices()[0]
   attention_only = _attention_only(cfg)
@@ -627,7 +631,8 @@ def run(args) -> dict:
       impl, layers, quantize, share = _DECODER_VARIANTS[v]
       dec = make_decoder(model, impl, max_len, layers=layers,
                          interpret=args.interpret if impl == "pallas" else None,
-                         kernel_options=opts if impl == "pallas" else None, quantize=quantize,
+                         kernel_options=opts if impl == "pallas" else both_impls,
+                         quantize=quantize,
                          share_layers=share)
       r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
       if quantize:   # the same cache traffic; the weights as this decoder stores them

@@ -231,7 +231,7 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
   # cache is never modified (the head turns the step's logits into NaN).
   wpos = jnp.where(pos < spec.max_len, pos, spec.cache_len)
   q, k, v = rope_append(qkv, cos, sin, k, v, wpos, n_heads=spec.n_heads, n_kv_heads=spec.n_kv,
-                        **kw)
+                        **kw, **spec.opts("rope_append"))
   length = jnp.minimum(pos + 1, spec.cache_len)
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
                        **spec.opts("decode_attention"))
@@ -304,8 +304,10 @@ def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
   q, kt, vt, w, beta, g, new_conv = m.decode_inputs(xn[None, None], conv)
   ok = pos < spec.max_len
 
+  write = spec.opts("rope_append").get("write", "select")   # the row write, as attention's
+
   def attend(k, v, gate):
-    k, v = write_slot(k, kt[0, 0], pos), write_slot(v, vt[0, 0], pos)
+    k, v = write_slot(k, kt[0, 0], pos, write=write), write_slot(v, vt[0, 0], pos, write=write)
     bias = None
     if gate is not None:   # older slots += g_t, the new slot 0 (as PathCache.gate)
       gate = jax.lax.dynamic_update_slice(gate + g[0, 0][:, None],
@@ -479,7 +481,8 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   layers: "unrolled" (per-layer weights and caches, both impls) or "scan"
   (stacked layers, impl="xla" only: a Pallas kernel inside a scan would get a
   copied per-layer slice as its operand).
-  kernel_options: per-op block options, e.g. {"decode_attention": {"num_splits": 8}}.
+  kernel_options: per-op options, e.g. {"decode_attention": {"num_splits": 8}} (Pallas
+  block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest

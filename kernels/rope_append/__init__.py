@@ -27,9 +27,14 @@ def check_position(pos, S: int, what: str = "pos"):
 
 def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KSD: jax.Array,
                 v_cache_KSD: jax.Array, pos, *, n_heads: int, n_kv_heads: int, impl: str,
-                interpret: bool | str | None = None):
-  """qkv [(Hq + 2 Hkv) Dh] -> (q roped [Hq, Dh], k_cache, v_cache with slot pos written)."""
+                interpret: bool | str | None = None, write: str = "select"):
+  """qkv [(Hq + 2 Hkv) Dh] -> (q roped [Hq, Dh], k_cache, v_cache with slot pos written).
+
+  write: how the row lands in the cache, "select" (default) or "scatter" (same result;
+  see reference.write_slot); an option of both impls."""
   C.check_impl(impl, "rope_append")
+  if write not in reference.WRITES:
+    raise ValueError(f"rope_append: unknown write {write!r} (known: {', '.join(reference.WRITES)})")
   Hkv, S, Dh = k_cache_KSD.shape
   if Hkv != n_kv_heads or v_cache_KSD.shape != k_cache_KSD.shape:
     raise ValueError(f"rope_append: k_cache_KSD {k_cache_KSD.shape} / v_cache_KSD "
@@ -42,10 +47,10 @@ def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KS
   check_position(pos, S)
   if impl == "xla":
     return reference.rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos,
-                                 n_heads=n_heads, n_kv_heads=n_kv_heads)
+                                 n_heads=n_heads, n_kv_heads=n_kv_heads, write=write)
   from kernels.rope_append import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rope_append", lambda *a: pallas.rope_append(*a, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                                   mode=mode),
+                                                   mode=mode, write=write),
       qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos)

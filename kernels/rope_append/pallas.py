@@ -63,7 +63,7 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
 
 
 def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, n_kv_heads,
-                mode: str):
+                mode: str, write: str = "select"):
   Dh = k_cache_KSD.shape[2]
   half = Dh // 2
   H = n_heads + n_kv_heads
@@ -75,4 +75,5 @@ def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, 
   qk = kern(x, cs).reshape(H, Dh)
   q, k = qk[:n_heads], qk[n_heads:]
   v = qkv_N[H * Dh:].reshape(n_kv_heads, Dh)
-  return q, reference.write_slot(k_cache_KSD, k, pos), reference.write_slot(v_cache_KSD, v, pos)
+  return (q, reference.write_slot(k_cache_KSD, k, pos, write=write),
+          reference.write_slot(v_cache_KSD, v, pos, write=write))
