@@ -538,16 +538,16 @@ def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
   Mamba-2 / GDN state has no limit)."""
   from jaxlab.models.mixers.mamba2 import check_levels
   for l, kind in enumerate(kinds):
-    if kind == "levels" and _abstract_mixer(cfg, l).opts.log_linear:
-      m = _abstract_mixer(cfg, l)
-      check_levels(m.opts.num_levels, max_len, f"layer {l} ({cfg.layer_mixer(l)})")
+    opts = _abstract_mixer(cfg, l).opts if kind == "levels" else None
+    if opts is not None and opts.log_linear:
+      check_levels(opts.num_levels, max_len, f"layer {l} ({cfg.layer_mixer(l)})")
 
 
 
 def init_state(cfg: ModelConfig, cache_len: int, *, layers: str = "unrolled", pos: int = 0):
   """An empty decode state: dict(k, v, conv, levels, gate, pos), one entry per layer in
   each tuple (None where a layer has no such cache). Attention: k, v [Hkv, S, Dh] in the
-  parameter dtype (stacked for layers='scan'); PaTH / FoX: fp32 k, v in the parameter
+  parameter dtype (stacked for layers='scan'); PaTH / FoX: k fp32, v in the parameter
   dtype, the w conv state (PaTH) and the gate [Hq, S] fp32 (forget-gated layers);
   log-linear: levels [H, L, K, V] fp32 and the conv state."""
   kinds = layer_kinds(cfg)
@@ -622,13 +622,15 @@ def _step_fn(spec: _Spec):
 def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                   max_len: int | None = None, interpret: bool | str | None = None,
                   layers: str = "unrolled", quantize: str | None = None,
-                  share_layers: bool = False) -> np.ndarray:
-  """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n])."""
+                  share_layers: bool = False,
+                  kernel_options: Mapping[str, Mapping[str, Any]] | None = None) -> np.ndarray:
+  """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n]); the options
+  are make_decoder's."""
   if n < 1:
     raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
   max_len = len(prompt_tokens) + n if max_len is None else max_len
   dec = make_decoder(model, impl, max_len, layers=layers, interpret=interpret,
-                     quantize=quantize, share_layers=share_layers)
+                     quantize=quantize, share_layers=share_layers, kernel_options=kernel_options)
   logits, state = dec.prefill(prompt_tokens)
   tok = jnp.argmax(logits).astype(jnp.int32)
   out = [tok]

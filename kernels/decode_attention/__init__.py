@@ -55,9 +55,8 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
                                       bias_HS=bias_HS)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
-  args = (q_HD, k_cache_KSD, v_cache_KSD, length) + (() if bias_HS is None else (bias_HS,))
   return C.inference_only(
       "decode_attention",
-      lambda q, k, v, n, *b: pallas.decode_attention(q, k, v, n, scale=scale, mode=mode,
-                                                     bias_HS=b[0] if b else None, **kw),
-      *args)
+      lambda q, k, v, n, b: pallas.decode_attention(q, k, v, n, scale=scale, mode=mode,
+                                                    bias_HS=b, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, length, bias_HS)

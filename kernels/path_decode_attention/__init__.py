@@ -37,9 +37,8 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
                                            scale=scale, bias_HS=bias_HS)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
-  args = (q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length)
   return C.inference_only(
       "path_decode_attention",
-      lambda *a: pallas.path_decode_attention(*a[:6], scale=scale, mode=mode,
-                                              bias_HS=a[6] if len(a) > 6 else None, **kw),
-      *args, *(() if bias_HS is None else (bias_HS,)))
+      lambda q, k, v, w, beta, n, b: pallas.path_decode_attention(
+          q, k, v, w, beta, n, scale=scale, mode=mode, bias_HS=b, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS)
