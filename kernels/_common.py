@@ -102,10 +102,11 @@ class Ctx:
   """
   mode: str
   grid_names: tuple[str, ...] = ()
+  program_ids: bool = False   # a pallas_call grid (aliased kernels): no axis names
 
   def axis(self, name: str):
     """This CTA's index along grid axis `name`."""
-    if self.tma:
+    if self.tma and not self.program_ids:
       return lax.axis_index(name)
     return pl.program_id(self.grid_names.index(name))
 
@@ -232,19 +233,36 @@ def check_block(n: int, block: int, multiple: int, name: str):
 
 
 def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[str, ...],
-                  mode: str, name: str):
+                  mode: str, name: str, input_output_aliases: dict[int, int] | None = None):
   """plgpu.kernel (new argument names, one warpgroup per CTA) when compiling or in
   the Mosaic-GPU interpreter; a whole-array pl.pallas_call over the same grid in
-  "hlo" mode (the HLO interpreter does not bind plgpu grid axis names)."""
-  ctx = Ctx(mode, tuple(grid_names))
+  "hlo" mode (the HLO interpreter does not bind plgpu grid axis names).
+
+  input_output_aliases {input index: output index}: the output *is* that input's
+  buffer (updated in place; XLA copies only if the input is still live). plgpu.kernel
+  has no such argument, so aliased kernels are a Mosaic-GPU pallas_call over GMEM refs
+  (grid axes then read with pl.program_id); this runs in all three modes."""
   if mode == "hlo":
+    ctx = Ctx(mode, tuple(grid_names))
     return pl.pallas_call(functools.partial(body, ctx=ctx), out_shape=out_type, grid=grid,
-                          interpret=True, name=name)
+                          interpret=True, name=name,
+                          input_output_aliases=dict(input_output_aliases or {}))
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  if input_output_aliases:
+    ctx = Ctx(mode, tuple(grid_names), program_ids=True)
+    gmem = lambda: pl.BlockSpec(memory_space=plgpu.GMEM)
+    n_out = len(out_type) if isinstance(out_type, (tuple, list)) else None
+    call = lambda n_in: pl.pallas_call(
+        functools.partial(body, ctx=ctx), out_shape=out_type, grid=grid,
+        in_specs=[gmem() for _ in range(n_in)],
+        out_specs=gmem() if n_out is None else tuple(gmem() for _ in range(n_out)),
+        input_output_aliases=dict(input_output_aliases), interpret=interpret_params(mode),
+        compiler_params=params, name=name)
+    return lambda *args: call(len(args))(*args)
+  ctx = Ctx(mode, tuple(grid_names))
   return plgpu.kernel(
       functools.partial(body, ctx=ctx), out_type=out_type, grid=grid,
-      grid_names=grid_names, interpret=interpret_params(mode),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Lane),
+      grid_names=grid_names, interpret=interpret_params(mode), compiler_params=params,
       kernel_name=name)
 
 

@@ -102,6 +102,13 @@ def test_rope_and_attention_mosaic():
   ref = rope_append(qkv, cos, sin, kc, vc, 40, n_heads=Hq, n_kv_heads=Hkv, impl="xla")
   for a, b, name in zip(out, ref, "qkv"):
     _close(a, b, 2, name)
+  # The kernel's in-place row write skips a traced slot outside the cache.
+  f = jax.jit(lambda p: rope_append(qkv, cos, sin, kc, vc, p, n_heads=Hq, n_kv_heads=Hkv,
+                                    impl="pallas", interpret=M)[1:])
+  for bad in (S, -1):
+    k2, v2 = f(jnp.int32(bad))
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kc))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(vc))
   nan = jnp.arange(S)[None, :, None] >= L
   kn, vn = jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc)
   o = decode_attention(_r(13, Hq, Dh), kn, vn, L, scale=0.125, impl="pallas", interpret=M,

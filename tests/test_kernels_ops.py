@@ -165,13 +165,14 @@ def test_rope_append(Hq, Hkv, Dh):
   _close(out[0], ref[0], 2, "q (general cos/sin)")
 
 
-@pytest.mark.parametrize("write", ["select", "scatter"])
+@pytest.mark.parametrize("write", ["select", "scatter", "kernel"])
 def test_rope_append_position_outside_cache(write):
+  """write="kernel" (Pallas' default): the kernel's own in-place row write."""
   Hq, Hkv, Dh, S = 4, 4, 64, 32
   qkv = jnp.ones(((Hq + 2 * Hkv) * Dh,))
   kc = jnp.zeros((Hkv, S, Dh))
   cos, sin = jnp.ones((Dh,)), jnp.zeros((Dh,))
-  for impl in ("xla", "pallas"):
+  for impl in ("pallas",) if write == "kernel" else ("xla", "pallas"):
     with pytest.raises(ValueError, match="pos=32"):
       rope_append(qkv, cos, sin, kc, kc, 32, n_heads=Hq, n_kv_heads=Hkv, impl=impl, write=write)
     # Traced positions cannot raise: an out-of-range write (past the end or negative)
@@ -189,6 +190,11 @@ def test_rope_append_position_outside_cache(write):
     assert np.all(np.asarray(v2)[:, written] == 1) and np.all(np.asarray(v2)[:, ~written] == 0)
   with pytest.raises(ValueError, match="unknown write 'copy'"):
     rope_append(qkv, cos, sin, kc, kc, 0, n_heads=Hq, n_kv_heads=Hkv, impl="xla", write="copy")
+  with pytest.raises(ValueError, match="unknown write 'kernel' for impl='xla'"):
+    rope_append(qkv, cos, sin, kc, kc, 0, n_heads=Hq, n_kv_heads=Hkv, impl="xla", write="kernel")
+  with pytest.raises(ValueError, match="write='kernel' needs the caches in qkv's dtype"):
+    rope_append(qkv.astype(jnp.bfloat16), cos, sin, kc, kc, 0, n_heads=Hq, n_kv_heads=Hkv,
+                impl="pallas")
 
 
 # ---------------------------------------------------------- decode attention

@@ -304,7 +304,9 @@ def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
   q, kt, vt, w, beta, g, new_conv = m.decode_inputs(xn[None, None], conv)
   ok = pos < spec.max_len
 
-  write = spec.opts("rope_append").get("write", "select")   # the row write, as attention's
+  # The row write as attention's ("kernel", the RoPE kernel's own write, has no PaTH twin).
+  write = spec.opts("rope_append").get("write") or "select"
+  write = "select" if write == "kernel" else write
 
   def attend(k, v, gate):
     k, v = write_slot(k, kt[0, 0], pos, write=write), write_slot(v, vt[0, 0], pos, write=write)

@@ -27,14 +27,19 @@ def check_position(pos, S: int, what: str = "pos"):
 
 def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KSD: jax.Array,
                 v_cache_KSD: jax.Array, pos, *, n_heads: int, n_kv_heads: int, impl: str,
-                interpret: bool | str | None = None, write: str = "select"):
+                interpret: bool | str | None = None, write: str | None = None):
   """qkv [(Hq + 2 Hkv) Dh] -> (q roped [Hq, Dh], k_cache, v_cache with slot pos written).
 
-  write: how the row lands in the cache, "select" (default) or "scatter" (same result;
-  see reference.write_slot); an option of both impls."""
+  write: how the row lands in the cache. "kernel" (impl="pallas" only, its default): the
+  RoPE kernel writes it, into the caches in place (aliased); "select" (impl="xla"'s
+  default) or "scatter": an XLA write after the kernel (same result; see
+  reference.write_slot)."""
   C.check_impl(impl, "rope_append")
-  if write not in reference.WRITES:
-    raise ValueError(f"rope_append: unknown write {write!r} (known: {', '.join(reference.WRITES)})")
+  write = write or ("kernel" if impl == "pallas" else "select")
+  known = reference.WRITES + (("kernel",) if impl == "pallas" else ())
+  if write not in known:
+    raise ValueError(f"rope_append: unknown write {write!r} for impl={impl!r} "
+                     f"(known: {', '.join(known)})")
   Hkv, S, Dh = k_cache_KSD.shape
   if Hkv != n_kv_heads or v_cache_KSD.shape != k_cache_KSD.shape:
     raise ValueError(f"rope_append: k_cache_KSD {k_cache_KSD.shape} / v_cache_KSD "

@@ -1,4 +1,4 @@
-"""Mosaic-GPU kernel: RoPE of the token's q and k heads; cache append in place by XLA.
+"""Mosaic-GPU kernel: RoPE of the token's q and k heads and the cache append, in place.
 
 The q and k heads ([Hq + Hkv, Dh], contiguous at the front of the fused qkv
 vector) are viewed as [H, 2, Dh/2] (first/second half of each head), so
@@ -6,22 +6,25 @@ rotate_half needs no register shuffles: the kernel reads the two halves as
 strided SMEM views and writes (x1 c1 - x2 s1, x2 c2 + x1 s2), where c1, c2
 (s1, s2) are the two halves of cos (sin), pre-broadcast over heads.
 
-The one-row cache write stays an XLA dynamic_update_slice on the donated cache,
-which XLA performs in place: plgpu.kernel has no input_output_aliases, and the
-Ref-based aliasing of pl.kernel lowers for CUDA but does not run in the
-Mosaic-GPU interpreter (JAX 0.10.2), so it could not be tested on CPU.
+write="kernel" (the default here): the same kernel stores the rotated k rows and
+the v rows into cache slot `pos` (TMA from SMEM), and the caches are aliased
+input -> output, so the step runs one launch where the XLA write took four (read
+old row, select, update; for K and for V). A `pos` outside [0, S) writes nothing.
+write="select" | "scatter": the row is written by XLA (reference.write_slot), the
+earlier form, kept to measure against.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from kernels import _common as C
 from kernels.rope_append import reference
 
-
-def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
+def _rope_regs(x_g, cs_g, *, ctx: C.Ctx, out_dtype):
+  """(y1, y2): the rotated first / second halves [H, half] of every q and k head, fp32."""
   f32 = jnp.float32
   H, _, half = x_g.shape
   # One explicit strided layout for all four [H, half] operands (the default
@@ -31,10 +34,10 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
   if not ctx.interpret and n % 128:
     raise ValueError(f"rope kernel: (n_heads + n_kv_heads) * head_dim / 2 = {n} must be a "
                      "multiple of 128 (one warpgroup) to compile for GPU")
-  if not ctx.interpret and n == 384 and jnp.dtype(o_g.dtype).itemsize == 2:
+  if not ctx.interpret and n == 384 and jnp.dtype(out_dtype).itemsize == 2:
     # Mosaic GPU (JAX 0.10.2) rejects the bf16 store layout at exactly this size; 256, 640,
     # 768, 896, 1024, 1152, 1280, 1536 and fp32 384 all lower (checked on CPU).
-    raise ValueError(f"rope kernel: {H} q+k heads x head_dim {2 * half} in {o_g.dtype} "
+    raise ValueError(f"rope kernel: {H} q+k heads x head_dim {2 * half} in {out_dtype} "
                      "(n = 384) do not compile for GPU; fp32 or another head count does")
   lay = C.plgpu.Layout.WG_STRIDED((H, half), vec_size=vec)
 
@@ -45,10 +48,12 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
     s1, s2 = ctx.ld(cs_s, lay, 2), ctx.ld(cs_s, lay, 3)
     return (x1 * c1 - x2 * s1), (x2 * c2 + x1 * s2)
 
-  def inner(cs_s):
-    return ctx.load(x_g, lambda x_s: rope(x_s, cs_s))
+  return ctx.load(cs_g, lambda cs_s: ctx.load(x_g, lambda x_s: rope(x_s, cs_s)))
 
-  y1, y2 = ctx.load(cs_g, inner)
+
+def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
+  """RoPE only: o = rotated q and k heads [H, 2, half]."""
+  y1, y2 = _rope_regs(x_g, cs_g, ctx=ctx, out_dtype=o_g.dtype)
   if ctx.tma:
     def out(o_s):
       o_s[:, 0, :] = y1.astype(o_s.dtype)
@@ -62,18 +67,72 @@ def _body(x_g, cs_g, o_g, *, ctx: C.Ctx):
     o_g[:, 1, :] = y2.astype(o_g.dtype)
 
 
+def _body_append(x_g, cs_g, v_g, pos_g, _k_in, _v_in, q_g, k_g, vc_g, *, ctx: C.Ctx):
+  """RoPE + append: q_g [Hq, 2, half] gets the rotated q heads; k_g / vc_g (the caches
+  [Hkv, S, 2, half], aliased to the inputs) get the rotated k rows and the v rows at
+  slot pos when 0 <= pos < S."""
+  Hq = q_g.shape[0]
+  Hkv, S = k_g.shape[:2]
+  pos = pos_g[0]
+  ok = (pos >= 0) & (pos < S)
+  y1, y2 = _rope_regs(x_g, cs_g, ctx=ctx, out_dtype=q_g.dtype)
+  if not ctx.tma:
+    q_g[:, 0, :] = y1[:Hq].astype(q_g.dtype)
+    q_g[:, 1, :] = y2[:Hq].astype(q_g.dtype)
+
+    @pl.when(ok)
+    def _():
+      k_g[:, pl.ds(pos, 1), 0, :] = y1[Hq:, None].astype(k_g.dtype)
+      k_g[:, pl.ds(pos, 1), 1, :] = y2[Hq:, None].astype(k_g.dtype)
+      vc_g[:, pl.ds(pos, 1)] = v_g[...][:, None].astype(vc_g.dtype)
+    return
+
+  def out(o_s, v_s, bar):
+    C.plgpu.copy_gmem_to_smem(v_g, v_s, bar)
+    o_s[:, 0, :] = y1.astype(o_s.dtype)
+    o_s[:, 1, :] = y2.astype(o_s.dtype)
+    C.plgpu.commit_smem()
+    C.plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, Hq)], q_g)
+    C.plgpu.barrier_wait(bar)
+
+    @pl.when(ok)
+    def _():
+      C.plgpu.copy_smem_to_gmem(o_s.at[pl.ds(Hq, Hkv)], k_g.at[:, pos])
+      C.plgpu.copy_smem_to_gmem(v_s, vc_g.at[:, pos])
+
+    C.plgpu.wait_smem_to_gmem(0)
+
+  C.pl.run_scoped(out, C.plgpu.SMEM(x_g.shape, q_g.dtype), C.plgpu.SMEM(v_g.shape, v_g.dtype),
+                  C.plgpu.Barrier(num_arrivals=1))
+
+
 def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, n_kv_heads,
-                mode: str, write: str = "select"):
-  Dh = k_cache_KSD.shape[2]
+                mode: str, write: str = "kernel"):
+  Hkv, S, Dh = k_cache_KSD.shape
   half = Dh // 2
   H = n_heads + n_kv_heads
   x = qkv_N[:H * Dh].reshape(H, 2, half)
   cs = jnp.stack([jnp.broadcast_to(a.astype(jnp.float32), (H, half))
                   for a in (cos_D[:half], cos_D[half:], sin_D[:half], sin_D[half:])])
+  v = qkv_N[H * Dh:].reshape(n_kv_heads, 2, half)
+  if write == "kernel":
+    if not k_cache_KSD.dtype == v_cache_KSD.dtype == qkv_N.dtype:
+      raise ValueError(f"rope_append: write='kernel' needs the caches in qkv's dtype "
+                       f"({qkv_N.dtype}), got k {k_cache_KSD.dtype} / v {v_cache_KSD.dtype}; "
+                       "pass write='select' or 'scatter'")
+    kern = C.mosaic_kernel(
+        _body_append, out_type=(jax.ShapeDtypeStruct((n_heads, 2, half), qkv_N.dtype),
+                                jax.ShapeDtypeStruct((Hkv, S, 2, half), k_cache_KSD.dtype),
+                                jax.ShapeDtypeStruct((Hkv, S, 2, half), v_cache_KSD.dtype)),
+        grid=(1,), grid_names=("one",), mode=mode, name="rope_append",
+        input_output_aliases={4: 1, 5: 2})
+    pos_1 = jnp.reshape(jnp.asarray(pos, jnp.int32), (1,))
+    q, k, vc = kern(x, cs, v, pos_1, k_cache_KSD.reshape(Hkv, S, 2, half),
+                    v_cache_KSD.reshape(Hkv, S, 2, half))
+    return q.reshape(n_heads, Dh), k.reshape(Hkv, S, Dh), vc.reshape(Hkv, S, Dh)
   kern = C.mosaic_kernel(_body, out_type=jax.ShapeDtypeStruct((H, 2, half), qkv_N.dtype),
                          grid=(1,), grid_names=("one",), mode=mode, name="rope")
   qk = kern(x, cs).reshape(H, Dh)
   q, k = qk[:n_heads], qk[n_heads:]
-  v = qkv_N[H * Dh:].reshape(n_kv_heads, Dh)
   return (q, reference.write_slot(k_cache_KSD, k, pos, write=write),
-          reference.write_slot(v_cache_KSD, v, pos, write=write))
+          reference.write_slot(v_cache_KSD, v.reshape(n_kv_heads, Dh), pos, write=write))
