@@ -195,6 +195,23 @@ class Ctx:
     return pl.run_scoped(body, plgpu.SMEM(src_gmem.shape, src_gmem.dtype, transforms=transforms),
                          plgpu.Barrier(num_arrivals=1))
 
+  def load_all(self, srcs, fn):
+    """fn(*refs) on several GMEM blocks staged into SMEM together: every TMA copy is
+    in flight before the first wait (one latency, not one per block)."""
+    if not self.tma:
+      return fn(*srcs)
+
+    def body(*scratch):
+      smem, bars = scratch[:len(srcs)], scratch[len(srcs):]
+      for src, s, bar in zip(srcs, smem, bars):
+        plgpu.copy_gmem_to_smem(src, s, bar)
+      for bar in bars:
+        plgpu.barrier_wait(bar)
+      return fn(*smem)
+
+    return pl.run_scoped(body, *[plgpu.SMEM(s.shape, s.dtype) for s in srcs],
+                         *[plgpu.Barrier(num_arrivals=1) for _ in srcs])
+
 
 def bcast_rows(v, shape):
   """[n] column vector -> [m, n] (same vector in every row)."""

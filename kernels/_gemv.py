@@ -25,7 +25,7 @@ ARGMAX_SENTINEL = 2 ** 30
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32):
+          argmax, stages, out_f32, raw):
   refs = list(refs)
   v_g = refs.pop(0)
   g_g = refs.pop(0) if has_norm else None
@@ -36,7 +36,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   o_g = refs.pop(0)
   if argmax:
     bmax_g, barg_g = refs
-  if S > 1 and has_norm:
+  if raw and has_norm:
     (ss_g,) = refs
   n = ctx.axis("n")
   s = ctx.axis("s") if S > 1 else 0
@@ -63,9 +63,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
   acc, ss = ctx.pipeline(step, grid=(ks,), in_specs=in_specs, stages=stages,
                          init_carry=carry0)(*ins)
-  if S > 1:
-    # Split-K: this CTA's partial dot products (and its slice of sum(x^2)); the tiny
-    # epilogue (sum over S, 1/RMS, bias, residual) runs in XLA.
+  if raw:
+    # Split-K (or raw): this CTA's partial dot products (and its slice of sum(x^2)); the
+    # tiny epilogue (sum over S, 1/RMS, bias, residual) runs in XLA or the next kernel.
     ctx.store(acc, o_g.at[pl.ds(s * N + n * BN, BN)])
     if has_norm:
       ss_g[s * (N // BN) + n] = jnp.sum(ss)
@@ -102,19 +102,8 @@ def pick_split(n_blocks: int, K: int, BK: int) -> int:
   return S
 
 
-def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,
-         eps: float = 0.0, argmax: bool = False, out_dtype=None, mode: str,
-         block_n: int | None = None, block_k: int | None = None, stages: int = 2,
-         split_k: int | None = None, name: str = "gemv"):
-  """y = W^T (norm(v) or v) (* w_scale) (+ bias) (+ resid), and optionally per-block
-  (max, argmax). int8 W^T streams as int8 (half the bytes of bf16) and is converted in
-  registers; its fp32 per-row scale w_scale_N multiplies each finished dot product.
-
-  Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
-  block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
-  never with argmax) splits the reduction over that many CTAs per row block.
-  """
-  N, K = w_t_NK.shape
+def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: bool, name: str):
+  """(BN, BK, S) for a [N, K] GEMV: checked blocks and the split of K."""
   interp = mode != "compile"
   BN = block_n or C.pick_block(N, 256 if interp else 64, 64, "N")
   BK = block_k or C.pick_block(K, 512 if interp else 128, 32, "K")
@@ -129,26 +118,66 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
                        f"blocks of {BK}")
     if argmax and S > 1:
       raise ValueError(f"{name}: split_k > 1 is not supported with argmax")
-  out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
-  flags = dict(has_norm=scale_K is not None, has_wscale=w_scale_N is not None,
-               has_bias=bias_N is not None, has_resid=resid_N is not None)
-  if S > 1:
+  return BN, BK, S
+
+
+def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name):
+  if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
     if flags["has_norm"]:
       out_type += [jax.ShapeDtypeStruct((S * (N // BN),), jnp.float32)]
-    kflags = dict(flags, has_wscale=False, has_bias=False, has_resid=False)
+    flags = dict(flags, has_wscale=False, has_bias=False, has_resid=False)
   else:
     out_type = [jax.ShapeDtypeStruct((N,), out_dtype)]
     if argmax:
       out_type += [jax.ShapeDtypeStruct((N // BN,), jnp.float32),
                    jax.ShapeDtypeStruct((N // BN,), jnp.int32)]
-    kflags = flags
   grid, grid_names = ((N // BN, S), ("n", "s")) if S > 1 else ((N // BN,), ("n",))
-  kern = C.mosaic_kernel(
+  return C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
-                            stages=stages, out_f32=out_dtype == jnp.float32, **kflags),
+                            stages=stages, out_f32=out_dtype == jnp.float32, raw=raw, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name)
+
+
+def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None = None,
+                  block_k: int | None = None, stages: int = 2, split_k: int | None = None,
+                  name: str = "gemv"):
+  """The GEMV kernel without its epilogue, for a next kernel to finish (e.g. the fused
+  QKV + RoPE + append): (part f32 [S, N], the unscaled partial dot products W^T (v * g)
+  over S slices of K; ss f32 [S * N/BN] or None, block (s, n)'s slice of sum(v^2), the
+  same for every n). Finish: y = sum_s part[s] * rsqrt(sum_s ss[s * N/BN] / K + eps)."""
+  N, K = w_t_NK.shape
+  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                      argmax=False, name=name)
+  flags = dict(has_norm=scale_K is not None, has_wscale=False, has_bias=False, has_resid=False)
+  kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
+                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name)
+  outs = kern(v_K, *([scale_K] if scale_K is not None else []), w_t_NK)
+  part, ss = (outs if scale_K is not None else (outs, None))
+  return part.reshape(S, N), ss
+
+
+def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,
+         eps: float = 0.0, argmax: bool = False, out_dtype=None, mode: str,
+         block_n: int | None = None, block_k: int | None = None, stages: int = 2,
+         split_k: int | None = None, name: str = "gemv"):
+  """y = W^T (norm(v) or v) (* w_scale) (+ bias) (+ resid), and optionally per-block
+  (max, argmax). int8 W^T streams as int8 (half the bytes of bf16) and is converted in
+  registers; its fp32 per-row scale w_scale_N multiplies each finished dot product.
+
+  Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
+  block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
+  never with argmax) splits the reduction over that many CTAs per row block.
+  """
+  N, K = w_t_NK.shape
+  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                      argmax=argmax, name=name)
+  out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
+  flags = dict(has_norm=scale_K is not None, has_wscale=w_scale_N is not None,
+               has_bias=bias_N is not None, has_resid=resid_N is not None)
+  kern = _kernel(N, K, BN, BK, S, raw=S > 1, eps=eps, argmax=argmax, stages=stages,
+                 out_dtype=out_dtype, flags=flags, mode=mode, name=name)
   args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
   if S == 1:
     args += [a for a in (w_scale_N, bias_N, resid_N) if a is not None]

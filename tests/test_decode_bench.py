@@ -45,7 +45,7 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   decode.add_arguments(p)
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                       "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8",
+                       "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8,pallas-unfused",
                        "--profile", str(tmp_path / "prof"), "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
@@ -54,6 +54,8 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
     assert r["ms_per_token"] > 0 and r["argmax_match_xla"] is True
     assert r["profile"]["note"].startswith("no GPU stream events")   # CPU trace
   assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4            # fp32 tiny model
+  ru = res["variants"]["pallas-unfused"]   # without the cross-op fusions: same step
+  assert ru["argmax_match_xla"] is True and ru["logits_rel_err"] < 1e-4
   # int8: pallas-int8 is checked against the same int8 step in XLA; bytes per token drop
   # by 3 bytes per GEMV weight (fp32 -> int8) and add one fp32 scale per output channel.
   r8 = res["variants"]["pallas-int8"]

@@ -22,8 +22,10 @@ from jaxlab.models.decode import decode_greedy, make_decoder, prepare_weights
 from jaxlab.models.generate import generate
 from jaxlab.testing import assert_rel_close, tol
 from kernels.lm_head_argmax import lm_head_argmax
+from kernels.out_proj_mlp import out_proj_mlp
 from kernels.out_proj_residual import out_proj_residual
 from kernels.quant import QMAX, dequantize_int8, quantize_int8
+from kernels.qkv_rope_append import qkv_rope_append
 from kernels.rmsnorm_qkv import rmsnorm_qkv
 from kernels.rmsnorm_swiglu import rmsnorm_swiglu
 
@@ -85,14 +87,33 @@ def _gemv_cases(dt):
           lambda impl, ws, sc, **b: lm_head_argmax(x, g, ws[0], eps=EPS, impl=impl,
                                                    w_scale_V=sc[0], **b),
           [w(10, V, D)], [("w_scale_V", 1)], D),
+      # The fused ops: Hq = 4, Hkv = 2, Dh = 32 -> N = 256 (q output compared).
+      "qkv_rope_append": (
+          lambda impl, ws, sc, **b: qkv_rope_append(
+              x, g, ws[0], _r(11, 256).astype(dt), _r(12, 32), _r(13, 32),
+              _r(14, 2, 64, 32).astype(dt), _r(15, 2, 64, 32).astype(dt), 5, eps=EPS,
+              n_heads=4, n_kv_heads=2, impl=impl, w_scale_N=sc[0], **b),
+          [w(16, 256, D)], [("w_scale_N", 1)], D),
+      "out_proj_mlp": (
+          lambda impl, ws, sc, **b: out_proj_mlp(
+              o, ws[0], x, g, *ws[1:], eps=EPS, impl=impl, w_o_scale_D=sc[0],
+              w_gate_scale_F=sc[1], w_up_scale_F=sc[2], w_down_scale_D=sc[3], **b),
+          [w(6, D, M), w(7, F, D), w(8, F, D), w(9, F, D) * np.sqrt(D / F)],
+          [("w_o_scale_D", 1), ("w_gate_scale_F", 1), ("w_up_scale_F", 1),
+           ("w_down_scale_D", 0)], M + F),
   }
 
 
 BLOCKS = {"rmsnorm_qkv": [dict(split_k=1), dict(split_k=2), dict()],
           "out_proj_residual": [dict(split_k=1), dict(split_k=3)],
           "rmsnorm_swiglu": [dict(store_once=False), dict(store_once=True)],
-          "lm_head_argmax": [dict()]}
-SMALL = {"rmsnorm_swiglu": dict(block_f=64, block_k=64, block_d=64)}
+          "lm_head_argmax": [dict()],
+          "qkv_rope_append": [dict(split_k=1), dict(split_k=2)],
+          "out_proj_mlp": [dict(o_block=dict(block_n=64, block_k=64, split_k=1)),
+                           dict(o_block=dict(block_n=64, block_k=64, split_k=3),
+                                store_once=True)]}
+SMALL = {"rmsnorm_swiglu": dict(block_f=64, block_k=64, block_d=64),
+         "out_proj_mlp": dict(block_f=64, block_k=64, block_d=64)}
 
 
 def _quantized(ws, spec):

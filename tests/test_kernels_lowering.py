@@ -190,3 +190,44 @@ def test_scatter_row_write_lowers_for_cuda(name):
         lowering_platforms=("cuda",)).as_text()
   assert "stablehlo.scatter" in texts["scatter"] and "stablehlo.scatter" not in texts["select"]
   assert "dynamic_update_slice" in texts["select"]
+
+
+@pytest.mark.parametrize("name,want", [("llama-1b-bench", {"qkv_rope", "out_mlp"}),
+                                       ("llama-8b-bench", {"qkv_rope", "out_mlp"}),
+                                       ("tiny", {"out_mlp"})])
+def test_fused_step_lowers_for_cuda(name, want, monkeypatch):
+  """The Pallas step with its cross-op fusions (the default) and without them
+  (kernel_options={"fuse": {...: False}}) lowers for CUDA; on GPU the QKV + RoPE fusion
+  is used only where its register tile fits (not the tiny model's 10 x 16 heads)."""
+  import kernels.out_proj_mlp as omlp
+  import kernels.qkv_rope_append as qra
+  kw = dict(CONFIGS[name][0])
+  if "tiny" not in name:
+    kw["n_layers"] = 1
+  cfg = ModelConfig(**kw)
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  used = set()
+  for mod, attr, tag in ((qra, "qkv_rope_append", "qkv_rope"), (omlp, "out_proj_mlp", "out_mlp")):
+    fn = getattr(mod, attr)
+    monkeypatch.setattr(mod, attr, lambda *a, _fn=fn, _tag=tag, **k: used.add(_tag) or _fn(*a, **k))
+  for fuse in (True, False):
+    used.clear()
+    opts = None if fuse else {"fuse": {"qkv_rope": False, "out_mlp": False}}
+    step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
+    state = jax.eval_shape(lambda: init_state(cfg, S))
+    text = step.trace(weights, state, SD((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert used == (want if fuse else set()), (fuse, used)
+  with pytest.raises(ValueError, match="unknown fusion.*qkv"):
+    step_function(cfg, "pallas", 64, kernel_options={"fuse": {"qkv": False}})
+
+
+def test_qkv_rope_kernel_rejects_shapes_it_cannot_compile():
+  from kernels.qkv_rope_append import pallas
+  f32 = jnp.float32
+  with pytest.raises(ValueError, match="qkv_rope_append kernel: .* = 160"):
+    _lower(lambda x, g, w, c, s, k, v: pallas.qkv_rope_append(
+        x, g, w, None, c, s, k, v, 0, eps=1e-6, n_heads=6, n_kv_heads=2, mode="compile"),
+        SD((128,), f32), SD((128,), f32), SD((320, 128), f32), SD((32,), f32), SD((32,), f32),
+        SD((2, 64, 32), f32), SD((2, 64, 32), f32))

@@ -92,6 +92,45 @@ def test_int8_gemv_kernels_mosaic():
   assert int(tk) == int(tr)
 
 
+def test_fused_ops_mosaic():
+  """qkv_rope_append (GEMV partials -> finish + RoPE + in-place append) and out_proj_mlp
+  (O partials finished in the MLP's x stream), fp32 and with int8 weights + bias."""
+  from kernels.out_proj_mlp import out_proj_mlp
+  from kernels.qkv_rope_append import qkv_rope_append
+  from kernels.quant import quantize_int8
+  Hq, Hkv, Dh, D, S, F = 8, 2, 64, 128, 128, 128
+  N = (Hq + 2 * Hkv) * Dh
+  x, g = _r(0, D), 1.0 + 0.1 * _r(1, D)
+  kc, vc = _r(2, Hkv, S, Dh), _r(3, Hkv, S, Dh)
+  cos, sin = _r(4, Dh), _r(5, Dh)
+  kw = dict(eps=EPS, n_heads=Hq, n_kv_heads=Hkv)
+  for int8 in (False, True):
+    w, ws = (_r(6, N, D) / 11, None) if not int8 else quantize_int8(_r(6, N, D) / 11, axis=1)
+    b = _r(7, N) if int8 else None
+    f = jax.jit(lambda p: qkv_rope_append(x, g, w, b, cos, sin, kc, vc, p, impl="pallas",
+                                          interpret=M, w_scale_N=ws, block_k=64, split_k=2,
+                                          **kw))
+    out = f(jnp.int32(77))
+    ref = qkv_rope_append(x, g, w, b, cos, sin, kc, vc, 77, impl="xla", w_scale_N=ws, **kw)
+    for a, r, name in zip(out, ref, "qkv"):
+      _close(a, r, D, f"fused {name} int8={int8}")
+    k2, v2 = f(jnp.int32(S))[1:]            # outside the cache: nothing written
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(kc))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(vc))
+  o, wo = _r(8, N), _r(9, D, N) / 14
+  wg, wu, wd = _r(10, F, D) / 11, _r(11, F, D) / 11, _r(12, F, D) / 11
+  blk = dict(o_block=dict(block_n=64, block_k=64, split_k=3), block_f=64, block_k=64,
+             block_d=64)
+  _close(out_proj_mlp(o, wo, x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, **blk),
+         out_proj_mlp(o, wo, x, g, wg, wu, wd, eps=EPS, impl="xla"), N + F, "out_proj_mlp")
+  (qo, so), (qg, sg), (qu, su), (qd, sd) = (quantize_int8(w, axis=a) for w, a in (
+      (wo, 1), (wg, 1), (wu, 1), (wd, 0)))
+  sc = dict(w_o_scale_D=so, w_gate_scale_F=sg, w_up_scale_F=su, w_down_scale_D=sd)
+  _close(out_proj_mlp(o, qo, x, g, qg, qu, qd, eps=EPS, impl="pallas", interpret=M, **blk, **sc),
+         out_proj_mlp(o, qo, x, g, qg, qu, qd, eps=EPS, impl="xla", **sc), N + F,
+         "int8 out_proj_mlp")
+
+
 def test_rope_and_attention_mosaic():
   Hq, Hkv, Dh, S, L = 8, 2, 64, 192, 77
   qkv = _r(10, (Hq + 2 * Hkv) * Dh)

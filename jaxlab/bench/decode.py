@@ -11,6 +11,10 @@ Variants (each decodes the same greedy continuation from the same cache):
                 the same Pallas steps with one jitted block per layer kind
                 (make_decoder(share_layers=True): ~10x faster to compile) instead of every
                 layer inlined into one flat program (the default)
+  pallas-unfused
+                pallas without the cross-op fusions (kernel_options "fuse" all off: QKV
+                and RoPE / append, O-projection and MLP as separate ops with their XLA
+                epilogues between them), to measure what the fusions save
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -61,7 +65,7 @@ CONFIGS["gated-tiny"] = (dict(
     CONFIGS["tiny"][0], n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
-            "pallas-shared", "pallas-int8-shared")
+            "pallas-shared", "pallas-int8-shared", "pallas-unfused")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -71,7 +75,10 @@ _DECODER_VARIANTS = {
     "pallas-int8": ("pallas", "unrolled", "int8", False),
     "xla-int8": ("xla", "unrolled", "int8", False),
     "pallas-shared": ("pallas", "unrolled", None, True),
-    "pallas-int8-shared": ("pallas", "unrolled", "int8", True)}
+    "pallas-int8-shared": ("pallas", "unrolled", "int8", True),
+    "pallas-unfused": ("pallas", "unrolled", None, False)}
+# variant -> kernel options it adds to --kernel-options
+_VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False}}}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -482,6 +489,21 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                          (x, g, r(11, V, D)), V * D),
   }
   nbytes = {op: elems * dt.itemsize for op, (_, _, elems) in cases.items()}   # before extras
+  # The fused pairs the Pallas step runs (kernel_options "fuse"); compare each with the
+  # sum of its two ops' rows. The caches here have 64 slots: the op writes one row, and
+  # the timing loop copies its aliased caches on every call.
+  from kernels.out_proj_mlp import out_proj_mlp
+  from kernels.qkv_rope_append import qkv_rope_append
+  cs = jnp.cos(jnp.arange(Dh) * 0.1), jnp.sin(jnp.arange(Dh) * 0.1)
+  cases["qkv_rope_append"] = (
+      lambda impl, **k: functools.partial(qkv_rope_append, eps=1e-6, n_heads=Hq,
+                                          n_kv_heads=Hkv, impl=impl, **k),
+      (x, g, r(2, N, D), None, *cs, r(4, Hkv, 64, Dh), r(5, Hkv, 64, Dh), jnp.int32(7)), N * D)
+  cases["out_proj_mlp"] = (
+      lambda impl, **k: functools.partial(out_proj_mlp, eps=1e-6, impl=impl, **k),
+      (r(6, M), r(7, D, M), x, g, r(8, F, D), r(9, F, D), r(10, F, D)), D * M + 3 * F * D)
+  for op in ("qkv_rope_append", "out_proj_mlp"):
+    nbytes[op] = cases[op][2] * dt.itemsize
   for extra in (_int8_op_cases(cases), _hybrid_op_cases(cfg, kv_len, S, r)):
     cases.update(extra[0])
     nbytes.update(extra[1])
@@ -513,12 +535,19 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
     us = 1e6 * _time(lambda: jax.block_until_ready(loop_fn(copies)), repeats) / (trips * R)
     return dict(us=us, gbps=nbytes / (us * 1e-6) / 1e9, copies=R)
 
+  def pallas_opts(op):
+    base = op.split()[0]   # "rmsnorm_qkv int8" takes rmsnorm_qkv's options
+    if base == "qkv_rope_append":
+      return dict(opts.get("rmsnorm_qkv", {}))
+    if base == "out_proj_mlp":
+      return dict(opts.get("rmsnorm_swiglu", {}), o_block=opts.get("out_proj_residual"))
+    return dict(opts.get(base, {}))
+
   out = {}
   for op, (make, args, elems) in cases.items():
     row = {"bytes": nbytes[op]}
     for impl in ("xla", "pallas"):
-      base = op.split()[0]   # "rmsnorm_qkv int8" takes rmsnorm_qkv's options
-      kw = dict(opts.get(base, {}), interpret=interpret) if impl == "pallas" else {}
+      kw = dict(pallas_opts(op), interpret=interpret) if impl == "pallas" else {}
       row[impl] = _guarded(f"op {op} {impl}", lambda: timed(make(impl, **kw), args, row["bytes"]))
     out[op] = row
   if sweep:
@@ -629,9 +658,10 @@ def run(args) -> dict:
                      key)
     else:
       impl, layers, quantize, share = _DECODER_VARIANTS[v]
+      kopts = dict(opts or {}, **_VARIANT_OPTIONS.get(v, {})) if impl == "pallas" else both_impls
       dec = make_decoder(model, impl, max_len, layers=layers,
                          interpret=args.interpret if impl == "pallas" else None,
-                         kernel_options=opts if impl == "pallas" else both_impls,
+                         kernel_options=kopts,
                          quantize=quantize,
                          share_layers=share)
       r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)

@@ -219,24 +219,63 @@ def _rope(spec: _Spec, pos):
   return cos[0, 0], sin[0, 0]
 
 
+# Pallas fusions across op boundaries (kernel_options={"fuse": {name: bool}}; all on by
+# default): each removes the XLA kernels between two ops.
+#   qkv_rope: rmsnorm_qkv + rope_append -> qkv_rope_append (the QKV partials finished by
+#             the RoPE / append kernel); off when rope_append's write is "select" /
+#             "scatter", and on GPU for shapes its register tile does not fit
+#             (kernels.qkv_rope_append.pallas.layout_ok).
+#   out_mlp:  out_proj_residual + rmsnorm_swiglu -> out_proj_mlp (the O-projection
+#             partials finished inside the MLP kernel).
+FUSIONS = ("qkv_rope", "out_mlp")
+
+
+def _fused(spec: _Spec, name: str) -> bool:
+  return spec.impl == "pallas" and bool(spec.opts("fuse").get(name, True))
+
+
+def _qkv_rope_fused(spec: _Spec, dtype) -> bool:
+  from kernels.qkv_rope_append.pallas import layout_ok
+  if not _fused(spec, "qkv_rope") or spec.opts("rope_append").get("write") in ("select",
+                                                                                "scatter"):
+    return False
+  return spec.interpret != "compile" or layout_ok(spec.n_heads, spec.n_kv, spec.head_dim, dtype)
+
+
 def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
   """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
   rmsnorm_qkv, rope_append, decode_attention, _, _, _ = _ops()
   kw = _kernel_kw(spec)
-  qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps,
-                    w_scale_N=lw.get("w_qkv_scale"), **kw, **spec.opts("rmsnorm_qkv"))
   if not use_rope:   # "nope" layers: identity rotation
     cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
-  # Past max_len the write goes to slot cache_len, which write_slot ignores: a full
+  # Past max_len the write goes to slot cache_len, which the writes ignore: a full
   # cache is never modified (the head turns the step's logits into NaN).
   wpos = jnp.where(pos < spec.max_len, pos, spec.cache_len)
-  q, k, v = rope_append(qkv, cos, sin, k, v, wpos, n_heads=spec.n_heads, n_kv_heads=spec.n_kv,
-                        **kw, **spec.opts("rope_append"))
+  heads = dict(n_heads=spec.n_heads, n_kv_heads=spec.n_kv)
+  if _qkv_rope_fused(spec, x.dtype):
+    from kernels.qkv_rope_append import qkv_rope_append
+    q, k, v = qkv_rope_append(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), cos, sin, k,
+                              v, wpos, eps=spec.eps, w_scale_N=lw.get("w_qkv_scale"), **heads,
+                              **kw, **spec.opts("rmsnorm_qkv"))
+  else:
+    qkv = rmsnorm_qkv(x, lw["attn_norm"], lw["w_qkv_t"], lw.get("b_qkv"), eps=spec.eps,
+                      w_scale_N=lw.get("w_qkv_scale"), **kw, **spec.opts("rmsnorm_qkv"))
+    q, k, v = rope_append(qkv, cos, sin, k, v, wpos, **heads, **kw, **spec.opts("rope_append"))
   length = jnp.minimum(pos + 1, spec.cache_len)
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
                        **spec.opts("decode_attention"))
-  x = _out_proj(spec, lw, o, x, kw)
-  return _mlp(spec, lw, x, kw), k, v
+  return _out_mlp(spec, lw, o, x, kw), k, v
+
+
+def _out_mlp(spec: _Spec, lw, o, x, kw):
+  """x + attention output projection, then the MLP block (fused when out_mlp is on)."""
+  if not _fused(spec, "out_mlp"):
+    return _mlp(spec, lw, _out_proj(spec, lw, o, x, kw), kw)
+  from kernels.out_proj_mlp import out_proj_mlp
+  return out_proj_mlp(o.reshape(-1), lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
+                      lw["w_up_t"], lw["w_down"], eps=spec.eps, w_o_scale_D=lw.get("w_o_scale"),
+                      **_mlp_scales(lw), o_block=spec.opts("out_proj_residual"), **kw,
+                      **spec.opts("rmsnorm_swiglu"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -328,8 +367,7 @@ def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
       ok, attend, lambda k, v, gate: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v, gate),
       k, v, gate)
   conv = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_conv, conv)
-  x = _out_proj(spec, lw, o, x, kw)
-  return _mlp(spec, lw, x, kw), k, v, conv, gate
+  return _out_mlp(spec, lw, o, x, kw), k, v, conv, gate
 
 
 def _levels_layer(spec: _Spec, graphdef, lw, x, levels, conv, pos):
@@ -513,6 +551,10 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
   Usable on abstract inputs, e.g. to lower the step for another platform."""
   _check_args(impl, max_len, layers)
   _check_model(cfg)
+  bad = set(dict((kernel_options or {}).get("fuse", {}))) - set(FUSIONS)
+  if bad:
+    raise ValueError(f"kernel_options['fuse']: unknown fusion(s) {', '.join(sorted(bad))} "
+                     f"(known: {', '.join(FUSIONS)})")
   kinds = layer_kinds(cfg)
   if layers == "scan" and set(kinds) != {"attention"}:
     raise ValueError("make_decoder: layers='scan' supports attention layers only "

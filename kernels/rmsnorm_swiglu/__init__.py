@@ -25,24 +25,8 @@ def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
   int8 weights take their fp32 per-output scales (kernels.quant.quantize_int8: axis=1
   for W_gate^T / W_up^T -> [F], axis=0 for W_down -> [D])."""
   C.check_impl(impl, "rmsnorm_swiglu")
-  D = x_D.shape[0]
-  if x_D.ndim != 1 or scale_D.shape != x_D.shape:
-    raise ValueError(f"rmsnorm_swiglu: x_D {x_D.shape} and scale_D {scale_D.shape} must be "
-                     "equal 1-D")
-  F = w_gate_t_FD.shape[0]
-  for name, w in (("w_gate_t_FD", w_gate_t_FD), ("w_up_t_FD", w_up_t_FD),
-                  ("w_down_FD", w_down_FD)):
-    if w.shape != (F, D):
-      raise ValueError(f"rmsnorm_swiglu: {name} {w.shape} must be [{F}, {D}]")
-  n_int8 = sum(jnp.dtype(w.dtype) == jnp.int8 for w in (w_gate_t_FD, w_up_t_FD, w_down_FD))
-  if n_int8 not in (0, 3):
-    raise ValueError("rmsnorm_swiglu: quantize all three weights to int8 or none "
-                     f"(got {n_int8} int8)")
-  scales = (w_gate_scale_F, w_up_scale_F, w_down_scale_D)
-  for w_name, w, s_name, s, n in (("w_gate_t_FD", w_gate_t_FD, "w_gate_scale_F", scales[0], F),
-                                  ("w_up_t_FD", w_up_t_FD, "w_up_scale_F", scales[1], F),
-                                  ("w_down_FD", w_down_FD, "w_down_scale_D", scales[2], D)):
-    check_scale("rmsnorm_swiglu", w_name, w, s_name, s, n)
+  scales = check_args(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F,
+                      w_up_scale_F, w_down_scale_D)
   if impl == "xla":
     return reference.rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, eps=eps,
                                     w_gate_scale_F=scales[0], w_up_scale_F=scales[1],
@@ -52,3 +36,27 @@ def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
   return C.inference_only(
       "rmsnorm_swiglu", lambda *a: pallas.rmsnorm_swiglu(*a, eps=eps, mode=mode, **block),
       x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *scales)
+
+
+def check_args(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F, w_up_scale_F,
+               w_down_scale_D, op: str = "rmsnorm_swiglu"):
+  """One-line errors for operands that do not fit together; returns the three scales."""
+  D = x_D.shape[0]
+  if x_D.ndim != 1 or scale_D.shape != x_D.shape:
+    raise ValueError(f"{op}: x_D {x_D.shape} and scale_D {scale_D.shape} must be "
+                     "equal 1-D")
+  F = w_gate_t_FD.shape[0]
+  for name, w in (("w_gate_t_FD", w_gate_t_FD), ("w_up_t_FD", w_up_t_FD),
+                  ("w_down_FD", w_down_FD)):
+    if w.shape != (F, D):
+      raise ValueError(f"{op}: {name} {w.shape} must be [{F}, {D}]")
+  n_int8 = sum(jnp.dtype(w.dtype) == jnp.int8 for w in (w_gate_t_FD, w_up_t_FD, w_down_FD))
+  if n_int8 not in (0, 3):
+    raise ValueError(f"{op}: quantize all three weights to int8 or none "
+                     f"(got {n_int8} int8)")
+  scales = (w_gate_scale_F, w_up_scale_F, w_down_scale_D)
+  for w_name, w, s_name, s, n in (("w_gate_t_FD", w_gate_t_FD, "w_gate_scale_F", scales[0], F),
+                                  ("w_up_t_FD", w_up_t_FD, "w_up_scale_F", scales[1], F),
+                                  ("w_down_FD", w_down_FD, "w_down_scale_D", scales[2], D)):
+    check_scale(op, w_name, w, s_name, s, n)
+  return scales

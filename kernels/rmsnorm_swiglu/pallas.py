@@ -29,18 +29,54 @@ def _silu(x):
   return x / (1.0 + jnp.exp(-x))
 
 
-def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8):
-  if int8:
-    x_g, g_g, wg_g, wu_g, wd_g, sg_g, su_g, part_g = refs
+def finish_x(resid, part_SD, w_scale_D=None):
+  """The output projection's split-K partials finished as out_proj_residual does:
+  x = dtype(resid + (part[0] + part[1] + ...) * w_scale), summed in this order in the
+  kernel and in XLA alike, so both see the same x bit for bit."""
+  y = part_SD[0]
+  for s in range(1, part_SD.shape[0]):
+    y = y + part_SD[s]
+  if w_scale_D is not None:
+    y = y * w_scale_D.astype(jnp.float32)
+  return (resid.astype(jnp.float32) + y).astype(resid.dtype)
+
+
+def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts):
+  """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
+  projection's S_o split-K partial rows [S_o, D] (and its int8 row scale), and is
+  finished block by block as it streams (finish_x)."""
+  refs = list(refs)
+  if x_parts:
+    S_o, has_oscale = x_parts
+    x_in = [refs.pop(0), refs.pop(0)] + ([refs.pop(0)] if has_oscale else [])
   else:
-    x_g, g_g, wg_g, wu_g, wd_g, part_g = refs
+    x_in = [refs.pop(0)]
+  g_g, wg_g, wu_g, wd_g = refs[:4]
+  del refs[:4]
+  if int8:
+    sg_g, su_g, part_g = refs
+  else:
+    (part_g,) = refs
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.tile_transforms(BK, wg_g.dtype)
+  dtype = x_in[0].dtype
 
-  def up_step(_, x_s, g_s, wg_s, wu_s, carry):
+  def x_block(xs):
+    if not x_parts:
+      return ctx.ld(xs[0], C.COL).astype(f32)
+    r_s, op_s = xs[:2]
+    y = ctx.ld(op_s, C.COL, 0)
+    for s in range(1, S_o):
+      y = y + ctx.ld(op_s, C.COL, s)
+    if has_oscale:
+      y = y * ctx.ld(xs[2], C.COL)
+    return (ctx.ld(r_s, C.COL).astype(f32) + y).astype(dtype).astype(f32)
+
+  def up_step(_, *args):
+    *xs, g_s, wg_s, wu_s, carry = args
     acc_g, acc_u, ss = carry
-    x = ctx.ld(x_s, C.COL).astype(f32)
+    x = x_block(xs)
     xg = C.bcast_rows(x * ctx.ld(g_s, C.COL).astype(f32), (BF, BK))
     acc_g = acc_g + jnp.sum(wg_s[...].astype(f32) * xg, axis=1)
     acc_u = acc_u + jnp.sum(wu_s[...].astype(f32) * xg, axis=1)
@@ -48,9 +84,12 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8):
 
   vec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
   mat = lambda: C.plgpu.BlockSpec((BF, BK), lambda k: (p, k), transforms=tr)
+  x_specs = [vec()] if not x_parts else (
+      [vec(), C.plgpu.BlockSpec((S_o, BK), lambda k: (0, k))] + ([vec()] if has_oscale else []))
   carry0 = (ctx.zeros((BF,), C.ROW), ctx.zeros((BF,), C.ROW), ctx.zeros((BK,), C.COL))
-  acc_g, acc_u, ss = ctx.pipeline(up_step, grid=(D // BK,), in_specs=[vec(), vec(), mat(), mat()],
-                                  stages=stages, init_carry=carry0)(x_g, g_g, wg_g, wu_g)
+  acc_g, acc_u, ss = ctx.pipeline(up_step, grid=(D // BK,),
+                                  in_specs=x_specs + [vec(), mat(), mat()], stages=stages,
+                                  init_carry=carry0)(*x_in, g_g, wg_g, wu_g)
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
   if int8:
     rows = pl.ds(p * BF, BF)
@@ -59,7 +98,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8):
     acc_u = acc_u * ctx.load(su_g.at[rows], load_row)
   h = _silu(acc_g * r) * (acc_u * r)                       # [BF], ROW layout
   # The down projection's operand dtype, as in XLA: the weights' (int8: the activations').
-  op_dtype = x_g.dtype if int8 else wd_g.dtype
+  op_dtype = dtype if int8 else wd_g.dtype
   if jnp.dtype(op_dtype) != jnp.float32:
     h = h.astype(op_dtype).astype(f32)
 
@@ -92,10 +131,10 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8):
   ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
 
 
-def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F=None,
-                   w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str,
-                   block_f: int | None = None, block_k: int | None = None,
-                   block_d: int | None = None, stages: int = 2, store_once: bool = False):
+def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, scales, *, eps, mode,
+          block_f: int | None = None, block_k: int | None = None, block_d: int | None = None,
+          stages: int = 2, store_once: bool = False):
+  """The kernel's [F/BF, D] fp32 partial rows of the down projection."""
   F, D = w_gate_t_FD.shape
   interp = mode != "compile"
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
@@ -104,14 +143,39 @@ def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale
   C.check_block(F, BF, 64, "F")
   C.check_block(D, BK, 32, "D")
   C.check_block(D, BD, 32, "D")
-  int8 = w_gate_scale_F is not None
+  int8 = scales[0] is not None
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
-                            store_once=store_once, int8=int8),
+                            store_once=store_once, int8=int8, x_parts=x_parts),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu")
-  args = (x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
-  y = jnp.sum(kern(*args, w_gate_scale_F, w_up_scale_F) if int8 else kern(*args), axis=0)
-  if int8:
+  args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
+  return kern(*args, scales[0], scales[1]) if int8 else kern(*args)
+
+
+def _finish(x, part_PD, w_down_scale_D):
+  y = jnp.sum(part_PD, axis=0)
+  if w_down_scale_D is not None:
     y = y * w_down_scale_D.astype(jnp.float32)
-  return (x_D.astype(jnp.float32) + y).astype(x_D.dtype)
+  return (x.astype(jnp.float32) + y).astype(x.dtype)
+
+
+def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F=None,
+                   w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str, **block):
+  """block: block_f, block_k, block_d, stages, store_once (see _call)."""
+  part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD,
+               (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
+  return _finish(x_D, part, w_down_scale_D)
+
+
+def rmsnorm_swiglu_from_parts(resid_D, opart_SD, o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
+                              w_down_FD, w_gate_scale_F=None, w_up_scale_F=None,
+                              w_down_scale_D=None, *, eps: float, mode: str, **block):
+  """rmsnorm_swiglu(finish_x(resid, opart, o_scale)) with x finished inside the kernel
+  (no XLA kernel between the output projection and the MLP); the final XLA sum finishes
+  x again, identically, for the residual."""
+  extra = (o_scale_D.astype(jnp.float32),) if o_scale_D is not None else ()
+  part = _call((resid_D, opart_SD) + extra, (opart_SD.shape[0], o_scale_D is not None),
+               scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, (w_gate_scale_F, w_up_scale_F),
+               eps=eps, mode=mode, **block)
+  return _finish(finish_x(resid_D, opart_SD, o_scale_D), part, w_down_scale_D)
