@@ -212,6 +212,7 @@ def test_fused_step_lowers_for_cuda(name, want, monkeypatch):
     monkeypatch.setattr(mod, attr, lambda *a, _fn=fn, _tag=tag, **k: used.add(_tag) or _fn(*a, **k))
   for fuse in (True, False):
     used.clear()
+    jax.clear_caches()   # trace anew: an earlier test may have traced the same step
     opts = None if fuse else {"fuse": {"qkv_rope": False, "out_mlp": False}}
     step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
     state = jax.eval_shape(lambda: init_state(cfg, S))

@@ -52,16 +52,18 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
   n_blocks = jnp.clip(nb - p * per, 0, per)
   start = jnp.minimum(p * per, S // BS - 1)   # in range even for an empty split
 
-  def qrow(q_s):
-    return [ctx.ld(q_s.at[g], C.COL).astype(f32) * scale for g in range(G)]
-
-  q = ctx.load(q_g.at[h], qrow)
   if path:
     beta = b_g[h].astype(f32)
-    w2 = C.bcast_rows(ctx.load(w_g.at[h], lambda s: ctx.ld(s, C.COL).astype(f32)), (BS, Dh))
 
-  def step(idx, k_s, v_s, *rest):
-    *bias_s, carry = rest
+  # q (and PaTH's w) ride in the pipeline with K and V (a constant block, re-fetched each
+  # step: G * Dh elements), so their load overlaps the first K/V load instead of costing
+  # one more TMA round trip before it.
+  def step(idx, k_s, v_s, q_s, *rest):
+    *extra_s, carry = rest
+    q = [ctx.ld(q_s.at[g], C.COL).astype(f32) * scale for g in range(G)]
+    if path:
+      w2 = C.bcast_rows(ctx.ld(extra_s[0], C.COL).astype(f32), (BS, Dh))
+    bias_s = extra_s[1:] if path else extra_s
     slot = ctx.iota((BS,), 0, C.ROW) + (start + idx[0]) * BS
     valid = slot < length
     k = k_s[...].astype(f32)
@@ -89,14 +91,29 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
   spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
                                       transforms=C.tile_transforms(Dh, dt))
   carry0 = tuple((ctx.zeros((Dh,), C.COL), f32(-jnp.inf), f32(0.0)) for _ in range(G))
-  in_specs, operands = [spec(k_g.dtype), spec(v_g.dtype)], [k_g.at[h], v_g.at[h]]
+  in_specs = [spec(k_g.dtype), spec(v_g.dtype), C.plgpu.BlockSpec((G, Dh), lambda i: (0, 0))]
+  operands = [k_g.at[h], v_g.at[h], q_g.at[h]]
+  if path:
+    in_specs.append(C.plgpu.BlockSpec((Dh,), lambda i: (0,)))
+    operands.append(w_g.at[h])
   if bias:   # [G, BS] of bias_g[h] per cache block
     in_specs.append(C.plgpu.BlockSpec((G, BS), lambda i: (0, start + i)))
     operands.append(bias_g.at[h])
   res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
                      init_carry=carry0)(*operands)
+  if ctx.tma:
+    # The G partial rows leave with one TMA store and one wait (not one per head).
+    def out(o_s):
+      for g, (acc, _, _) in enumerate(res):
+        o_s[g] = acc
+      C.plgpu.commit_smem()
+      C.plgpu.copy_smem_to_gmem(o_s, o_g.at[h, p])
+      C.plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(out, C.plgpu.SMEM((G, Dh), jnp.float32))
   for g, (acc, m, l) in enumerate(res):
-    ctx.store(acc, o_g.at[h, p, g])
+    if not ctx.tma:
+      o_g[h, p, g] = acc
     m_g[h, p, g] = m
     l_g[h, p, g] = l
 
