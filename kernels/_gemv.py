@@ -24,10 +24,50 @@ from kernels import _common as C
 ARGMAX_SENTINEL = 2 ** 30
 
 
+def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
+  """BK columns of the merged split-K attention output o = sum_p e^{m_p - m} o_p / l
+  (kernels/decode_attention/reference.merge_splits), rounded to `dtype` as the unfused
+  op returns it; fp32 [BK], COL layout. op_s [P, BK]: the partials' columns; m_s, l_s
+  [P, Hs]: the CTA's heads, of which this block holds heads j0, j0 + 1, ... (BK / Dh of
+  them, or one when BK < Dh). An empty split (m = -inf, l = 0, o = 0) weighs 0."""
+  f32 = jnp.float32
+  nh = max(1, BK // Dh)
+  col = ctx.iota((BK,), 0, C.COL)
+  w, L = [], []   # per head: the P weights and the merged denominator
+  for t in range(nh):
+    m_p = [m_s[p, j0 + t] for p in range(P)]
+    mx = m_p[0]
+    for v in m_p[1:]:
+      mx = jnp.maximum(mx, v)
+    w.append([jnp.exp(v - mx) for v in m_p])
+    Lt = w[t][0] * l_s[0, j0 + t]
+    for p in range(1, P):
+      Lt = Lt + w[t][p] * l_s[p, j0 + t]
+    L.append(Lt)
+
+  def by_column(vals):
+    """[BK] vector holding vals[t] on head t's columns."""
+    out = jnp.full((BK,), vals[-1], f32)
+    for t in range(nh - 2, -1, -1):
+      out = jnp.where(col < (t + 1) * Dh, vals[t], out)
+    return ctx.cast(out, C.COL)
+
+  o = ctx.ld(op_s, C.COL, 0) * by_column([w[t][0] for t in range(nh)])
+  for p in range(1, P):
+    o = o + ctx.ld(op_s, C.COL, p) * by_column([w[t][p] for t in range(nh)])
+  return (o / by_column(L)).astype(dtype).astype(f32)
+
+
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32, raw):
+          argmax, stages, out_f32, raw, merge=None):
+  """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
+  (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v."""
   refs = list(refs)
-  v_g = refs.pop(0)
+  if merge:
+    P, Dh, mdtype = merge
+    op_g, m_g, l_g = refs.pop(0), refs.pop(0), refs.pop(0)
+  else:
+    v_g = refs.pop(0)
   g_g = refs.pop(0) if has_norm else None
   w_g = refs.pop(0)
   ws_g = refs.pop(0) if has_wscale else None
@@ -56,10 +96,25 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
-  in_specs = [vec_spec()] + ([vec_spec()] if has_norm else []) + [
-      C.plgpu.BlockSpec((BN, BK), lambda k: (n, s * ks + k),
-                        transforms=C.tile_transforms(BK, w_g.dtype))]
-  ins = [v_g] + ([g_g] if has_norm else []) + [w_g]
+  w_spec = C.plgpu.BlockSpec((BN, BK), lambda k: (n, s * ks + k),
+                             transforms=C.tile_transforms(BK, w_g.dtype))
+  if merge:
+    Hs = K // S // Dh                        # heads in this CTA's K slice
+
+    def step(idx, op_s, m_s, l_s, w_s, carry):
+      acc, ss = carry
+      j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
+      v = _merged_block(ctx, op_s, m_s, l_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype)
+      acc = acc + jnp.sum(w_s[...].astype(f32) * C.bcast_rows(v, (BN, BK)), axis=1)
+      return acc, ss
+
+    ml_spec = lambda: C.plgpu.BlockSpec((P, Hs), lambda k: (0, s))
+    in_specs = [C.plgpu.BlockSpec((P, BK), lambda k: (0, s * ks + k)), ml_spec(), ml_spec(),
+                w_spec]
+    ins = [op_g, m_g, l_g, w_g]
+  else:
+    in_specs = [vec_spec()] + ([vec_spec()] if has_norm else []) + [w_spec]
+    ins = [v_g] + ([g_g] if has_norm else []) + [w_g]
   carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
   acc, ss = ctx.pipeline(step, grid=(ks,), in_specs=in_specs, stages=stages,
                          init_carry=carry0)(*ins)
@@ -121,7 +176,8 @@ def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: boo
   return BN, BK, S
 
 
-def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name):
+def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name,
+            merge=None):
   if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
     if flags["has_norm"]:
@@ -135,7 +191,8 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
   grid, grid_names = ((N // BN, S), ("n", "s")) if S > 1 else ((N // BN,), ("n",))
   return C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
-                            stages=stages, out_f32=out_dtype == jnp.float32, raw=raw, **flags),
+                            stages=stages, out_f32=out_dtype == jnp.float32, raw=raw,
+                            merge=merge, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name)
 
@@ -156,6 +213,48 @@ def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None =
   outs = kern(v_K, *([scale_K] if scale_K is not None else []), w_t_NK)
   part, ss = (outs if scale_K is not None else (outs, None))
   return part.reshape(S, N), ss
+
+
+def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
+             block_n: int | None = None, block_k: int | None = None,
+             split_k: int | None = None) -> bool:
+  """Whether gemv_partials_merged compiles at these shapes: every CTA's K slice holds
+  whole heads, a block holds whole heads (or lies inside one), and on GPU the slice's
+  per-head (m, l) rows are a whole TMA box (>= 4 fp32, i.e. 16 bytes)."""
+  try:
+    BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                        argmax=False, name="merge")
+  except ValueError:
+    return False
+  Hs, rem = divmod(K // S, head_dim)
+  return (rem == 0 and (BK % head_dim == 0 or head_dim % BK == 0)
+          and (mode != "compile" or Hs % 4 == 0) and n_heads * head_dim == K)
+
+
+def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
+                         block_n: int | None = None, block_k: int | None = None,
+                         stages: int = 2, split_k: int | None = None, name: str = "gemv"):
+  """gemv_partials of W^T o, where o [Hq * Dh] is the merge of split-K attention partials
+  (o_p [P, Hq, Dh], m_p / l_p [P, Hq]; kernels/decode_attention/pallas.partials, split
+  axis first) rounded to `dtype`: the merge runs inside the GEMV, on each block of
+  columns as it streams, instead of in XLA before it. Returns part f32 [S, N]."""
+  P, Hq, Dh = o_PHD.shape
+  N, K = w_t_NK.shape
+  if K != Hq * Dh or m_PH.shape != (P, Hq) or l_PH.shape != (P, Hq):
+    raise ValueError(f"{name}: attention partials o {o_PHD.shape}, m {m_PH.shape}, l "
+                     f"{l_PH.shape} do not fit W^T {w_t_NK.shape}")
+  if not merge_ok(Hq, Dh, N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k):
+    raise ValueError(f"{name}: the merged attention output ({Hq} heads x {Dh}) does not fit "
+                     f"the GEMV's blocks (K slices and blocks of whole heads; on GPU >= 4 "
+                     "heads per K slice)")
+  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                      argmax=False, name=name)
+  flags = dict(has_norm=False, has_wscale=False, has_bias=False, has_resid=False)
+  kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
+                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name,
+                 merge=(P, Dh, jnp.dtype(dtype)))
+  part = kern(o_PHD.reshape(P, K), m_PH, l_PH, w_t_NK)
+  return part.reshape(S, N)
 
 
 def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,

@@ -274,12 +274,16 @@ def test_scatter_row_write_decodes_the_same(model, reference_tokens, gated, gate
     _full_cache_is_refused(dec, dec.prefill(PROMPT)[1])
 
 
-def test_unfused_pallas_step_decodes_the_same(model, reference_tokens, gated, gated_tokens):
+@pytest.mark.parametrize("fuse", [dict(qkv_rope=False, out_mlp=False, attn_out=False),
+                                  dict(attn_out=False)])
+def test_unfused_pallas_step_decodes_the_same(model, reference_tokens, gated, gated_tokens,
+                                              fuse):
   """kernel_options={"fuse": {...: False}}: the Pallas step without its cross-op fusions
-  (rmsnorm_qkv + rope_append, out_proj_residual + rmsnorm_swiglu as separate ops with
-  their XLA epilogues; the default fuses both) gives the same tokens as generate() for
+  (all off: rmsnorm_qkv, rope_append, decode_attention, out_proj_residual, rmsnorm_swiglu
+  as separate ops with their XLA epilogues; attn_out off: the attention merge in XLA
+  before out_proj_mlp; the default fuses all) gives the same tokens as generate() for
   attention and PaTH-FoX / FoX layers, and a full cache stays untouched."""
-  opts = {"fuse": {"qkv_rope": False, "out_mlp": False}}
+  opts = {"fuse": fuse}
   for m, want in ((model, reference_tokens), (gated, gated_tokens)):
     np.testing.assert_array_equal(
         decode_greedy(m, PROMPT, N, impl="pallas", kernel_options=opts), want)

@@ -166,3 +166,87 @@ def test_out_proj_mlp_arguments_are_checked():
     out_proj_mlp(o, wo, r, g, wg, wu, wd[:, :32], **kw)
   with pytest.raises(ValueError, match="out_proj_mlp: w_o_scale_D is only for int8"):
     out_proj_mlp(o, wo, r, g, wg, wu, wd, w_o_scale_D=jnp.ones(64), **kw)
+
+
+# ------------------------------------------------------------- attention_out_mlp
+
+def _aom_case(Hq, Hkv, Dh, D, F, S, L, dt=F32, bias=False):
+  M = Hq * Dh
+  q = _r(20, Hq, Dh).astype(dt)
+  kc, vc = _r(21, Hkv, S, Dh).astype(dt), _r(22, Hkv, S, Dh).astype(dt)
+  tail = jnp.arange(S)[None, :, None] >= L
+  kn, vn = jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.nan, vc)   # unused slots: NaN
+  b = None
+  if bias:
+    b = -jnp.abs(_r(23, Hq, S)) * jnp.arange(S)[None, :] / S
+    b = jnp.where(jnp.arange(S)[None, :] >= L, jnp.nan, b)
+  wo = (_r(24, D, M) / np.sqrt(M)).astype(dt)
+  r, g = _r(25, D).astype(dt), (1.0 + 0.2 * _r(26, D)).astype(dt)
+  ws = [(_r(27 + i, F, D) / np.sqrt(D)).astype(dt) for i in range(3)]
+  clean = (q, kc, vc, L, wo, r, g, *ws)
+  return clean, (q, kn, vn, L, wo, r, g, *ws), b
+
+
+# (Hq, Hkv, Dh): GQA 1 / 4, head dims 64 / 128. O blocks: BK 128 (two 64-wide heads a
+# block), 64 (inside a 128-wide head), 256 (four heads); num_splits 4 over 3 live blocks
+# leaves an empty split (m = -inf, l = 0) for the merge to weigh 0.
+@pytest.mark.parametrize("Hq,Hkv,Dh,o_block,splits,bias", [
+    (4, 4, 64, dict(block_k=128, split_k=2), 4, False),
+    (8, 2, 64, dict(block_k=64, split_k=1), 3, True),
+    (2, 2, 128, dict(block_k=64, split_k=2), 4, False),
+    (8, 2, 128, dict(block_k=256, split_k=None), 2, True)])
+def test_attention_out_mlp(Hq, Hkv, Dh, o_block, splits, bias):
+  from kernels.attention_out_mlp import attention_out_mlp
+  D, F, S, L = 128, 256, 256, 150
+  clean, poisoned, b = _aom_case(Hq, Hkv, Dh, D, F, S, L, bias=bias)
+  kw = dict(scale=Dh ** -0.5, eps=EPS)
+  ref = attention_out_mlp(*clean, bias_HS=None if b is None else jnp.nan_to_num(b), impl="xla",
+                          **kw)
+  out = jax.jit(functools.partial(
+      attention_out_mlp, impl="pallas", attn_block=dict(num_splits=splits, block_s=64),
+      o_block=dict(block_n=64, **o_block), block_f=64, block_k=64, block_d=64, **kw))(
+          *poisoned, bias_HS=b)
+  # Longest reductions: attention over L slots, O over Hq * Dh, the MLP's down over F.
+  _close(out, ref, L + Hq * Dh + F, "attention_out_mlp")
+
+
+def test_attention_out_mlp_in_bf16_matches_the_unfused_kernels():
+  """bf16: fused vs decode_attention + out_proj_mlp (both Pallas). The merged attention
+  output is rounded to bf16 by both; merge sums run in another order (kernel vs XLA), so
+  o may differ by one bf16 ulp in a few entries: ||fused - unfused|| <= 2^-8 ||unfused||."""
+  from kernels.attention_out_mlp import attention_out_mlp
+  from kernels.decode_attention import decode_attention
+  Hq, Hkv, Dh, D, F, S, L = 8, 2, 64, 256, 512, 192, 130
+  clean, _, _ = _aom_case(Hq, Hkv, Dh, D, F, S, L, BF16)
+  q, kc, vc, length, wo, r, g, wg, wu, wd = clean
+  blk = dict(block_f=64, block_k=64, block_d=64)
+  ob = dict(block_k=128, split_k=2)
+  fused = attention_out_mlp(*clean, scale=0.125, eps=EPS, impl="pallas",
+                            attn_block=dict(num_splits=3), o_block=ob, **blk)
+  o = decode_attention(q, kc, vc, length, scale=0.125, impl="pallas", num_splits=3)
+  unfused = out_proj_mlp(o.reshape(-1), wo, r, g, wg, wu, wd, eps=EPS, impl="pallas",
+                         o_block=ob, **blk)
+  assert fused.dtype == BF16
+  assert_rel_close(np.asarray(fused, np.float64), np.asarray(unfused, np.float64),
+                   rtol=2.0 ** -8, name="attention_out_mlp bf16")
+
+
+def test_attention_out_mlp_rules_and_errors():
+  from kernels import _gemv
+  from kernels.attention_out_mlp import attention_out_mlp
+  # llama-1b / 8b O-projections on GPU: 8 / 16 heads per K slice; the tiny model's 3 is
+  # too few for the (m, l) rows' TMA box, and K slices / blocks must hold whole heads.
+  assert _gemv.merge_ok(32, 64, 2048, 2048, mode="compile")
+  assert _gemv.merge_ok(32, 128, 4096, 4096, mode="compile")
+  assert not _gemv.merge_ok(6, 32, 128, 192, mode="compile")
+  assert _gemv.merge_ok(6, 32, 128, 192, mode="hlo")
+  assert not _gemv.merge_ok(4, 96, 128, 384, mode="hlo", block_k=128)   # blocks split heads
+  clean, _, _ = _aom_case(4, 2, 64, 64, 128, 64, 10)
+  kw = dict(scale=0.125, eps=EPS, impl="pallas")
+  with pytest.raises(ValueError, match=r"attention_out_mlp: w_o_t_DM \(64, 256\) must be "
+                                       r"\[D, 128\]"):
+    attention_out_mlp(clean[0][:2], clean[1][:1], clean[2][:1], *clean[3:], **kw)
+  with pytest.raises(ValueError, match="attention_out_mlp: length=65"):
+    attention_out_mlp(*clean[:3], 65, *clean[4:], **kw)
+  with pytest.raises(ValueError, match="does not fit the GEMV's blocks"):
+    attention_out_mlp(*clean, o_block=dict(block_k=32), **kw)

@@ -21,6 +21,7 @@ from jaxlab.models import LM, ModelConfig
 from jaxlab.models.decode import decode_greedy, make_decoder, prepare_weights
 from jaxlab.models.generate import generate
 from jaxlab.testing import assert_rel_close, tol
+from kernels.attention_out_mlp import attention_out_mlp
 from kernels.lm_head_argmax import lm_head_argmax
 from kernels.out_proj_mlp import out_proj_mlp
 from kernels.out_proj_residual import out_proj_residual
@@ -101,6 +102,16 @@ def _gemv_cases(dt):
           [w(6, D, M), w(7, F, D), w(8, F, D), w(9, F, D) * np.sqrt(D / F)],
           [("w_o_scale_D", 1), ("w_gate_scale_F", 1), ("w_up_scale_F", 1),
            ("w_down_scale_D", 0)], M + F),
+      # Hq = 6, Hkv = 2, Dh = 32 (M = 192), 40 live slots of 64.
+      "attention_out_mlp": (
+          lambda impl, ws, sc, **b: attention_out_mlp(
+              _r(17, 6, 32).astype(dt), _r(18, 2, 64, 32).astype(dt),
+              _r(19, 2, 64, 32).astype(dt), 40, ws[0], x, g, *ws[1:], scale=32 ** -0.5,
+              eps=EPS, impl=impl, w_o_scale_D=sc[0], w_gate_scale_F=sc[1],
+              w_up_scale_F=sc[2], w_down_scale_D=sc[3], **b),
+          [w(6, D, M), w(7, F, D), w(8, F, D), w(9, F, D) * np.sqrt(D / F)],
+          [("w_o_scale_D", 1), ("w_gate_scale_F", 1), ("w_up_scale_F", 1),
+           ("w_down_scale_D", 0)], 40 + M + F),
   }
 
 
@@ -111,9 +122,12 @@ BLOCKS = {"rmsnorm_qkv": [dict(split_k=1), dict(split_k=2), dict()],
           "qkv_rope_append": [dict(split_k=1), dict(split_k=2)],
           "out_proj_mlp": [dict(o_block=dict(block_n=64, block_k=64, split_k=1)),
                            dict(o_block=dict(block_n=64, block_k=64, split_k=3),
-                                store_once=True)]}
+                                store_once=True)],
+          "attention_out_mlp": [dict(o_block=dict(block_n=64, block_k=64, split_k=3),
+                                     attn_block=dict(num_splits=2))]}
 SMALL = {"rmsnorm_swiglu": dict(block_f=64, block_k=64, block_d=64),
-         "out_proj_mlp": dict(block_f=64, block_k=64, block_d=64)}
+         "out_proj_mlp": dict(block_f=64, block_k=64, block_d=64),
+         "attention_out_mlp": dict(block_f=64, block_k=64, block_d=64)}
 
 
 def _quantized(ws, spec):

@@ -192,13 +192,16 @@ def test_scatter_row_write_lowers_for_cuda(name):
   assert "dynamic_update_slice" in texts["select"]
 
 
-@pytest.mark.parametrize("name,want", [("llama-1b-bench", {"qkv_rope", "out_mlp"}),
-                                       ("llama-8b-bench", {"qkv_rope", "out_mlp"}),
+@pytest.mark.parametrize("name,want", [("llama-1b-bench", {"qkv_rope", "attn_out"}),
+                                       ("llama-8b-bench", {"qkv_rope", "attn_out"}),
                                        ("tiny", {"out_mlp"})])
 def test_fused_step_lowers_for_cuda(name, want, monkeypatch):
   """The Pallas step with its cross-op fusions (the default) and without them
   (kernel_options={"fuse": {...: False}}) lowers for CUDA; on GPU the QKV + RoPE fusion
-  is used only where its register tile fits (not the tiny model's 10 x 16 heads)."""
+  is used only where its register tile fits (not the tiny model's 10 x 16 heads), the
+  attention merge inside the O-projection only where its K slices hold >= 4 heads (not
+  the tiny model's 3; it then runs out_proj_mlp)."""
+  import kernels.attention_out_mlp as aom
   import kernels.out_proj_mlp as omlp
   import kernels.qkv_rope_append as qra
   kw = dict(CONFIGS[name][0])
@@ -207,13 +210,14 @@ def test_fused_step_lowers_for_cuda(name, want, monkeypatch):
   cfg = ModelConfig(**kw)
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
   used = set()
-  for mod, attr, tag in ((qra, "qkv_rope_append", "qkv_rope"), (omlp, "out_proj_mlp", "out_mlp")):
+  for mod, attr, tag in ((qra, "qkv_rope_append", "qkv_rope"), (omlp, "out_proj_mlp", "out_mlp"),
+                         (aom, "attention_out_mlp", "attn_out")):
     fn = getattr(mod, attr)
     monkeypatch.setattr(mod, attr, lambda *a, _fn=fn, _tag=tag, **k: used.add(_tag) or _fn(*a, **k))
   for fuse in (True, False):
     used.clear()
     jax.clear_caches()   # trace anew: an earlier test may have traced the same step
-    opts = None if fuse else {"fuse": {"qkv_rope": False, "out_mlp": False}}
+    opts = None if fuse else {"fuse": {"qkv_rope": False, "out_mlp": False, "attn_out": False}}
     step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
     state = jax.eval_shape(lambda: init_state(cfg, S))
     text = step.trace(weights, state, SD((), jnp.int32)).lower(

@@ -234,13 +234,13 @@ def test_decode_attention_partials_and_merge():
   ranges = [(0, 64), (64, 128), (128, 150), (150, 150)]  # ceil(3 / 4) = 1 block per split
   for p, (a, b) in enumerate(ranges):
     if a == b:
-      assert np.all(np.isneginf(np.asarray(m)[:, p])) and np.all(np.asarray(l)[:, p] == 0)
+      assert np.all(np.isneginf(np.asarray(m)[p])) and np.all(np.asarray(l)[p] == 0)
       continue
     mp = s[..., a:b].max(-1)
     e = np.exp(s[..., a:b] - mp[..., None])
-    np.testing.assert_allclose(np.asarray(m)[:, p], mp, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(l)[:, p], e.sum(-1), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(o)[:, p],
+    np.testing.assert_allclose(np.asarray(m)[p], mp, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(l)[p], e.sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(o)[p],
                                np.einsum("kgs,ksd->kgd", e, np.asarray(vc, np.float64)[:, a:b]),
                                rtol=1e-4, atol=1e-5)
   merged = attn_ref.merge_splits(o, m, l).reshape(Hq, Dh)

@@ -13,8 +13,9 @@ Variants (each decodes the same greedy continuation from the same cache):
                 layer inlined into one flat program (the default)
   pallas-unfused
                 pallas without the cross-op fusions (kernel_options "fuse" all off: QKV
-                and RoPE / append, O-projection and MLP as separate ops with their XLA
-                epilogues between them), to measure what the fusions save
+                and RoPE / append, attention, O-projection and MLP as separate ops with
+                their XLA epilogues and the attention merge between them), to measure
+                what the fusions save
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -78,7 +79,8 @@ _DECODER_VARIANTS = {
     "pallas-int8-shared": ("pallas", "unrolled", "int8", True),
     "pallas-unfused": ("pallas", "unrolled", None, False)}
 # variant -> kernel options it adds to --kernel-options
-_VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False}}}
+_VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
+                                                 "attn_out": False}}}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -502,7 +504,13 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
   cases["out_proj_mlp"] = (
       lambda impl, **k: functools.partial(out_proj_mlp, eps=1e-6, impl=impl, **k),
       (r(6, M), r(7, D, M), x, g, r(8, F, D), r(9, F, D), r(10, F, D)), D * M + 3 * F * D)
-  for op in ("qkv_rope_append", "out_proj_mlp"):
+  from kernels.attention_out_mlp import attention_out_mlp
+  cases["attention_out_mlp"] = (
+      lambda impl, **k: functools.partial(attention_out_mlp, scale=Dh ** -0.5, eps=1e-6,
+                                          impl=impl, **k),
+      (r(3, Hq, Dh), r(4, Hkv, S, Dh), r(5, Hkv, S, Dh), jnp.int32(kv_len), r(7, D, M), x, g,
+       r(8, F, D), r(9, F, D), r(10, F, D)), 2 * Hkv * kv_len * Dh + D * M + 3 * F * D)
+  for op in ("qkv_rope_append", "out_proj_mlp", "attention_out_mlp"):
     nbytes[op] = cases[op][2] * dt.itemsize
   for extra in (_int8_op_cases(cases), _hybrid_op_cases(cfg, kv_len, S, r)):
     cases.update(extra[0])
@@ -539,8 +547,11 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
     base = op.split()[0]   # "rmsnorm_qkv int8" takes rmsnorm_qkv's options
     if base == "qkv_rope_append":
       return dict(opts.get("rmsnorm_qkv", {}))
-    if base == "out_proj_mlp":
-      return dict(opts.get("rmsnorm_swiglu", {}), o_block=opts.get("out_proj_residual"))
+    if base in ("out_proj_mlp", "attention_out_mlp"):
+      kw = dict(opts.get("rmsnorm_swiglu", {}), o_block=opts.get("out_proj_residual"))
+      if base == "attention_out_mlp":
+        kw["attn_block"] = opts.get("decode_attention")
+      return kw
     return dict(opts.get(base, {}))
 
   out = {}

@@ -227,7 +227,11 @@ def _rope(spec: _Spec, pos):
 #             (kernels.qkv_rope_append.pallas.layout_ok).
 #   out_mlp:  out_proj_residual + rmsnorm_swiglu -> out_proj_mlp (the O-projection
 #             partials finished inside the MLP kernel).
-FUSIONS = ("qkv_rope", "out_mlp")
+#   attn_out: with out_mlp, attention layers run decode_attention + out_proj_mlp as
+#             attention_out_mlp (the attention's split-K merge inside the O-projection
+#             GEMV); on GPU only where the GEMV's K slices hold >= 4 whole heads
+#             (kernels._gemv.merge_ok).
+FUSIONS = ("qkv_rope", "out_mlp", "attn_out")
 
 
 def _fused(spec: _Spec, name: str) -> bool:
@@ -262,9 +266,28 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
                       w_scale_N=lw.get("w_qkv_scale"), **kw, **spec.opts("rmsnorm_qkv"))
     q, k, v = rope_append(qkv, cos, sin, k, v, wpos, **heads, **kw, **spec.opts("rope_append"))
   length = jnp.minimum(pos + 1, spec.cache_len)
+  if _attn_out_fused(spec, lw):
+    from kernels.attention_out_mlp import attention_out_mlp
+    y = attention_out_mlp(q, k, v, length, lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
+                          lw["w_up_t"], lw["w_down"], scale=spec.head_dim ** -0.5, eps=spec.eps,
+                          w_o_scale_D=lw.get("w_o_scale"), **_mlp_scales(lw),
+                          attn_block=spec.opts("decode_attention"),
+                          o_block=spec.opts("out_proj_residual"), **kw,
+                          **spec.opts("rmsnorm_swiglu"))
+    return y, k, v
   o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
                        **spec.opts("decode_attention"))
   return _out_mlp(spec, lw, o, x, kw), k, v
+
+
+def _attn_out_fused(spec: _Spec, lw) -> bool:
+  from kernels._gemv import merge_ok
+  if not (_fused(spec, "attn_out") and _fused(spec, "out_mlp")):
+    return False
+  D, M = lw["w_o_t"].shape
+  o = spec.opts("out_proj_residual")
+  return merge_ok(spec.n_heads, spec.head_dim, D, M, mode=spec.interpret,
+                  **{k: o.get(k) for k in ("block_n", "block_k", "split_k")})
 
 
 def _out_mlp(spec: _Spec, lw, o, x, kw):

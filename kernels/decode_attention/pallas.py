@@ -6,9 +6,10 @@ split p reads blocks [p*ceil(nb/P), ...) — a *dynamic* number, so cache slots
 past `length` are never read (only the tail of the last live block, which is
 masked). K and V blocks [BS, Dh] stream through SMEM with a TMA pipeline; for
 each query head the CTA keeps an online softmax (m, l, o) in registers, and
-writes the unnormalised partial (m_p, l_p, o_p). The standard merge
-(kernels/decode_attention/reference.merge_splits) runs in XLA on
-Hkv*P*G*(Dh+2) floats.
+writes the unnormalised partial (m_p, l_p, o_p), split-major ([P, Hkv, G, ...]: each
+split's rows are the query heads in order, so a consumer can stream o_p by columns of
+Hq * Dh). The standard merge (kernels/decode_attention/reference.merge_splits) runs in
+XLA on P*Hq*(Dh+2) floats, or inside the output projection (kernels/attention_out_mlp).
 
 PaTH (path_decode_attention): the same pass also applies the token's transition to
 every older key, K <- K - beta (K w) w^T for slots < length - 1 (slot length - 1
@@ -107,20 +108,20 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
       for g, (acc, _, _) in enumerate(res):
         o_s[g] = acc
       C.plgpu.commit_smem()
-      C.plgpu.copy_smem_to_gmem(o_s, o_g.at[h, p])
+      C.plgpu.copy_smem_to_gmem(o_s, o_g.at[p, h])
       C.plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(out, C.plgpu.SMEM((G, Dh), jnp.float32))
   for g, (acc, m, l) in enumerate(res):
     if not ctx.tma:
-      o_g[h, p, g] = acc
-    m_g[h, p, g] = m
-    l_g[h, p, g] = l
+      o_g[p, h, g] = acc
+    m_g[p, h, g] = m
+    l_g[p, h, g] = l
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
              block_s=None, stages=2, path_wb=None, bias_HS=None):
-  """The kernel alone: (o_p [Hkv, P, G, Dh], m_p [Hkv, P, G], l_p [Hkv, P, G]), fp32;
+  """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores."""
   Hq, Dh = q_HD.shape
@@ -134,9 +135,9 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     raise ValueError(f"num_splits must be >= 1, got {P}")
   path = path_wb is not None
   bias = bias_HS is not None
-  out_type = (jax.ShapeDtypeStruct((Hkv, P, G, Dh), jnp.float32),
-              jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32),
-              jax.ShapeDtypeStruct((Hkv, P, G), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((P, Hkv, G, Dh), jnp.float32),
+              jax.ShapeDtypeStruct((P, Hkv, G), jnp.float32),
+              jax.ShapeDtypeStruct((P, Hkv, G), jnp.float32))
   if path:
     out_type += (jax.ShapeDtypeStruct(k_cache_KSD.shape, k_cache_KSD.dtype),)
   kern = C.mosaic_kernel(

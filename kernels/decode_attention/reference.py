@@ -27,11 +27,11 @@ def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float, bi
   return o.reshape(Hq, Dh).astype(q_HD.dtype)
 
 
-def merge_splits(o_KPGD, m_KPG, l_KPG):
-  """Combine split-K partials: m = max_p m_p, l = sum_p e^{m_p - m} l_p,
+def merge_splits(o_PKGD, m_PKG, l_PKG):
+  """Combine split-K partials (split axis first): m = max_p m_p, l = sum_p e^{m_p - m} l_p,
   o = sum_p e^{m_p - m} o_p / l. Empty splits carry m_p = -inf, l_p = 0, o_p = 0."""
-  m = jnp.max(m_KPG, axis=1, keepdims=True)                             # [K, 1, G]
-  w = jnp.where(jnp.isneginf(m_KPG), 0.0, jnp.exp(m_KPG - m))          # [K, P, G]
-  l = jnp.sum(w * l_KPG, axis=1)                                        # [K, G]
-  o = jnp.sum(w[..., None] * o_KPGD, axis=1)                            # [K, G, D]
+  m = jnp.max(m_PKG, axis=0, keepdims=True)                             # [1, K, G]
+  w = jnp.where(jnp.isneginf(m_PKG), 0.0, jnp.exp(m_PKG - m))          # [P, K, G]
+  l = jnp.sum(w * l_PKG, axis=0)                                        # [K, G]
+  o = jnp.sum(w[..., None] * o_PKGD, axis=0)                            # [K, G, D]
   return o / l[..., None]
