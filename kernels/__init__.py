@@ -14,6 +14,13 @@ op from its package, e.g. `from kernels.decode_attention import decode_attention
   path_key_update          PaTH decode key-cache update K <- K - beta (K w) w^T
   log_linear_state_update  log-linear Mamba-2 / GDN decode step on the level states
 
+Fused pairs (two or three kernels that pass unfinished partials to each other, no XLA
+kernel between them; the decode driver's default, kernel_options "fuse"):
+
+  qkv_rope_append          rmsnorm_qkv + rope_append (cache row written in place)
+  out_proj_mlp             out_proj_residual + rmsnorm_swiglu
+  attention_out_mlp        decode_attention + out_proj_mlp (merge inside the O GEMV)
+
 On CPU the Pallas forms run interpreted (`interpret=None` picks the fast HLO
 interpreter on CPU; `interpret="mosaic"` runs the exact kernel in the Mosaic-GPU
 interpreter). The Pallas forms are inference-only. See docs/kernels.md and
