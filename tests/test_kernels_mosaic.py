@@ -135,19 +135,23 @@ def test_attention_out_mlp_mosaic():
   """The attention partials merged inside the O-projection GEMV (the (m, l) rows staged
   per CTA, the weights per block of heads), NaN past the live length, an empty split."""
   from kernels.attention_out_mlp import attention_out_mlp
-  Hq, Hkv, Dh, S, L, D, F = 8, 2, 64, 256, 150, 128, 128
+  for Hq, Dh, bk in ((8, 64, 128), (8, 64, 64), (4, 128, 64)):   # BK over 2 / 1 / half a head
+    _attention_out_mlp_case(attention_out_mlp, Hq, Dh, bk)
+
+
+def _attention_out_mlp_case(attention_out_mlp, Hq, Dh, bk):
+  Hkv, S, L, D, F = 2, 256, 150, 128, 128
   q, kc, vc = _r(0, Hq, Dh), _r(1, Hkv, S, Dh), _r(2, Hkv, S, Dh)
   tail = jnp.arange(S)[None, :, None] >= L
   wo, x, g = _r(3, D, Hq * Dh) / 22, _r(4, D), 1.0 + 0.1 * _r(5, D)
   ws = [_r(6 + i, F, D) / 11 for i in range(3)]
   ref = attention_out_mlp(q, kc, vc, L, wo, x, g, *ws, scale=0.125, eps=EPS, impl="xla")
-  for bk in (128, 64):
-    out = attention_out_mlp(q, jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.nan, vc), L,
-                            wo, x, g, *ws, scale=0.125, eps=EPS, impl="pallas", interpret=M,
-                            attn_block=dict(num_splits=4),
-                            o_block=dict(block_n=64, block_k=bk, split_k=2), block_f=64,
-                            block_k=64, block_d=64)
-    _close(out, ref, L + Hq * Dh + F, f"attention_out_mlp block_k={bk}")
+  out = attention_out_mlp(q, jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.nan, vc), L, wo,
+                          x, g, *ws, scale=0.125, eps=EPS, impl="pallas", interpret=M,
+                          attn_block=dict(num_splits=4),
+                          o_block=dict(block_n=64, block_k=bk, split_k=2), block_f=64,
+                          block_k=64, block_d=64)
+  _close(out, ref, L + Hq * Dh + F, f"attention_out_mlp Dh={Dh} block_k={bk}")
 
 
 def test_rope_and_attention_mosaic():
