@@ -84,6 +84,12 @@ def _gemv_cases(dt):
                                                    w_down_scale_D=sc[2], **b),
           [w(7, F, D), w(8, F, D), w(9, F, D) * np.sqrt(D / F)],
           [("w_gate_scale_F", 1), ("w_up_scale_F", 1), ("w_down_scale_D", 0)], F),
+      "rmsnorm_swiglu w_down_t_DF": (
+          lambda impl, ws, sc, **b: rmsnorm_swiglu(x, g, ws[0], ws[1], w_down_t_DF=ws[2],
+                                                   eps=EPS, impl=impl, w_gate_scale_F=sc[0],
+                                                   w_up_scale_F=sc[1], w_down_scale_D=sc[2], **b),
+          [w(7, F, D), w(8, F, D), w(9, D, F)],
+          [("w_gate_scale_F", 1), ("w_up_scale_F", 1), ("w_down_scale_D", 1)], F),
       "lm_head_argmax": (
           lambda impl, ws, sc, **b: lm_head_argmax(x, g, ws[0], eps=EPS, impl=impl,
                                                    w_scale_V=sc[0], **b),
@@ -118,6 +124,7 @@ def _gemv_cases(dt):
 BLOCKS = {"rmsnorm_qkv": [dict(split_k=1), dict(split_k=2), dict()],
           "out_proj_residual": [dict(split_k=1), dict(split_k=3)],
           "rmsnorm_swiglu": [dict(store_once=False), dict(store_once=True)],
+          "rmsnorm_swiglu w_down_t_DF": [dict(store_once=False), dict(store_once=True)],
           "lm_head_argmax": [dict()],
           "qkv_rope_append": [dict(split_k=1), dict(split_k=2)],
           "out_proj_mlp": [dict(o_block=dict(block_n=64, block_k=64, split_k=1)),
@@ -126,6 +133,7 @@ BLOCKS = {"rmsnorm_qkv": [dict(split_k=1), dict(split_k=2), dict()],
           "attention_out_mlp": [dict(o_block=dict(block_n=64, block_k=64, split_k=3),
                                      attn_block=dict(num_splits=2))]}
 SMALL = {"rmsnorm_swiglu": dict(block_f=64, block_k=64, block_d=64),
+         "rmsnorm_swiglu w_down_t_DF": dict(block_f=64, block_k=64, block_d=64),
          "out_proj_mlp": dict(block_f=64, block_k=64, block_d=64),
          "attention_out_mlp": dict(block_f=64, block_k=64, block_d=64)}
 

@@ -54,15 +54,23 @@ def test_decode_step_lowers_for_cuda(name, quantize, share):
   assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("D,F", [(2048, 8192), (4096, 14336)])
-def test_mlp_store_once_lowers_for_cuda(D, F):
-  """The MLP variant that buffers its partial row in SMEM (store_once=True, to be timed
-  against the default by `jaxlab bench decode --ops --sweep`) lowers at the bench shapes."""
+@pytest.mark.parametrize("D,F,down_t,dt", [(2048, 8192, False, jnp.bfloat16),
+                                            (4096, 14336, False, jnp.bfloat16),
+                                            (2048, 8192, True, jnp.bfloat16),
+                                            (4096, 14336, True, jnp.int8)])
+def test_mlp_variants_lower_for_cuda(D, F, down_t, dt):
+  """The MLP variants the sweep times against the default (`jaxlab bench decode --ops
+  --sweep`) lower at the bench shapes: the partial row buffered in SMEM (store_once) and
+  W_down^T [D, F] (row-reduced down blocks; bf16 and int8)."""
   from kernels.rmsnorm_swiglu import pallas
-  bf = jnp.bfloat16
-  lowered = _lower(lambda *a: pallas.rmsnorm_swiglu(*a, eps=1e-6, mode="compile", store_once=True),
-                   SD((D,), bf), SD((D,), bf), SD((F, D), bf), SD((F, D), bf), SD((F, D), bf))
-  assert "mosaic_gpu" in lowered.as_text()
+  bf, f32 = jnp.bfloat16, jnp.float32
+  scales = (SD((F,), f32), SD((F,), f32), SD((D,), f32)) if dt == jnp.int8 else ()
+  for once in (False, True):
+    lowered = _lower(lambda *a: pallas.rmsnorm_swiglu(*a, eps=1e-6, mode="compile",
+                                                      store_once=once, down_t=down_t),
+                     SD((D,), bf), SD((D,), bf), SD((F, D), dt), SD((F, D), dt),
+                     SD((D, F) if down_t else (F, D), dt), *scales)
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("dk,gdn", [(64, False), (128, True)])

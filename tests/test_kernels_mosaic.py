@@ -57,6 +57,10 @@ def test_gemv_kernels_mosaic():
     _close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,
                           block_k=64, block_d=64, store_once=once),
            rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla"), F, f"mlp store_once={once}")
+    _close(rmsnorm_swiglu(x, g, wg, wu, w_down_t_DF=wd.T, eps=EPS, impl="pallas", interpret=M,
+                          block_f=64, block_k=64, block_d=64, store_once=once),
+           rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla"), F,
+           f"mlp w_down_t_DF store_once={once}")
   E = _r(9, V, D) / 11
   lg, tk = lm_head_argmax(x, g, E, eps=EPS, impl="pallas", interpret=M, block_n=64)
   lr, tr = lm_head_argmax(x, g, E, eps=EPS, impl="xla")

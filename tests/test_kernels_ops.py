@@ -112,6 +112,18 @@ def test_rmsnorm_swiglu():
     f = jax.jit(functools.partial(rmsnorm_swiglu, eps=EPS, impl="pallas", block_f=64,
                                   block_k=64, block_d=64, store_once=once))
     _close(f(x, g, wg, wu, wd), ref, F, f"rmsnorm_swiglu store_once={once}")
+    # W_down^T [D, F] (row-reduced down blocks), Pallas and the reference.
+    ft = jax.jit(lambda *a: rmsnorm_swiglu(*a, w_down_t_DF=wd.T, eps=EPS, impl="pallas",
+                                           block_f=64, block_k=64, block_d=64, store_once=once))
+    _close(ft(x, g, wg, wu), ref, F, f"rmsnorm_swiglu w_down_t_DF store_once={once}")
+  _close(rmsnorm_swiglu(x, g, wg, wu, w_down_t_DF=wd.T, eps=EPS, impl="xla"), ref, F,
+         "reference with w_down_t_DF")
+  with pytest.raises(ValueError, match="pass the down weight once"):
+    rmsnorm_swiglu(x, g, wg, wu, wd, w_down_t_DF=wd.T, eps=EPS, impl="pallas")
+  with pytest.raises(ValueError, match="pass the down weight once"):
+    rmsnorm_swiglu(x, g, wg, wu, eps=EPS, impl="xla")
+  with pytest.raises(ValueError, match=r"w_down_t_DF \(256, 128\) must be \[128, 256\]"):
+    rmsnorm_swiglu(x, g, wg, wu, w_down_t_DF=wd, eps=EPS, impl="pallas")
 
 
 def test_lm_head_argmax_values_and_ties():

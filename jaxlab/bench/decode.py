@@ -592,6 +592,22 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args,
               nbytes["rmsnorm_swiglu int8"]))
+    # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
+    # of across the warpgroup's warps; bf16 and int8, both stores.
+    from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
+    for name in ("rmsnorm_swiglu", "rmsnorm_swiglu int8"):
+      _, a, _ = cases[name]
+      xa, ga, wga, wua, wda = a[:5]
+      sc = dict(zip(("w_gate_scale_F", "w_up_scale_F", "w_down_scale_D"), a[5:]))
+      targs = (xa, ga, wga, wua, jnp.asarray(wda.T), *sc.values())
+      for once in (False, True):
+        def fn(x_, g_, wg_, wu_, wdt_, *s_, once=once):
+          return mlp_op(x_, g_, wg_, wu_, w_down_t_DF=wdt_, eps=1e-6, impl="pallas",
+                        interpret=interpret, store_once=once, **dict(zip(sc, s_)),
+                        **opts.get("rmsnorm_swiglu", {}))
+        sw[f"{name} w_down_t_DF store_once={once}"] = _guarded(
+            f"sweep {name} w_down_t_DF store_once={once}",
+            lambda: timed(fn, targs, nbytes[name]))
     for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
       make, args, elems = cases[op]
       for st in (2, 3, 4):

@@ -41,10 +41,25 @@ def finish_x(resid, part_SD, w_scale_D=None):
   return (resid.astype(jnp.float32) + y).astype(resid.dtype)
 
 
-def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts):
+def _row_to_col(ctx: C.Ctx, v, n: int):
+  """[n] vector in the row layout (one value per WGMMA row) -> the column layout."""
+  if ctx.interpret:
+    return v
+
+  def body(s):
+    s[...] = v
+    C.plgpu.commit_smem()   # includes the warpgroup barrier: every thread's value is in
+    return ctx.ld(s, C.COL)
+
+  return pl.run_scoped(body, C.plgpu.SMEM((n,), jnp.float32))
+
+
+def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts,
+          down_t=False):
   """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
   projection's S_o split-K partial rows [S_o, D] (and its int8 row scale), and is
-  finished block by block as it streams (finish_x)."""
+  finished block by block as it streams (finish_x). down_t: the down weight is W_down^T
+  [D, F] (see below)."""
   refs = list(refs)
   if x_parts:
     S_o, has_oscale = x_parts
@@ -102,11 +117,23 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if jnp.dtype(op_dtype) != jnp.float32:
     h = h.astype(op_dtype).astype(f32)
 
-  down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
-                               transforms=C.tile_transforms(BD, wd_g.dtype))
+  if down_t:
+    # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
+    # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
+    # over rows, i.e. across the warpgroup's four warps (through SMEM). h moves from the
+    # row layout to the column layout once, through SMEM.
+    hc = _row_to_col(ctx, h, BF)
+    down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p),
+                                 transforms=C.tile_transforms(BF, wd_g.dtype))
 
-  def down_product(wd_s):
-    return jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)
+    def down_product(wd_s):
+      return jnp.sum(wd_s[...].astype(f32) * C.bcast_rows(hc, (BD, BF)), axis=1)
+  else:
+    down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
+                                 transforms=C.tile_transforms(BD, wd_g.dtype))
+
+    def down_product(wd_s):
+      return jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)
 
   if store_once and ctx.tma:
     # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
@@ -131,10 +158,11 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
 
 
-def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, scales, *, eps, mode,
-          block_f: int | None = None, block_k: int | None = None, block_d: int | None = None,
-          stages: int = 2, store_once: bool = False):
-  """The kernel's [F/BF, D] fp32 partial rows of the down projection."""
+def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps, mode,
+          down_t: bool = False, block_f: int | None = None, block_k: int | None = None,
+          block_d: int | None = None, stages: int = 2, store_once: bool = False):
+  """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
+  [F, D], or W_down^T [D, F] with down_t=True."""
   F, D = w_gate_t_FD.shape
   interp = mode != "compile"
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
@@ -146,10 +174,11 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, scales, *, 
   int8 = scales[0] is not None
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
-                            store_once=store_once, int8=int8, x_parts=x_parts),
+                            store_once=store_once, int8=int8, x_parts=x_parts,
+                            down_t=down_t),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu")
-  args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD)
+  args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
   return kern(*args, scales[0], scales[1]) if int8 else kern(*args)
 
 
@@ -160,10 +189,11 @@ def _finish(x, part_PD, w_down_scale_D):
   return (x.astype(jnp.float32) + y).astype(x.dtype)
 
 
-def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, w_gate_scale_F=None,
+def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=None,
                    w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str, **block):
-  """block: block_f, block_k, block_d, stages, store_once (see _call)."""
-  part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD,
+  """w_down: W_down [F, D], or W_down^T [D, F] with down_t=True. block: down_t,
+  block_f, block_k, block_d, stages, store_once (see _call)."""
+  part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
   return _finish(x_D, part, w_down_scale_D)
 

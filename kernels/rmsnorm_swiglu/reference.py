@@ -11,13 +11,17 @@ from kernels._reference import gemv
 from kernels.rmsnorm_qkv.reference import rms_scale
 
 
-def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, *, eps: float,
-                   w_gate_scale_F=None, w_up_scale_F=None, w_down_scale_D=None):
+def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD=None, *, eps: float,
+                   w_down_t_DF=None, w_gate_scale_F=None, w_up_scale_F=None,
+                   w_down_scale_D=None):
   f32 = jnp.float32
   act = x_D.dtype   # the operand dtype of int8 weights
   xn = x_D.astype(f32) * rms_scale(x_D, eps) * scale_D.astype(f32)
   gate = gemv("fd,d->f", w_gate_t_FD, xn, w_gate_scale_F, act_dtype=act)
   up = gemv("fd,d->f", w_up_t_FD, xn, w_up_scale_F, act_dtype=act)
   h = jax.nn.silu(gate) * up
-  y = gemv("fd,f->d", w_down_FD, h, w_down_scale_D, act_dtype=act)
+  if w_down_t_DF is not None:    # W_down^T [D, F]
+    y = gemv("df,f->d", w_down_t_DF, h, w_down_scale_D, act_dtype=act)
+  else:
+    y = gemv("fd,f->d", w_down_FD, h, w_down_scale_D, act_dtype=act)
   return (x_D.astype(f32) + y).astype(x_D.dtype)
