@@ -6,8 +6,9 @@
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights, the fused
 #      ops) + 64 greedy tokens pallas == xla
 #   2. jaxlab bench decode --config llama-1b-bench (variants: the fused Pallas step
-#      against pallas-unfused, shared layers and int8 weight-only; per-op table incl. the
-#      fused ops, sweep, profile); then which kernels of the step run inside XLA's
+#      against pallas-unfused and shared layers; B1_VARIANTS=...,pallas-int8 adds int8
+#      (~1 min); per-op table incl. the fused ops and int8 rows, sweep incl. W_down^T,
+#      profile); then which kernels of the step run inside XLA's
 #      command buffers (THUNKS=0 skips it, ~2 min) and, for the XLA baseline, the cache
 #      row write as one scatter (WRITE=0 skips it, ~45 s); with HYBRID=1 also
 #      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)
@@ -43,14 +44,14 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 } > "$OUT/env.txt" 2>&1
 stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
-timeout -s INT ${PYTEST_TIMEOUT:-100} $PY -m pytest tests/test_kernels_ops.py \
+timeout -s INT ${PYTEST_TIMEOUT:-130} $PY -m pytest tests/test_kernels_ops.py \
   tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_int8.py \
   -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 PROF=$(mktemp -d)
-timeout ${B1_TIMEOUT:-300} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
-  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-unfused,pallas-shared,pallas-int8} \
+timeout ${B1_TIMEOUT:-290} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
+  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-unfused,pallas-shared} \
   --profile "$PROF" \
   --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
@@ -63,7 +64,7 @@ if [ "${THUNKS:-1}" != 0 ]; then
   { echo; echo "=== thunks: kernels inside / outside command buffers ==="; } >> "$OUT/llama-1b.txt"
   for v in xla-unrolled pallas; do
     D=$(mktemp -d)
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-60} $PY -m \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-55} $PY -m \
       jaxlab.bench.decode --config llama-1b-bench --variants $v --steps 8 --repeats 1 \
       --warmup 1 > /dev/null 2>&1
     echo "--- $v" >> "$OUT/llama-1b.txt"
