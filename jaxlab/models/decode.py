@@ -12,7 +12,10 @@ One decode step of the jaxlab LM, op by op, each behind an explicit impl:
 
 impl="xla" runs the XLA references of the same ops (fp32 norms, softmax and
 accumulation; operands in the weights' dtype: a plain-XLA decode step),
-impl="pallas" the Mosaic-GPU kernels (interpreted on CPU).
+impl="pallas" the Mosaic-GPU kernels (interpreted on CPU), by default fused across
+op boundaries (FUSIONS below): an attention layer is qkv_rope_append (QKV GEMV, then
+RoPE + in-place cache append) and attention_out_mlp (attention, the O-projection GEMV
+with the split-K merge inside, the MLP), five kernels and one XLA reduction.
 
 Usage (what `jaxlab generate --impl pallas` does):
 
