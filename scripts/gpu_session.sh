@@ -6,9 +6,9 @@
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights, the fused
 #      ops) + 64 greedy tokens pallas == xla
 #   2. jaxlab bench decode --config llama-1b-bench (variants: the fused Pallas step
-#      against pallas-unfused and shared layers; B1_VARIANTS=...,pallas-int8 adds int8
-#      (~1 min); per-op table incl. the fused ops and int8 rows, sweep incl. W_down^T,
-#      profile); then which kernels of the step run inside XLA's
+#      against pallas-unfused and shared layers; B1_VARIANTS=...,pallas-int8 adds int8,
+#      ...,pallas-down-t the step with W_down^T (~1 min each); per-op table incl. the fused
+#      ops and int8 rows, sweep incl. W_down^T, profile); then which kernels of the step run inside XLA's
 #      command buffers (THUNKS=0 skips it, ~2 min) and, for the XLA baseline, the cache
 #      row write as one scatter (WRITE=0 skips it, ~45 s); with HYBRID=1 also
 #      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)

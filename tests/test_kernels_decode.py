@@ -292,3 +292,23 @@ def test_unfused_pallas_step_decodes_the_same(model, reference_tokens, gated, ga
         decode_greedy(m, PROMPT, N, impl="pallas", kernel_options=opts), want)
     dec = make_decoder(m, "pallas", MAX_LEN, kernel_options=opts)
     _full_cache_is_refused(dec, dec.prefill(PROMPT)[1])
+
+
+@pytest.mark.parametrize("impl,layers,quantize", [("pallas", "unrolled", None),
+                                                  ("xla", "scan", None),
+                                                  ("pallas", "unrolled", "int8")])
+def test_transposed_down_weight_decodes_the_same(model, reference_tokens, impl, layers,
+                                                 quantize):
+  """kernel_options={"layout": {"w_down": "DF"}}: the decode weights hold W_down^T [D, F]
+  (the MLP kernels reduce each down block along rows); same tokens as with [F, D]."""
+  opts = {"layout": {"w_down": "DF"}}
+  want = (reference_tokens if quantize is None else
+          decode_greedy(model, PROMPT, N, impl=impl, layers=layers, quantize=quantize))
+  got = decode_greedy(model, PROMPT, N, impl=impl, layers=layers, quantize=quantize,
+                      kernel_options=opts)
+  np.testing.assert_array_equal(got, want)
+  w = make_decoder(model, impl, MAX_LEN, layers=layers, kernel_options=opts).weights["layers"]
+  lw = w if layers == "scan" else w[0]
+  assert "w_down" not in lw and lw["w_down_t"].shape[-2:] == (CFG.d_model, CFG.hidden_dim)
+  with pytest.raises(ValueError, match="kernel_options\\['layout'\\]"):
+    make_decoder(model, impl, MAX_LEN, kernel_options={"layout": {"w_down": "T"}})

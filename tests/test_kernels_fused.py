@@ -141,6 +141,13 @@ def test_out_proj_mlp(o_split, store_once):
       out_proj_mlp, eps=EPS, impl="pallas", o_block=dict(block_n=64, block_k=64, split_k=o_split),
       block_f=64, block_k=64, block_d=64, store_once=store_once))(*args)
   _close(out, ref, M + F, "out_proj_mlp")
+  if o_split == 3:   # the down weight as W_down^T [D, F], both impls
+    o, wo, r, g, wg, wu, wd = args
+    f_t = lambda impl, **k: out_proj_mlp(o, wo, r, g, wg, wu, w_down_t_DF=wd.T, eps=EPS,
+                                         impl=impl, **k)
+    _close(f_t("xla"), ref, M + F, "out_proj_mlp reference, w_down_t_DF")
+    _close(f_t("pallas", o_block=dict(block_n=64, block_k=64, split_k=3), block_f=64,
+               block_k=64, block_d=64), ref, M + F, "out_proj_mlp w_down_t_DF")
 
 
 def test_out_proj_mlp_in_bf16_matches_the_unfused_kernels():
@@ -219,6 +226,13 @@ def test_attention_out_mlp(Hq, Hkv, Dh, o_block, splits, bias):
           *poisoned, bias_HS=b)
   # Longest reductions: attention over L slots, O over Hq * Dh, the MLP's down over F.
   _close(out, ref, L + Hq * Dh + F, "attention_out_mlp")
+  if bias:   # the down weight as W_down^T [D, F]
+    *head, wd = poisoned
+    out_t = attention_out_mlp(*head, w_down_t_DF=wd.T, bias_HS=b, impl="pallas",
+                              attn_block=dict(num_splits=splits, block_s=64),
+                              o_block=dict(block_n=64, **o_block), block_f=64, block_k=64,
+                              block_d=64, **kw)
+    _close(out_t, ref, L + Hq * Dh + F, "attention_out_mlp w_down_t_DF")
 
 
 def test_attention_out_mlp_in_bf16_matches_the_unfused_kernels():

@@ -244,3 +244,20 @@ def test_qkv_rope_kernel_rejects_shapes_it_cannot_compile():
         x, g, w, None, c, s, k, v, 0, eps=1e-6, n_heads=6, n_kv_heads=2, mode="compile"),
         SD((128,), f32), SD((128,), f32), SD((320, 128), f32), SD((32,), f32), SD((32,), f32),
         SD((2, 64, 32), f32), SD((2, 64, 32), f32))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_transposed_down_step_lowers_for_cuda(quantize):
+  """The 1B step with W_down^T in its weights (kernel_options={"layout": {"w_down": "DF"}},
+  fused and unfused MLP paths) lowers for CUDA."""
+  kw = dict(CONFIGS["llama-1b-bench"][0], n_layers=1)
+  cfg = ModelConfig(**kw)
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize, "DF"))
+  assert weights["layers"][0]["w_down_t"].shape == (cfg.d_model, cfg.hidden_dim)
+  for fuse in (True, False):
+    opts = {"layout": {"w_down": "DF"}, "fuse": {"out_mlp": fuse, "attn_out": fuse}}
+    step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
+    state = jax.eval_shape(lambda: init_state(cfg, S))
+    text = step.trace(weights, state, SD((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -16,6 +16,8 @@ Variants (each decodes the same greedy continuation from the same cache):
                 and RoPE / append, attention, O-projection and MLP as separate ops with
                 their XLA epilogues and the attention merge between them), to measure
                 what the fusions save
+  pallas-down-t pallas with W_down^T [D, F] in the weights (kernel_options layout): the
+                MLP kernels reduce each down block along rows instead of across warps
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -66,7 +68,7 @@ CONFIGS["gated-tiny"] = (dict(
     CONFIGS["tiny"][0], n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
-            "pallas-shared", "pallas-int8-shared", "pallas-unfused")
+            "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -77,10 +79,12 @@ _DECODER_VARIANTS = {
     "xla-int8": ("xla", "unrolled", "int8", False),
     "pallas-shared": ("pallas", "unrolled", None, True),
     "pallas-int8-shared": ("pallas", "unrolled", "int8", True),
-    "pallas-unfused": ("pallas", "unrolled", None, False)}
+    "pallas-unfused": ("pallas", "unrolled", None, False),
+    "pallas-down-t": ("pallas", "unrolled", None, False)}
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
-                                                 "attn_out": False}}}
+                                                 "attn_out": False}},
+                    "pallas-down-t": {"layout": {"w_down": "DF"}}}
 
 
 def add_arguments(p: argparse.ArgumentParser):

@@ -76,7 +76,12 @@ QUANTIZE = (None, "int8")
 # one fp32 scale per output channel (kernels.quant).
 INT8_SCALES = {"w_qkv_t": ("w_qkv_scale", 1), "w_o_t": ("w_o_scale", 1),
                "w_gate_t": ("w_gate_scale", 1), "w_up_t": ("w_up_scale", 1),
-               "w_down": ("w_down_scale", 0), "w_head_t": ("w_head_scale", 1)}
+               "w_down": ("w_down_scale", 0), "w_down_t": ("w_down_scale", 1),
+               "w_head_t": ("w_head_scale", 1)}
+# Where the MLP's down weight lives in the decode weights: "FD" (W_down [F, D], "w_down",
+# the default) or "DF" (W_down^T [D, F], "w_down_t": the Pallas MLP then reduces each down
+# block along rows; kernel_options={"layout": {"w_down": "DF"}}, to be timed).
+DOWN_LAYOUTS = ("FD", "DF")
 SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 
 
@@ -123,18 +128,21 @@ def _check_args(impl: str, max_len: int, layers: str):
     raise ValueError(f"make_decoder: max_len must be a positive integer, got {max_len!r}")
 
 
-def prepare_weights(model, quantize: str | None = None) -> dict[str, Any]:
+def prepare_weights(model, quantize: str | None = None, w_down: str = "FD") -> dict[str, Any]:
   """Decode-layout copies of the model's parameters (done once per decoder).
 
   GEMV weights are stored [out, in] so each output is one contiguous row;
   Q, K and V are concatenated into one matrix (one GEMV); the down projection
-  keeps its natural [F, D] layout (the MLP kernel splits over F).
+  keeps its natural [F, D] layout (the MLP kernel splits over F), or with w_down="DF"
+  is stored transposed as "w_down_t" [D, F].
   quantize="int8": the kernels' GEMV weights (QKV, output projection, MLP, LM head)
   become int8 with one fp32 scale per output channel (INT8_SCALES); norms, the
   embedding lookup and the PaTH / log-linear mixers' own projections stay as they are.
   """
   if quantize not in QUANTIZE:
     raise ValueError(f"unknown quantize {quantize!r} (known: None, 'int8')")
+  if w_down not in DOWN_LAYOUTS:
+    raise ValueError(f"unknown w_down layout {w_down!r} (known: {', '.join(DOWN_LAYOUTS)})")
   cfg: ModelConfig = model.cfg
   kinds = layer_kinds(cfg)
   _check_model(cfg)
@@ -146,8 +154,11 @@ def prepare_weights(model, quantize: str | None = None) -> dict[str, Any]:
         mlp_norm=blk.post_norm.scale[...],
         w_gate_t=jnp.asarray(mlp.gate_proj.kernel[...].T),
         w_up_t=jnp.asarray(mlp.up_proj.kernel[...].T),
-        w_down=mlp.down_proj.kernel[...],
     )
+    if w_down == "FD":
+      lw["w_down"] = mlp.down_proj.kernel[...]
+    else:
+      lw["w_down_t"] = jnp.asarray(mlp.down_proj.kernel[...].T)
     if kind != "attention":   # the mixer's own parameters drive its projections
       lw["mixer"] = nnx.state(att)
       if kind == "path":
@@ -272,7 +283,8 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
   if _attn_out_fused(spec, lw):
     from kernels.attention_out_mlp import attention_out_mlp
     y = attention_out_mlp(q, k, v, length, lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
-                          lw["w_up_t"], lw["w_down"], scale=spec.head_dim ** -0.5, eps=spec.eps,
+                          lw["w_up_t"], lw.get("w_down"), w_down_t_DF=lw.get("w_down_t"),
+                          scale=spec.head_dim ** -0.5, eps=spec.eps,
                           w_o_scale_D=lw.get("w_o_scale"), **_mlp_scales(lw),
                           attn_block=spec.opts("decode_attention"),
                           o_block=spec.opts("out_proj_residual"), **kw,
@@ -299,7 +311,8 @@ def _out_mlp(spec: _Spec, lw, o, x, kw):
     return _mlp(spec, lw, _out_proj(spec, lw, o, x, kw), kw)
   from kernels.out_proj_mlp import out_proj_mlp
   return out_proj_mlp(o.reshape(-1), lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
-                      lw["w_up_t"], lw["w_down"], eps=spec.eps, w_o_scale_D=lw.get("w_o_scale"),
+                      lw["w_up_t"], lw.get("w_down"), w_down_t_DF=lw.get("w_down_t"),
+                      eps=spec.eps, w_o_scale_D=lw.get("w_o_scale"),
                       **_mlp_scales(lw), o_block=spec.opts("out_proj_residual"), **kw,
                       **spec.opts("rmsnorm_swiglu"))
 
@@ -340,7 +353,8 @@ def _mlp_scales(lw) -> dict:
 
 def _mlp(spec: _Spec, lw, x, kw):
   *_, rmsnorm_swiglu, _ = _ops()
-  return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
+  return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw.get("w_down"),
+                        w_down_t_DF=lw.get("w_down_t"),
                         eps=spec.eps, **_mlp_scales(lw), **kw, **spec.opts("rmsnorm_swiglu"))
 
 
@@ -491,7 +505,8 @@ def _step_scan(spec: _Spec, weights, state, token):
     V = jax.lax.dynamic_update_slice(V, v, (l, 0, at, 0))
     o = decode_attention(q, K[l], V[l], length, scale=spec.head_dim ** -0.5)
     x = out_proj_residual(o.reshape(-1), lw["w_o_t"], x, lw.get("w_o_scale"))
-    x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw["w_down"],
+    x = rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw.get("w_down"),
+                       w_down_t_DF=lw.get("w_down_t"),
                        eps=spec.eps, **_mlp_scales(lw))
     return (x, K, V, l + 1), None
 
@@ -548,7 +563,9 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   (stacked layers, impl="xla" only: a Pallas kernel inside a scan would get a
   copied per-layer slice as its operand).
   kernel_options: per-op options, e.g. {"decode_attention": {"num_splits": 8}} (Pallas
-  block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls).
+  block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls);
+  {"fuse": {name: bool}} (FUSIONS); {"layout": {"w_down": "DF"}} (W_down^T in the weights,
+  DOWN_LAYOUTS).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest
@@ -559,7 +576,8 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   cfg: ModelConfig = model.cfg
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
                                      kernel_options=kernel_options, share_layers=share_layers)
-  weights = prepare_weights(model, quantize)
+  layout = dict((kernel_options or {}).get("layout", {}))
+  weights = prepare_weights(model, quantize, w_down=layout.get("w_down", "FD"))
   if layers == "scan":
     weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
   graphdef, mstate = nnx.split(model)
@@ -581,6 +599,10 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
   if bad:
     raise ValueError(f"kernel_options['fuse']: unknown fusion(s) {', '.join(sorted(bad))} "
                      f"(known: {', '.join(FUSIONS)})")
+  layout = dict((kernel_options or {}).get("layout", {}))
+  if set(layout) - {"w_down"} or layout.get("w_down", "FD") not in DOWN_LAYOUTS:
+    raise ValueError(f"kernel_options['layout']: {layout} (known: w_down in "
+                     f"{', '.join(DOWN_LAYOUTS)})")
   kinds = layer_kinds(cfg)
   if layers == "scan" and set(kinds) != {"attention"}:
     raise ValueError("make_decoder: layers='scan' supports attention layers only "

@@ -22,7 +22,7 @@ from kernels.rmsnorm_swiglu.pallas import rmsnorm_swiglu_from_parts
 
 
 def attention_out_mlp(q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D, scale_D,
-                      w_gate_t_FD, w_up_t_FD, w_down_FD, bias_HS=None, w_o_scale_D=None,
+                      w_gate_t_FD, w_up_t_FD, w_down, bias_HS=None, w_o_scale_D=None,
                       w_gate_scale_F=None, w_up_scale_F=None, w_down_scale_D=None, *,
                       scale: float, eps: float, mode: str, attn_block=None, o_block=None,
                       **block):
@@ -34,5 +34,5 @@ def attention_out_mlp(q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D,
                                     w_o_t_DM, dtype=q_HD.dtype, mode=mode,
                                     name="out_proj_residual", **dict(o_block or {}))
   return rmsnorm_swiglu_from_parts(resid_D, part, w_o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
-                                   w_down_FD, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
+                                   w_down, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
                                    eps=eps, mode=mode, **block)

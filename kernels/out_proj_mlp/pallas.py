@@ -13,11 +13,11 @@ from kernels import _gemv
 from kernels.rmsnorm_swiglu.pallas import rmsnorm_swiglu_from_parts
 
 
-def out_proj_mlp(o_M, w_o_t_DM, resid_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD,
+def out_proj_mlp(o_M, w_o_t_DM, resid_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                  w_o_scale_D=None, w_gate_scale_F=None, w_up_scale_F=None, w_down_scale_D=None,
                  *, eps: float, mode: str, o_block=None, **block):
   part, _ = _gemv.gemv_partials(o_M, w_o_t_DM, mode=mode, name="out_proj_residual",
                                 **dict(o_block or {}))
   return rmsnorm_swiglu_from_parts(resid_D, part, w_o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
-                                   w_down_FD, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
+                                   w_down, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
                                    eps=eps, mode=mode, **block)

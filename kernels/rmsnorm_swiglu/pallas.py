@@ -199,13 +199,13 @@ def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=
 
 
 def rmsnorm_swiglu_from_parts(resid_D, opart_SD, o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
-                              w_down_FD, w_gate_scale_F=None, w_up_scale_F=None,
+                              w_down, w_gate_scale_F=None, w_up_scale_F=None,
                               w_down_scale_D=None, *, eps: float, mode: str, **block):
   """rmsnorm_swiglu(finish_x(resid, opart, o_scale)) with x finished inside the kernel
   (no XLA kernel between the output projection and the MLP); the final XLA sum finishes
   x again, identically, for the residual."""
   extra = (o_scale_D.astype(jnp.float32),) if o_scale_D is not None else ()
   part = _call((resid_D, opart_SD) + extra, (opart_SD.shape[0], o_scale_D is not None),
-               scale_D, w_gate_t_FD, w_up_t_FD, w_down_FD, (w_gate_scale_F, w_up_scale_F),
+               scale_D, w_gate_t_FD, w_up_t_FD, w_down, (w_gate_scale_F, w_up_scale_F),
                eps=eps, mode=mode, **block)
   return _finish(finish_x(resid_D, opart_SD, o_scale_D), part, w_down_scale_D)
