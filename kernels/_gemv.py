@@ -84,37 +84,34 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
 
-  def step(_, *args):
+  def vector(idx, vec_s):
+    """This step's [BK] slice of the vector, fp32, column layout."""
+    if not merge:
+      return ctx.ld(vec_s[0], C.COL).astype(f32)
+    j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
+    return _merged_block(ctx, *vec_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype)
+
+  def step(idx, *args):
+    *vec_s, w_s, (acc, ss) = args
     if has_norm:
-      v_s, g_s, w_s, (acc, ss) = args
-    else:
-      v_s, w_s, (acc, ss) = args
-    v = ctx.ld(v_s, C.COL).astype(f32)
+      *vec_s, g_s = vec_s
+    v = vector(idx, vec_s)
     vg = v * ctx.ld(g_s, C.COL).astype(f32) if has_norm else v
-    w = w_s[...].astype(f32)
-    acc = acc + jnp.sum(w * C.bcast_rows(vg, (BN, BK)), axis=1)
+    acc = acc + jnp.sum(w_s[...].astype(f32) * C.bcast_rows(vg, (BN, BK)), axis=1)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
   w_spec = C.plgpu.BlockSpec((BN, BK), lambda k: (n, s * ks + k),
                              transforms=C.tile_transforms(BK, w_g.dtype))
-  if merge:
-    Hs = K // S // Dh                        # heads in this CTA's K slice
-
-    def step(idx, op_s, m_s, l_s, w_s, carry):
-      acc, ss = carry
-      j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
-      v = _merged_block(ctx, op_s, m_s, l_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype)
-      acc = acc + jnp.sum(w_s[...].astype(f32) * C.bcast_rows(v, (BN, BK)), axis=1)
-      return acc, ss
-
-    ml_spec = lambda: C.plgpu.BlockSpec((P, Hs), lambda k: (0, s))
-    in_specs = [C.plgpu.BlockSpec((P, BK), lambda k: (0, s * ks + k)), ml_spec(), ml_spec(),
-                w_spec]
-    ins = [op_g, m_g, l_g, w_g]
+  if merge:   # o_p columns, and the (m, l) rows of this CTA's heads (K / S / Dh of them)
+    ml_spec = lambda: C.plgpu.BlockSpec((P, K // S // Dh), lambda k: (0, s))
+    in_specs = [C.plgpu.BlockSpec((P, BK), lambda k: (0, s * ks + k)), ml_spec(), ml_spec()]
+    ins = [op_g, m_g, l_g]
   else:
-    in_specs = [vec_spec()] + ([vec_spec()] if has_norm else []) + [w_spec]
-    ins = [v_g] + ([g_g] if has_norm else []) + [w_g]
+    in_specs = [vec_spec()] + ([vec_spec()] if has_norm else [])
+    ins = [v_g] + ([g_g] if has_norm else [])
+  in_specs.append(w_spec)
+  ins.append(w_g)
   carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
   acc, ss = ctx.pipeline(step, grid=(ks,), in_specs=in_specs, stages=stages,
                          init_carry=carry0)(*ins)

@@ -156,7 +156,8 @@ def test_hybrid_decode_step_lowers_for_cuda(dtype, pattern):
 def test_rope_kernel_names_the_bf16_shape_it_cannot_compile():
   from kernels.rope_append import pallas
   bf = jnp.bfloat16
-  with pytest.raises(ValueError, match="rope kernel: 12 q\\+k heads x head_dim 64 in bfloat16"):
+  with pytest.raises(ValueError,
+                     match="rope kernel: 12 heads x head_dim 64 in bfloat16 \\(n = 384\\)"):
     _lower(lambda qkv, c, s, k, v: pallas.rope_append(qkv, c, s, k, v, 0, n_heads=8,
                                                        n_kv_heads=4, mode="compile"),
            SD((16 * 64,), bf), SD((64,), jnp.float32), SD((64,), jnp.float32),

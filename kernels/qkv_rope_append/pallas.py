@@ -19,14 +19,13 @@ from jax.experimental import pallas as pl
 
 from kernels import _common as C
 from kernels import _gemv
+from kernels.rope_append.pallas import rope_table, tile_layout, tile_ok
 
 
 def layout_ok(n_heads: int, n_kv_heads: int, head_dim: int, dtype) -> bool:
   """Whether the finishing kernel compiles for GPU at these shapes: its [H', Dh/2]
-  register tile must fill whole warpgroups (and bf16 at exactly 384 elements does not
-  lower in Mosaic GPU, JAX 0.10.2; see kernels/rope_append/pallas.py)."""
-  n = (n_heads + 2 * n_kv_heads) * head_dim // 2
-  return n % 128 == 0 and not (n == 384 and jnp.dtype(dtype).itemsize == 2)
+  register tile (H' = Hq + 2 Hkv) must pass rope_append's tile rule."""
+  return tile_ok((n_heads + 2 * n_kv_heads) * head_dim // 2, dtype)
 
 
 def _body(*refs, ctx: C.Ctx, Hq, Hkv, S, nb, K, eps, has_wscale, has_bias):
@@ -37,12 +36,7 @@ def _body(*refs, ctx: C.Ctx, Hq, Hkv, S, nb, K, eps, has_wscale, has_bias):
   cs_g, pos_g, _k_in, _v_in, q_g, k_g, vc_g = refs
   f32 = jnp.float32
   _, Hp, _, half = part_g.shape
-  n = Hp * half
-  if not ctx.interpret and not layout_ok(Hq, Hkv, 2 * half, q_g.dtype):
-    raise ValueError(f"qkv_rope_append kernel: (n_heads + 2 n_kv_heads) * head_dim / 2 = {n} "
-                     f"in {q_g.dtype} does not compile for GPU (a multiple of 128, not 384 in "
-                     "bf16); use rmsnorm_qkv + rope_append")
-  lay = C.plgpu.Layout.WG_STRIDED((Hp, half), vec_size=2 if n % 256 == 0 else 1)
+  lay = tile_layout(ctx, Hp, half, q_g.dtype, "qkv_rope_append kernel")
   pos = pos_g[0]
   ok = (pos >= 0) & (pos < k_g.shape[1])
   r = lax.rsqrt(sum(ss_g[s * nb] for s in range(S)) / K + eps)
@@ -105,11 +99,7 @@ def qkv_rope_append(x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD, v_c
                                  **block)
   S = part.shape[0]
   nb = ss.shape[0] // S
-  ones, zeros = jnp.ones((n_kv_heads, half), jnp.float32), jnp.zeros((n_kv_heads, half))
-  cs = jnp.stack([jnp.concatenate([jnp.broadcast_to(a.astype(jnp.float32), (n_heads + n_kv_heads,
-                                                                            half)), pad])
-                  for a, pad in ((cos_D[:half], ones), (cos_D[half:], ones),
-                                 (sin_D[:half], zeros), (sin_D[half:], zeros))])
+  cs = rope_table(cos_D, sin_D, n_heads + n_kv_heads, n_kv_heads)   # v heads: identity
   heads = lambda a, dt: a.astype(dt).reshape(Hp, 2, half)
   extra = []
   if w_scale_N is not None:

@@ -23,23 +23,41 @@ from jax.experimental import pallas as pl
 from kernels import _common as C
 from kernels.rope_append import reference
 
+def tile_ok(n: int, dtype) -> bool:
+  """Whether a [heads, Dh/2] strided register tile of n elements compiles for GPU: whole
+  warpgroups (n a multiple of 128), and not n = 384 in a 2-byte dtype (Mosaic GPU, JAX
+  0.10.2, rejects that store layout; 256, 640, 768, 896, 1024, 1152, 1280, 1536 and fp32
+  384 lower, checked on CPU)."""
+  return n % 128 == 0 and not (n == 384 and jnp.dtype(dtype).itemsize == 2)
+
+
+def tile_layout(ctx: C.Ctx, H: int, half: int, dtype, what: str):
+  """The strided layout of the RoPE kernels' [H, half] operands (one explicit layout for
+  all of them: the default vector width would differ between bf16 halves and fp32 cos/sin);
+  a one-line error for a tile that cannot compile."""
+  n = H * half
+  if not ctx.interpret and not tile_ok(n, dtype):
+    raise ValueError(f"{what}: {H} heads x head_dim {2 * half} in {jnp.dtype(dtype)} "
+                     f"(n = {n}) do not compile for GPU (n must be a multiple of 128, and not "
+                     "384 in bf16)")
+  return C.plgpu.Layout.WG_STRIDED((H, half), vec_size=2 if n % 256 == 0 else 1)
+
+
+def rope_table(cos_D, sin_D, n_rot: int, n_id: int = 0):
+  """[4, n_rot + n_id, Dh/2] fp32: the halves of cos and sin broadcast over n_rot heads,
+  then n_id heads that pass through unrotated (cos = 1, sin = 0)."""
+  half = cos_D.shape[0] // 2
+  rows = lambda a, pad: jnp.concatenate([jnp.broadcast_to(a.astype(jnp.float32), (n_rot, half)),
+                                         jnp.full((n_id, half), pad, jnp.float32)])
+  return jnp.stack([rows(cos_D[:half], 1.0), rows(cos_D[half:], 1.0),
+                    rows(sin_D[:half], 0.0), rows(sin_D[half:], 0.0)])
+
+
 def _rope_regs(x_g, cs_g, *, ctx: C.Ctx, out_dtype):
   """(y1, y2): the rotated first / second halves [H, half] of every q and k head, fp32."""
   f32 = jnp.float32
   H, _, half = x_g.shape
-  # One explicit strided layout for all four [H, half] operands (the default
-  # vector width would differ between the bf16 halves and the fp32 cos/sin).
-  n = H * half
-  vec = 2 if n % 256 == 0 else 1
-  if not ctx.interpret and n % 128:
-    raise ValueError(f"rope kernel: (n_heads + n_kv_heads) * head_dim / 2 = {n} must be a "
-                     "multiple of 128 (one warpgroup) to compile for GPU")
-  if not ctx.interpret and n == 384 and jnp.dtype(out_dtype).itemsize == 2:
-    # Mosaic GPU (JAX 0.10.2) rejects the bf16 store layout at exactly this size; 256, 640,
-    # 768, 896, 1024, 1152, 1280, 1536 and fp32 384 all lower (checked on CPU).
-    raise ValueError(f"rope kernel: {H} q+k heads x head_dim {2 * half} in {out_dtype} "
-                     "(n = 384) do not compile for GPU; fp32 or another head count does")
-  lay = C.plgpu.Layout.WG_STRIDED((H, half), vec_size=vec)
+  lay = tile_layout(ctx, H, half, out_dtype, "rope kernel")
 
   def rope(x_s, cs_s):
     x1 = ctx.ld(x_s, lay, (slice(None), 0, slice(None))).astype(f32)
@@ -112,8 +130,7 @@ def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, 
   half = Dh // 2
   H = n_heads + n_kv_heads
   x = qkv_N[:H * Dh].reshape(H, 2, half)
-  cs = jnp.stack([jnp.broadcast_to(a.astype(jnp.float32), (H, half))
-                  for a in (cos_D[:half], cos_D[half:], sin_D[:half], sin_D[half:])])
+  cs = rope_table(cos_D, sin_D, H)
   v = qkv_N[H * Dh:].reshape(n_kv_heads, 2, half)
   if write == "kernel":
     if not k_cache_KSD.dtype == v_cache_KSD.dtype == qkv_N.dtype:
