@@ -58,6 +58,32 @@ def default_interpret() -> bool:
 #              NaN-filled uninitialized memory; ~10-50x slower than "hlo".
 MODES = ("compile", "hlo", "mosaic")
 
+# Programmatic Dependent Launch (PDL), the `pdl=` option of every Pallas op:
+#   None:       plain stream order: a kernel starts when the previous one has finished.
+#   "wait":     the kernel may be launched while the previous kernel still runs (its
+#               launch, SMEM setup and barrier init overlap that kernel's tail); it
+#               calls griddepcontrol.wait before it reads anything and
+#               griddepcontrol.launch_dependents right after.
+#   "prefetch": "wait", and before the wait the kernel reads its first weight tiles
+#               (throwaway SMEM), so they are in L2 when its pipeline asks for them.
+#               The weights must not be written inside the step (true for parameters
+#               of an unrolled decode step; not for weights sliced inside a scan).
+PDL_MODES = ("wait", "prefetch")
+
+
+def check_pdl(pdl, op: str):
+  if pdl is not None and pdl not in PDL_MODES:
+    raise ValueError(f"{op}: unknown pdl {pdl!r} (known: None, {', '.join(PDL_MODES)})")
+  return pdl
+
+
+def pdl_launch_supported() -> bool:
+  """Whether this JAX launches a Mosaic-GPU kernel that calls griddepcontrol.wait with
+  programmatic stream serialization (JAX >= 0.11.0). Older JAX emits the same
+  instructions, and they are no-ops there: plain stream order."""
+  major, minor = (int(p) for p in jax.__version__.split(".")[:2])
+  return (major, minor) >= (0, 11)
+
 
 def resolve_interpret(interpret: bool | str | None) -> str:
   """interpret: None -> "hlo" on CPU else "compile"; True -> "hlo"; False -> "compile";
@@ -103,6 +129,49 @@ class Ctx:
   mode: str
   grid_names: tuple[str, ...] = ()
   program_ids: bool = False   # a pallas_call grid (aliased kernels): no axis names
+  pdl: str | None = None      # PDL_MODES
+  # begin() marks this when called (a fresh list per traced body: see mosaic_kernel)
+  begun: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+  def begin(self, prefetch=()):
+    """The point after which the kernel may read what earlier kernels of the step wrote.
+
+    Every kernel body calls it, before its first read of an input (with pdl set, the
+    GMEM helpers below refuse to run before it). With PDL it waits for the previous
+    kernel (griddepcontrol.wait) and then lets the next one launch; launching only
+    after the wait keeps at most two kernels in flight, so everything older than the
+    previous kernel is finished. prefetch: (GMEM weight tile, SMEM transforms) pairs
+    read into throwaway SMEM before the wait ("prefetch" mode; a no-op in "hlo" mode,
+    which has no TMA)."""
+    self.begun.append(True)
+    if self.pdl is None:
+      return
+
+    def sync():
+      if self.mode == "compile":   # neither interpreter knows griddepcontrol
+        plgpu.griddepcontrol_wait()
+        plgpu.griddepcontrol_launch_dependents()
+
+    tiles = list(prefetch) if self.pdl == "prefetch" and self.tma else []
+    if not tiles:
+      sync()
+      return
+
+    def body(*scratch):
+      smem, bars = scratch[:len(tiles)], scratch[len(tiles):]
+      for (src, _), s, bar in zip(tiles, smem, bars):
+        plgpu.copy_gmem_to_smem(src, s, bar)
+      sync()
+      for bar in bars:
+        plgpu.barrier_wait(bar)
+
+    pl.run_scoped(body, *[plgpu.SMEM(src.shape, src.dtype, transforms=tr) for src, tr in tiles],
+                  *[plgpu.Barrier(num_arrivals=1) for _ in tiles])
+
+  def _check_begun(self, what: str):
+    if self.pdl is not None and not self.begun:
+      raise RuntimeError(f"kernel {what} before ctx.begin(): with pdl it could read what "
+                         "the previous kernel has not finished writing")
 
   def axis(self, name: str):
     """This CTA's index along grid axis `name`."""
@@ -141,6 +210,7 @@ class Ctx:
     Inputs only: bodies store their outputs with `store` (the Mosaic-GPU
     interpreter of JAX 0.10.2 cannot run emit_pipeline out_specs, whose copies
     are predicated)."""
+    self._check_begun("streams GMEM")
     if self.tma:
       return plgpu.emit_pipeline(body, grid=grid, in_specs=in_specs,
                                  max_concurrent_steps=stages, init_carry=init_carry)
@@ -170,6 +240,7 @@ class Ctx:
   def store(self, val, dst_gmem, transforms=()):
     """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
     2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM)."""
+    self._check_begun("stores")
     if not self.tma:
       dst_gmem[...] = val.astype(dst_gmem.dtype)
       return
@@ -184,6 +255,7 @@ class Ctx:
 
   def load(self, src_gmem, fn, transforms=()):
     """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""
+    self._check_begun("loads")
     if not self.tma:
       return fn(src_gmem)
 
@@ -198,6 +270,7 @@ class Ctx:
   def load_all(self, srcs, fn):
     """fn(*refs) on several GMEM blocks staged into SMEM together: every TMA copy is
     in flight before the first wait (one latency, not one per block)."""
+    self._check_begun("loads")
     if not self.tma:
       return fn(*srcs)
 
@@ -250,7 +323,8 @@ def check_block(n: int, block: int, multiple: int, name: str):
 
 
 def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[str, ...],
-                  mode: str, name: str, input_output_aliases: dict[int, int] | None = None):
+                  mode: str, name: str, input_output_aliases: dict[int, int] | None = None,
+                  pdl: str | None = None):
   """plgpu.kernel (new argument names, one warpgroup per CTA) when compiling or in
   the Mosaic-GPU interpreter; a whole-array pl.pallas_call over the same grid in
   "hlo" mode (the HLO interpreter does not bind plgpu grid axis names).
@@ -258,7 +332,19 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
   input_output_aliases {input index: output index}: the output *is* that input's
   buffer (updated in place; XLA copies only if the input is still live). plgpu.kernel
   has no such argument, so aliased kernels are a Mosaic-GPU pallas_call over GMEM refs
-  (grid axes then read with pl.program_id); this runs in all three modes."""
+  (grid axes then read with pl.program_id); this runs in all three modes.
+
+  pdl: PDL_MODES or None; the body must call ctx.begin() (checked when it is traced)."""
+  check_pdl(pdl, name)
+  inner = body
+
+  def body(*refs, ctx: Ctx):
+    ctx = dataclasses.replace(ctx, pdl=pdl, begun=[])
+    out = inner(*refs, ctx=ctx)
+    if not ctx.begun:
+      raise RuntimeError(f"{name}: the kernel body never calls ctx.begin()")
+    return out
+
   if mode == "hlo":
     ctx = Ctx(mode, tuple(grid_names))
     return pl.pallas_call(functools.partial(body, ctx=ctx), out_shape=out_type, grid=grid,

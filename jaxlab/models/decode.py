@@ -364,10 +364,17 @@ def _out_proj(spec: _Spec, lw, o, x, kw):
                            **spec.opts("out_proj_residual"))
 
 
+def _pdl(spec: _Spec):
+  """The Pallas kernels' launch (kernel_options={"launch": {"pdl": ...}}; off by default)."""
+  return spec.opts("launch").get("pdl") if spec.impl == "pallas" else None
+
+
 def _kernel_kw(spec: _Spec):
   kw = dict(impl=spec.impl)
   if spec.impl == "pallas":
     kw["interpret"] = spec.interpret
+    if _pdl(spec):
+      kw["pdl"] = _pdl(spec)
   return kw
 
 
@@ -420,7 +427,7 @@ def _levels_layer(spec: _Spec, graphdef, lw, x, levels, conv, pos):
   xn = _norm(x, lw["attn_norm"], spec.eps)
   cache = dict(state=LogLinearState(levels[None], jnp.reshape(pos, (1,)).astype(jnp.int32)),
                conv=conv)
-  kern = LevelKernel(spec.impl, spec.interpret)
+  kern = LevelKernel(spec.impl, spec.interpret, _pdl(spec))
   ok = pos < spec.max_len
 
   def run(cache):
@@ -565,7 +572,9 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   kernel_options: per-op options, e.g. {"decode_attention": {"num_splits": 8}} (Pallas
   block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls);
   {"fuse": {name: bool}} (FUSIONS); {"layout": {"w_down": "DF"}} (W_down^T in the weights,
-  DOWN_LAYOUTS).
+  DOWN_LAYOUTS); {"launch": {"pdl": "wait" | "prefetch"}} (Programmatic Dependent Launch
+  of every Pallas kernel, kernels/_common.PDL_MODES; needs JAX >= 0.11 to take effect,
+  not yet timed, off by default).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest
@@ -603,6 +612,11 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
   if set(layout) - {"w_down"} or layout.get("w_down", "FD") not in DOWN_LAYOUTS:
     raise ValueError(f"kernel_options['layout']: {layout} (known: w_down in "
                      f"{', '.join(DOWN_LAYOUTS)})")
+  launch = dict((kernel_options or {}).get("launch", {}))
+  from kernels._common import PDL_MODES
+  if set(launch) - {"pdl"} or launch.get("pdl") not in (None, *PDL_MODES):
+    raise ValueError(f"kernel_options['launch']: {launch} (known: pdl in "
+                     f"{', '.join(PDL_MODES)})")
   kinds = layer_kinds(cfg)
   if layers == "scan" and set(kinds) != {"attention"}:
     raise ValueError("make_decoder: layers='scan' supports attention layers only "

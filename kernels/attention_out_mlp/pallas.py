@@ -25,14 +25,15 @@ def attention_out_mlp(q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D,
                       w_gate_t_FD, w_up_t_FD, w_down, bias_HS=None, w_o_scale_D=None,
                       w_gate_scale_F=None, w_up_scale_F=None, w_down_scale_D=None, *,
                       scale: float, eps: float, mode: str, attn_block=None, o_block=None,
-                      **block):
+                      pdl=None, **block):
+  """pdl applies to all three kernels."""
   Hq, Dh = q_HD.shape
   o, m, l = attn.partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode,
-                          bias_HS=bias_HS, **dict(attn_block or {}))
+                          bias_HS=bias_HS, pdl=pdl, **dict(attn_block or {}))
   P = o.shape[0]
   part = _gemv.gemv_partials_merged(o.reshape(P, Hq, Dh), m.reshape(P, Hq), l.reshape(P, Hq),
                                     w_o_t_DM, dtype=q_HD.dtype, mode=mode,
-                                    name="out_proj_residual", **dict(o_block or {}))
+                                    name="out_proj_residual", pdl=pdl, **dict(o_block or {}))
   return rmsnorm_swiglu_from_parts(resid_D, part, w_o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
                                    w_down, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
-                                   eps=eps, mode=mode, **block)
+                                   eps=eps, mode=mode, pdl=pdl, **block)

@@ -47,6 +47,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
   h = ctx.axis("h")
   p = ctx.axis("p")
   f32 = jnp.float32
+  ctx.begin()   # everything here (the caches' new row, q, length) is the step's own
   length = len_g[0]
   nb = (length + BS - 1) // BS
   per = (nb + P - 1) // P
@@ -120,7 +121,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2, path_wb=None, bias_HS=None):
+             block_s=None, stages=2, path_wb=None, bias_HS=None, pdl=None):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores."""
@@ -144,7 +145,7 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
                             stages=stages, path=path, bias=bias),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
-      name="path_decode_attention" if path else "decode_attention")
+      name="path_decode_attention" if path else "decode_attention", pdl=pdl)
   length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
   extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
   if bias:

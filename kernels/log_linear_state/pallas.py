@@ -26,6 +26,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
   h = ctx.axis("h")
   j = ctx.axis("j")
   f32 = jnp.float32
+  ctx.begin()
   z = z_g[0]
   a = jnp.exp(ld_g[h])
   beta = b_g[h]
@@ -63,7 +64,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
 
 def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, *,
                             gdn: bool, mode: str, block_v: int | None = None, stages: int = 2,
-                            accumulate: bool = False):
+                            accumulate: bool = False, pdl=None):
   H, L, dk, dv = state_HLKV.shape
   f32 = jnp.float32
   # fp32 [BV] rows: TMA copies need a multiple of 128 bytes (one warpgroup), so BV % 32 == 0.
@@ -76,7 +77,8 @@ def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H
       lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages,
                             accumulate=accumulate),
       out_type=(jax.ShapeDtypeStruct((H, dv), f32), jax.ShapeDtypeStruct((H, L * dk, dv), f32)),
-      grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update")
+      grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update",
+      pdl=pdl)
   z_1 = jnp.reshape(jnp.asarray(z, jnp.int32), (1,))
   beta = jnp.zeros((H,), f32) if beta_H is None else beta_H.astype(f32)
   o, new = kern(z_1, q_HK.astype(f32), k_HK.astype(f32), v_HV.astype(f32), lam_HL.astype(f32),

@@ -15,9 +15,10 @@ from kernels.rmsnorm_swiglu.pallas import rmsnorm_swiglu_from_parts
 
 def out_proj_mlp(o_M, w_o_t_DM, resid_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                  w_o_scale_D=None, w_gate_scale_F=None, w_up_scale_F=None, w_down_scale_D=None,
-                 *, eps: float, mode: str, o_block=None, **block):
-  part, _ = _gemv.gemv_partials(o_M, w_o_t_DM, mode=mode, name="out_proj_residual",
+                 *, eps: float, mode: str, o_block=None, pdl=None, **block):
+  """pdl applies to both kernels."""
+  part, _ = _gemv.gemv_partials(o_M, w_o_t_DM, mode=mode, name="out_proj_residual", pdl=pdl,
                                 **dict(o_block or {}))
   return rmsnorm_swiglu_from_parts(resid_D, part, w_o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
                                    w_down, w_gate_scale_F, w_up_scale_F, w_down_scale_D,
-                                   eps=eps, mode=mode, **block)
+                                   eps=eps, mode=mode, pdl=pdl, **block)

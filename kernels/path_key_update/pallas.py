@@ -23,6 +23,7 @@ def _body(len_g, w_g, b_g, k_g, o_g, *, ctx: C.Ctx, S, Dh, BS, P, stages):
   h = ctx.axis("h")
   p = ctx.axis("p")
   f32 = jnp.float32
+  ctx.begin()
   length = len_g[0]
   nb = (length + BS - 1) // BS
   per = (nb + P - 1) // P
@@ -46,7 +47,7 @@ def _body(len_g, w_g, b_g, k_g, o_g, *, ctx: C.Ctx, S, Dh, BS, P, stages):
 
 
 def path_key_update(k_cache_KSD, w_KD, beta_K, length, *, mode: str, num_splits=None,
-                    block_s=None, stages=2):
+                    block_s=None, stages=2, pdl=None):
   Hkv, S, Dh = k_cache_KSD.shape
   interp = mode != "compile"
   BS = block_s or C.pick_block(S, 64, 64, "S (cache length)")
@@ -55,6 +56,6 @@ def path_key_update(k_cache_KSD, w_KD, beta_K, length, *, mode: str, num_splits=
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, Dh=Dh, BS=BS, P=P, stages=stages),
       out_type=jax.ShapeDtypeStruct(k_cache_KSD.shape, k_cache_KSD.dtype),
-      grid=(Hkv, P), grid_names=("h", "p"), mode=mode, name="path_key_update")
+      grid=(Hkv, P), grid_names=("h", "p"), mode=mode, name="path_key_update", pdl=pdl)
   length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
   return kern(length_1, w_KD, beta_K.astype(jnp.float32), k_cache_KSD)

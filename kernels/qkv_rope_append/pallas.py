@@ -37,6 +37,7 @@ def _body(*refs, ctx: C.Ctx, Hq, Hkv, S, nb, K, eps, has_wscale, has_bias):
   f32 = jnp.float32
   _, Hp, _, half = part_g.shape
   lay = tile_layout(ctx, Hp, half, q_g.dtype, "qkv_rope_append kernel")
+  ctx.begin()
   pos = pos_g[0]
   ok = (pos >= 0) & (pos < k_g.shape[1])
   r = lax.rsqrt(sum(ss_g[s * nb] for s in range(S)) / K + eps)
@@ -90,13 +91,14 @@ def _body(*refs, ctx: C.Ctx, Hq, Hkv, S, nb, K, eps, has_wscale, has_bias):
 
 def qkv_rope_append(x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos,
                     w_scale_N=None, *, eps: float, n_heads: int, n_kv_heads: int, mode: str,
-                    **block):
+                    pdl=None, **block):
+  """pdl applies to both kernels."""
   Hkv, S_cache, Dh = k_cache_KSD.shape
   half = Dh // 2
   Hp = n_heads + 2 * n_kv_heads
   N, K = w_t_ND.shape
   part, ss = _gemv.gemv_partials(x_D, w_t_ND, scale_K=scale_D, mode=mode, name="rmsnorm_qkv",
-                                 **block)
+                                 pdl=pdl, **block)
   S = part.shape[0]
   nb = ss.shape[0] // S
   cs = rope_table(cos_D, sin_D, n_heads + n_kv_heads, n_kv_heads)   # v heads: identity
@@ -114,7 +116,7 @@ def qkv_rope_append(x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD, v_c
                 jax.ShapeDtypeStruct((Hkv, S_cache, 2, half), k_cache_KSD.dtype),
                 jax.ShapeDtypeStruct((Hkv, S_cache, 2, half), v_cache_KSD.dtype)),
       grid=(1,), grid_names=("one",), mode=mode, name="qkv_rope_append",
-      input_output_aliases={4 + len(extra): 1, 5 + len(extra): 2})
+      input_output_aliases={4 + len(extra): 1, 5 + len(extra): 2}, pdl=pdl)
   pos_1 = jnp.reshape(jnp.asarray(pos, jnp.int32), (1,))
   q, k, v = kern(part.reshape(S, Hp, 2, half), ss, *extra, cs, pos_1,
                  k_cache_KSD.reshape(Hkv, S_cache, 2, half),

@@ -76,6 +76,9 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   f32 = jnp.float32
   tr = C.tile_transforms(BK, wg_g.dtype)
   dtype = x_in[0].dtype
+  # PDL "prefetch": the first gate and up tiles head for L2 before the wait.
+  ctx.begin(prefetch=[(w.at[pl.ds(p * BF, BF), pl.ds(j * BK, BK)], tr)
+                      for j in range(min(stages, D // BK)) for w in (wg_g, wu_g)])
 
   def x_block(xs):
     if not x_parts:
@@ -160,7 +163,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
 
 def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps, mode,
           down_t: bool = False, block_f: int | None = None, block_k: int | None = None,
-          block_d: int | None = None, stages: int = 2, store_once: bool = False):
+          block_d: int | None = None, stages: int = 2, store_once: bool = False,
+          pdl: str | None = None):
   """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
   [F, D], or W_down^T [D, F] with down_t=True."""
   F, D = w_gate_t_FD.shape
@@ -177,7 +181,7 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
                             store_once=store_once, int8=int8, x_parts=x_parts,
                             down_t=down_t),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
-      grid_names=("f",), mode=mode, name="rmsnorm_swiglu")
+      grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
   args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
   return kern(*args, scales[0], scales[1]) if int8 else kern(*args)
 
@@ -192,7 +196,7 @@ def _finish(x, part_PD, w_down_scale_D):
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=None,
                    w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str, **block):
   """w_down: W_down [F, D], or W_down^T [D, F] with down_t=True. block: down_t,
-  block_f, block_k, block_d, stages, store_once (see _call)."""
+  block_f, block_k, block_d, stages, store_once, pdl (see _call)."""
   part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
   return _finish(x_D, part, w_down_scale_D)

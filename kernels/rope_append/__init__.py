@@ -27,13 +27,14 @@ def check_position(pos, S: int, what: str = "pos"):
 
 def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KSD: jax.Array,
                 v_cache_KSD: jax.Array, pos, *, n_heads: int, n_kv_heads: int, impl: str,
-                interpret: bool | str | None = None, write: str | None = None):
+                interpret: bool | str | None = None, write: str | None = None,
+                pdl: str | None = None):
   """qkv [(Hq + 2 Hkv) Dh] -> (q roped [Hq, Dh], k_cache, v_cache with slot pos written).
 
   write: how the row lands in the cache. "kernel" (impl="pallas" only, its default): the
   RoPE kernel writes it, into the caches in place (aliased); "select" (impl="xla"'s
   default) or "scatter": an XLA write after the kernel (same result; see
-  reference.write_slot)."""
+  reference.write_slot). pdl: the Pallas kernel's launch (kernels/_common.PDL_MODES)."""
   C.check_impl(impl, "rope_append")
   write = write or ("kernel" if impl == "pallas" else "select")
   known = reference.WRITES + (("kernel",) if impl == "pallas" else ())
@@ -57,5 +58,5 @@ def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KS
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rope_append", lambda *a: pallas.rope_append(*a, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                                   mode=mode, write=write),
+                                                   mode=mode, write=write, pdl=pdl),
       qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos)

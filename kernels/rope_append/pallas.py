@@ -58,6 +58,7 @@ def _rope_regs(x_g, cs_g, *, ctx: C.Ctx, out_dtype):
   f32 = jnp.float32
   H, _, half = x_g.shape
   lay = tile_layout(ctx, H, half, out_dtype, "rope kernel")
+  ctx.begin()
 
   def rope(x_s, cs_s):
     x1 = ctx.ld(x_s, lay, (slice(None), 0, slice(None))).astype(f32)
@@ -91,9 +92,9 @@ def _body_append(x_g, cs_g, v_g, pos_g, _k_in, _v_in, q_g, k_g, vc_g, *, ctx: C.
   slot pos when 0 <= pos < S."""
   Hq = q_g.shape[0]
   Hkv, S = k_g.shape[:2]
+  y1, y2 = _rope_regs(x_g, cs_g, ctx=ctx, out_dtype=q_g.dtype)   # calls ctx.begin()
   pos = pos_g[0]
   ok = (pos >= 0) & (pos < S)
-  y1, y2 = _rope_regs(x_g, cs_g, ctx=ctx, out_dtype=q_g.dtype)
   if not ctx.tma:
     q_g[:, 0, :] = y1[:Hq].astype(q_g.dtype)
     q_g[:, 1, :] = y2[:Hq].astype(q_g.dtype)
@@ -125,7 +126,7 @@ def _body_append(x_g, cs_g, v_g, pos_g, _k_in, _v_in, q_g, k_g, vc_g, *, ctx: C.
 
 
 def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, n_kv_heads,
-                mode: str, write: str = "kernel"):
+                mode: str, write: str = "kernel", pdl=None):
   Hkv, S, Dh = k_cache_KSD.shape
   half = Dh // 2
   H = n_heads + n_kv_heads
@@ -142,13 +143,13 @@ def rope_append(qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, *, n_heads, 
                                 jax.ShapeDtypeStruct((Hkv, S, 2, half), k_cache_KSD.dtype),
                                 jax.ShapeDtypeStruct((Hkv, S, 2, half), v_cache_KSD.dtype)),
         grid=(1,), grid_names=("one",), mode=mode, name="rope_append",
-        input_output_aliases={4: 1, 5: 2})
+        input_output_aliases={4: 1, 5: 2}, pdl=pdl)
     pos_1 = jnp.reshape(jnp.asarray(pos, jnp.int32), (1,))
     q, k, vc = kern(x, cs, v, pos_1, k_cache_KSD.reshape(Hkv, S, 2, half),
                     v_cache_KSD.reshape(Hkv, S, 2, half))
     return q.reshape(n_heads, Dh), k.reshape(Hkv, S, Dh), vc.reshape(Hkv, S, Dh)
   kern = C.mosaic_kernel(_body, out_type=jax.ShapeDtypeStruct((H, 2, half), qkv_N.dtype),
-                         grid=(1,), grid_names=("one",), mode=mode, name="rope")
+                         grid=(1,), grid_names=("one",), mode=mode, name="rope", pdl=pdl)
   qk = kern(x, cs).reshape(H, Dh)
   q, k = qk[:n_heads], qk[n_heads:]
   return (q, reference.write_slot(k_cache_KSD, k, pos, write=write),

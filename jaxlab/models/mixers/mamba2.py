@@ -126,6 +126,7 @@ class LevelKernel:
   `extend(..., level_kernel=...)` by the decode driver (jaxlab/models/decode.py)."""
   impl: str
   interpret: Any = None
+  pdl: str | None = None   # the Pallas kernel's launch (kernels/_common.PDL_MODES)
 
 
 def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n, fenwick=True):
@@ -145,7 +146,8 @@ def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n, fenwi
     o, new = log_linear_state_update(
         state.levels[b], state.count[b], qh[b], kh[b], v[b, 0].astype(f32), lam[b, 0].astype(f32),
         g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
-        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret)
+        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret,
+        **({"pdl": kern.pdl} if kern.pdl else {}))
     outs.append(o)
     # Without padding n is a constant and XLA folds this select away (checked in the
     # compiled decode step: no select over the level state).
