@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7 in one device call (stage timeouts sum to ~9.5 minutes, a
-# typical run ~7-8; a session has 15 minutes of device time, machine start included (~35 s
-# on 2026-11-26); with B8=1, GATED=1, HYBRID=1 or CMDBUF=1 set THUNKS=0 or lower the
-# timeouts to stay under the 600 s call limit):
+# The GPU checks of issue 7 in one device call. Stages run in order of priority under one
+# time budget (BUDGET, default 570 s from the start of the script; each stage's timeout is
+# clipped to what is left, and a stage with under 30 s left is skipped), so the call stays
+# under the device tool's 600 s limit; a session has 15 minutes of device time, machine
+# start included (~35 s on 2026-11-26):
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights, the fused
-#      ops) + 64 greedy tokens pallas == xla
-#   2. jaxlab bench decode --config llama-1b-bench (variants: the fused Pallas step
-#      against pallas-unfused and shared layers; B1_VARIANTS=...,pallas-int8 adds int8,
-#      ...,pallas-down-t the step with W_down^T (~1 min each); per-op table incl. the fused
-#      ops and int8 rows, sweep incl. W_down^T, profile); then which kernels of the step run inside XLA's
-#      command buffers (THUNKS=0 skips it, ~2 min) and, for the XLA baseline, the cache
-#      row write as one scatter (WRITE=0 skips it, ~45 s); with HYBRID=1 also
-#      --config hybrid-1b-bench (PaTH / log-linear decode kernels in the step, ~1-2 min)
-#   3. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
+#      ops) + 64 greedy tokens pallas == xla, also with PDL (tests/test_kernels_pdl.py,
+#      the pdl decode test: a kernel reading before its wait would show there)
+#   2. jaxlab bench decode --config llama-1b-bench: the fused Pallas step against
+#      pallas-prefetch / pallas-pdl (Programmatic Dependent Launch; JAX >= 0.11) and
+#      pallas-unfused, xla-unrolled the baseline (B1_VARIANTS overrides; pallas-down-t,
+#      pallas-int8, pallas-shared ~1 min each); per-op table incl. the fused ops and int8
+#      rows; sweep groups down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5
+#      min); profile
+#   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
+#      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step)
+#   4. with WRITE=1: the XLA baseline's cache row write as one scatter, ~45 s
+#   5. with HYBRID=1: --config hybrid-1b-bench (PaTH / log-linear decode kernels), ~1-2 min
+#   6. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
-#   4. with B8=1: jaxlab bench decode --config llama-8b-bench (adds ~3 minutes: the inlined
-#      Pallas 8B step compiles in ~110 s)
-#   5. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers, the gate-bias
-#      attention kernels), ~1.5 minutes
-#   6. with LONG=1: the 1B step and per-op rows at a 32K-slot KV cache, ~1.5 minutes
-#   7. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
-#      including CUSTOM_CALL (an experiment, worth it only if stage 2's thunk summary shows
+#   7. with B8=1: jaxlab bench decode --config llama-8b-bench (the inlined Pallas 8B step
+#      compiles in ~110 s)
+#   8. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers), ~1.5 minutes
+#   9. with LONG=1: the 1B step and per-op rows at a 32K-slot KV cache, ~1.5 minutes
+#  10. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
+#      including CUSTOM_CALL (an experiment, worth it only if stage 3's thunk summary shows
 #      Mosaic custom calls launched from the host; the list replaces XLA's default one)
-# Each stage has its own timeout (pytest gets SIGINT so it still prints its summary),
-# so a hang loses one stage, not the run. At most 8 result files land in $OUT (the
-# device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz, attention.{jsonl,txt},
-# llama-8b.txt.
+# Opt-in stages compete for the same budget: lower B1's share (B1_TIMEOUT) or skip
+# stages to fit them. Each stage has its own timeout (pytest gets SIGINT so it still
+# prints its summary), so a hang loses one stage, not the run. At most 8 result files
+# land in $OUT (the device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz,
+# attention.{jsonl,txt}, llama-8b.txt.
 # Usage (repository root): OUT=/tmp/out bash scripts/gpu_session.sh
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -36,7 +41,15 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::DeprecationWarning}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
+BUDGET=${BUDGET:-570}
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+# cap N: N, or the seconds left in the budget less a 10 s margin if that is smaller
+cap() {
+  local left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
+  local t=$(( $1 < left ? $1 : left )); echo $(( t < 1 ? 1 : t ))   # timeout 0 would not time out
+}
+# room N: whether a stage wanting up to N seconds can start (at least 30 s left)
+room() { [ "$(cap "$1")" -ge 30 ] || { stamp "skipped: $2 (budget)"; false; }; }
 
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv 2>&1
@@ -44,14 +57,15 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 } > "$OUT/env.txt" 2>&1
 stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
-timeout -s INT ${PYTEST_TIMEOUT:-130} $PY -m pytest tests/test_kernels_ops.py \
+timeout -s INT $(cap ${PYTEST_TIMEOUT:-140}) $PY -m pytest tests/test_kernels_ops.py \
   tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_int8.py \
-  -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+  tests/test_kernels_pdl.py -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 PROF=$(mktemp -d)
-timeout ${B1_TIMEOUT:-290} $PY -m jaxlab.bench.decode --config llama-1b-bench --ops --sweep \
-  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-unfused,pallas-shared} \
+timeout $(cap ${B1_TIMEOUT:-340}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
+  --sweep ${B1_SWEEP:-down-t,pdl} \
+  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-prefetch,pallas-pdl,pallas-unfused} \
   --profile "$PROF" \
   --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench rc=$?"
@@ -62,9 +76,10 @@ tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JS
 # kernels' busy time, XLA's does not (sixth session). THUNKS=0 skips it.
 if [ "${THUNKS:-1}" != 0 ]; then
   { echo; echo "=== thunks: kernels inside / outside command buffers ==="; } >> "$OUT/llama-1b.txt"
-  for v in xla-unrolled pallas; do
+  for v in ${THUNK_VARIANTS:-pallas}; do
+    room ${THUNKS_TIMEOUT:-55} "thunks $v" || continue
     D=$(mktemp -d)
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout ${THUNKS_TIMEOUT:-55} $PY -m \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$D" timeout $(cap ${THUNKS_TIMEOUT:-55}) $PY -m \
       jaxlab.bench.decode --config llama-1b-bench --variants $v --steps 8 --repeats 1 \
       --warmup 1 > /dev/null 2>&1
     echo "--- $v" >> "$OUT/llama-1b.txt"
@@ -76,9 +91,9 @@ fi
 # The XLA baseline's cache row write as one scatter instead of slice + select + update
 # (WRITE=0 skips): the best plain-XLA step is the fair baseline. (The Pallas step writes
 # the row inside its RoPE kernel.)
-if [ "${WRITE:-1}" != 0 ]; then
+if [ "${WRITE:-0}" != 0 ] && room ${WRITE_TIMEOUT:-45} "write=scatter"; then
   { echo; echo "=== rope_append write=scatter ==="; } >> "$OUT/llama-1b.txt"
-  timeout ${WRITE_TIMEOUT:-45} $PY -m jaxlab.bench.decode --config llama-1b-bench \
+  timeout $(cap ${WRITE_TIMEOUT:-45}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
     --variants xla-unrolled --kernel-options '{"rope_append": {"write": "scatter"}}' \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "write=scatter rc=$?"
@@ -86,36 +101,36 @@ fi
 
 # PaTH / log-linear decode kernels inside the 1B-shaped step (appended to llama-1b.txt;
 # HYBRID=1 runs it; measured on an H100 and an H200 in the sixth session).
-if [ "${HYBRID:-0}" != 0 ]; then
+if [ "${HYBRID:-0}" != 0 ] && room ${HYB_TIMEOUT:-150} "hybrid-1b-bench"; then
   { echo; echo "=== hybrid-1b-bench ==="; } >> "$OUT/llama-1b.txt"
-  timeout ${HYB_TIMEOUT:-150} $PY -m jaxlab.bench.decode --config hybrid-1b-bench --ops \
+  timeout $(cap ${HYB_TIMEOUT:-150}) $PY -m jaxlab.bench.decode --config hybrid-1b-bench --ops \
     --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 >> "$OUT/llama-1b.txt" 2>&1
   stamp "hybrid-1b-bench rc=$?"
 fi
 
 # Issues 4/5 shapes (ATTN=1): T = 2K/8K/32K at B = 8/2/1. PaTH's 32K row is skipped by
 # default (~14 s a call on an H100 on 2026-11-26; ATTN_PATH_TS="2048 8192 32768" adds it).
-if [ -n "${ATTN:-}" ]; then
-  timeout ${ATTN_TIMEOUT:-100} $PY -m jaxlab.bench.attention_gpu --repeats 3 \
+if [ -n "${ATTN:-}" ] && room ${ATTN_TIMEOUT:-100} "attention"; then
+  timeout $(cap ${ATTN_TIMEOUT:-100}) $PY -m jaxlab.bench.attention_gpu --repeats 3 \
     --ops softmax log_linear_mamba2 log_linear_gdn --out "$OUT/attention.jsonl" \
     > "$OUT/attention.txt" 2>&1
   stamp "attention bench (softmax, log-linear) rc=$?"
-  timeout ${PATH_TIMEOUT:-40} $PY -m jaxlab.bench.attention_gpu --repeats 3 --ops path \
+  timeout $(cap ${PATH_TIMEOUT:-40}) $PY -m jaxlab.bench.attention_gpu --repeats 3 --ops path \
     --ts ${ATTN_PATH_TS:-2048 8192} --out "$OUT/attention.jsonl" >> "$OUT/attention.txt" 2>&1
   stamp "attention bench (PaTH) rc=$?"
 fi
 
-if [ -n "${B8:-}" ]; then
-  timeout ${B8_TIMEOUT:-180} $PY -m jaxlab.bench.decode --config llama-8b-bench \
+if [ -n "${B8:-}" ] && room ${B8_TIMEOUT:-180} "llama-8b-bench"; then
+  timeout $(cap ${B8_TIMEOUT:-180}) $PY -m jaxlab.bench.decode --config llama-8b-bench \
     --variants ${B8_VARIANTS:-xla-unrolled,pallas-shared,pallas} --steps 32 --repeats 2 --warmup 2 \
     > "$OUT/llama-8b.txt" 2>&1
   stamp "llama-8b-bench rc=$?"
 fi
 
 # PaTH-FoX / FoX layers (GATED=1): the gate-bias attention kernels in the 1B-shaped step.
-if [ -n "${GATED:-}" ]; then
+if [ -n "${GATED:-}" ] && room ${GATED_TIMEOUT:-120} "gated-1b-bench"; then
   { echo; echo "=== gated-1b-bench ==="; } >> "$OUT/llama-1b.txt"
-  timeout ${GATED_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config gated-1b-bench --ops \
+  timeout $(cap ${GATED_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config gated-1b-bench --ops \
     --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "gated-1b-bench rc=$?"
@@ -124,18 +139,18 @@ fi
 # Long cache (LONG=1): the 1B step and the per-op rows at a 32K-slot KV cache, where
 # attention is 1 GB of the bytes per token (the issue's 32K data point for JAX's own
 # Pallas decode_attention: 1.0 TB/s vs XLA's 2.5 on an H200).
-if [ -n "${LONG:-}" ]; then
+if [ -n "${LONG:-}" ] && room ${LONG_TIMEOUT:-120} "kv 32768"; then
   { echo; echo "=== llama-1b-bench, kv 32768 ==="; } >> "$OUT/llama-1b.txt"
-  timeout ${LONG_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config llama-1b-bench --kv-len 32768 \
+  timeout $(cap ${LONG_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config llama-1b-bench --kv-len 32768 \
     --ops --variants xla-unrolled,pallas-shared --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench kv 32768 rc=$?"
 fi
 
-if [ -n "${CMDBUF:-}" ]; then
+if [ -n "${CMDBUF:-}" ] && room ${CMDBUF_TIMEOUT:-120} "command buffers"; then
   { echo; echo "=== command buffers incl. custom calls ==="; } >> "$OUT/llama-1b.txt"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-    timeout ${CMDBUF_TIMEOUT:-120} $PY -m jaxlab.bench.decode --config llama-1b-bench \
+    timeout $(cap ${CMDBUF_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
     --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "command-buffer experiment rc=$?"

@@ -45,7 +45,8 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   decode.add_arguments(p)
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                       "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8,pallas-unfused",
+                       "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8,pallas-unfused,"
+                       "pallas-prefetch",
                        "--profile", str(tmp_path / "prof"), "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
@@ -56,6 +57,9 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   assert res["variants"]["pallas"]["logits_rel_err"] < 1e-4            # fp32 tiny model
   ru = res["variants"]["pallas-unfused"]   # without the cross-op fusions: same step
   assert ru["argmax_match_xla"] is True and ru["logits_rel_err"] < 1e-4
+  rp = res["variants"]["pallas-prefetch"]   # PDL: the same kernels, launched to overlap
+  assert rp["argmax_match_xla"] is True and rp["logits_rel_err"] < 1e-4
+  assert res["pdl_launch"] is (tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11))
   # int8: pallas-int8 is checked against the same int8 step in XLA; bytes per token drop
   # by 3 bytes per GEMV weight (fp32 -> int8) and add one fp32 scale per output channel.
   r8 = res["variants"]["pallas-int8"]
@@ -148,3 +152,25 @@ def test_cpu_smoke_run_gated_config(tmp_path):
     y = jax.tree.leaves(make("pallas")(*a))
     # fp32 attention over 100 slots x Dh 64
     assert_rel_close(np.asarray(y[0]), np.asarray(x[0]), rtol=tol(jnp.float32, 100 * 64), name=op)
+
+
+def test_op_table_pdl_sweep_rows_run():
+  """`--ops --sweep pdl`: every per-op row and the PDL rows of the fused and plain ops
+  run (interpreted here; failures would be recorded as {"error": ...}); an unknown sweep
+  group is an error."""
+  import pytest
+
+  from jaxlab.models import ModelConfig
+  cfg = ModelConfig(**decode.CONFIGS["tiny"][0])
+  out = decode.op_table(cfg, 64, None, None, 1, iters=2, sweep="pdl")
+  sw = out.pop("sweep")
+  assert set(sw) == {f"{op} pdl={p}" for op in ("rmsnorm_qkv", "out_proj_residual",
+                                                "rmsnorm_swiglu", "out_proj_mlp",
+                                                "attention_out_mlp")
+                     for p in ("wait", "prefetch")}
+  bad = {k: r["error"] for k, r in sw.items() if "error" in r}
+  bad.update({f"{op} {i}": r[i]["error"] for op, r in out.items() for i in ("xla", "pallas")
+              if "error" in r[i]})
+  assert not bad, bad
+  with pytest.raises(ValueError, match="unknown group"):
+    decode.op_table(cfg, 64, None, None, 1, sweep="pdl,nope")

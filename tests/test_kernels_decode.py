@@ -312,3 +312,17 @@ def test_transposed_down_weight_decodes_the_same(model, reference_tokens, impl, 
   assert "w_down" not in lw and lw["w_down_t"].shape[-2:] == (CFG.d_model, CFG.hidden_dim)
   with pytest.raises(ValueError, match="kernel_options\\['layout'\\]"):
     make_decoder(model, impl, MAX_LEN, kernel_options={"layout": {"w_down": "T"}})
+
+
+# On CPU both modes run the same interpreted kernels ("prefetch" also checks the plumbing
+# of "wait"); on a GPU they differ, and both run.
+@pytest.mark.parametrize("pdl", ["prefetch"] + (["wait"] if jax.default_backend() == "gpu" else []))
+def test_pdl_pallas_step_decodes_the_same(model, reference_tokens, hybrid, hybrid_tokens, pdl):
+  """kernel_options={"launch": {"pdl": ...}}: every Pallas kernel (attention, PaTH,
+  log-linear layers, the LM head) launched with Programmatic Dependent Launch decodes the
+  same tokens as generate(). On CPU this checks the plumbing; on a GPU with JAX >= 0.11
+  the kernels really overlap, and a kernel reading before its wait would show here."""
+  opts = {"launch": {"pdl": pdl}}
+  for m, want in ((model, reference_tokens), (hybrid, hybrid_tokens)):
+    np.testing.assert_array_equal(
+        decode_greedy(m, PROMPT, N, impl="pallas", kernel_options=opts), want)

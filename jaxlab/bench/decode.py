@@ -18,6 +18,12 @@ Variants (each decodes the same greedy continuation from the same cache):
                 what the fusions save
   pallas-down-t pallas with W_down^T [D, F] in the weights (kernel_options layout): the
                 MLP kernels reduce each down block along rows instead of across warps
+  pallas-pdl, pallas-prefetch
+                pallas with Programmatic Dependent Launch (kernel_options launch pdl
+                "wait" / "prefetch"): each kernel may start while the previous one runs,
+                waits for it before reading, and ("prefetch") first pulls its leading
+                weight tiles into L2. Needs JAX >= 0.11 on the GPU; older JAX runs them
+                as plain launches
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -68,7 +74,8 @@ CONFIGS["gated-tiny"] = (dict(
     CONFIGS["tiny"][0], n_heads=6, n_kv_heads=2, head_dim=64, max_seq_len=2048,
     mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
-            "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t")
+            "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
+            "pallas-pdl", "pallas-prefetch")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -80,11 +87,18 @@ _DECODER_VARIANTS = {
     "pallas-shared": ("pallas", "unrolled", None, True),
     "pallas-int8-shared": ("pallas", "unrolled", "int8", True),
     "pallas-unfused": ("pallas", "unrolled", None, False),
-    "pallas-down-t": ("pallas", "unrolled", None, False)}
+    "pallas-down-t": ("pallas", "unrolled", None, False),
+    "pallas-pdl": ("pallas", "unrolled", None, False),
+    "pallas-prefetch": ("pallas", "unrolled", None, False)}
+# --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
+# and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths
+SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages")
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
                                                  "attn_out": False}},
-                    "pallas-down-t": {"layout": {"w_down": "DF"}}}
+                    "pallas-down-t": {"layout": {"w_down": "DF"}},
+                    "pallas-pdl": {"launch": {"pdl": "wait"}},
+                    "pallas-prefetch": {"launch": {"pdl": "prefetch"}}}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -107,9 +121,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="side of the square bf16 reference GEMV (default 16384; tiny: 1024)")
   p.add_argument("--ops", action="store_true",
                  help="also time each op alone (Pallas vs XLA) at one layer of the config")
-  p.add_argument("--sweep", action="store_true",
-                 help="with --ops: also time decode_attention num_splits, GEMV split-K and "
-                      "pipeline depths (tuning hints for the next GPU session)")
+  p.add_argument("--sweep", nargs="?", const="all", default=None, metavar="GROUPS",
+                 help="with --ops: also time Pallas option rows (tuning hints for the next "
+                      f"GPU session); all groups, or a comma-separated subset of "
+                      f"{','.join(SWEEPS)}")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="also trace 16 steps of each make_decoder variant with "
                       "jax.profiler into DIR/<variant>/ and summarize device time per kernel, "
@@ -463,8 +478,12 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
 
 
 def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
-             sweep: bool = False) -> dict:
+             sweep: str | None = None) -> dict:
   """Per-op time and bandwidth, Pallas vs its XLA reference, at one layer's shapes."""
+  groups = set(SWEEPS if sweep == "all" else (sweep.split(",") if sweep else ()))
+  if groups - set(SWEEPS):
+    raise ValueError(f"--sweep: unknown group(s) {','.join(sorted(groups - set(SWEEPS)))} "
+                     f"(known: {','.join(SWEEPS)})")
   from kernels.decode_attention import decode_attention
   from kernels.lm_head_argmax import lm_head_argmax
   from kernels.out_proj_residual import out_proj_residual
@@ -565,33 +584,33 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       kw = dict(pallas_opts(op), interpret=interpret) if impl == "pallas" else {}
       row[impl] = _guarded(f"op {op} {impl}", lambda: timed(make(impl, **kw), args, row["bytes"]))
     out[op] = row
-  if sweep:
+  if groups:
     sw = {}
     make, args, elems = cases["decode_attention"]
-    for p in (1, 2, 4, 8, 16, 32):
+    for p in ((1, 2, 4, 8, 16, 32) if "splits" in groups else ()):
       if p * 64 <= S:
         sw[f"decode_attention num_splits={p}"] = _guarded(f"sweep num_splits={p}", lambda: timed(
             make("pallas", num_splits=p, interpret=interpret), args, elems * dt.itemsize))
-    for op in ("rmsnorm_qkv", "out_proj_residual"):
+    for op in ("rmsnorm_qkv", "out_proj_residual") if "splits" in groups else ():
       make, args, elems = cases[op]
       for sk in (1, 2, 4, 8):
         sw[f"{op} split_k={sk}"] = _guarded(f"sweep {op} split_k={sk}", lambda: timed(
             make("pallas", split_k=sk, interpret=interpret), args, elems * dt.itemsize))
     make, args, elems = cases["rmsnorm_swiglu"]
-    for once in (False, True):
+    for once in (False, True) if "mlp" in groups else ():
       sw[f"rmsnorm_swiglu store_once={once}"] = _guarded(
           f"sweep rmsnorm_swiglu store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args, elems * dt.itemsize))
     # Wider MLP tiles (more bytes in flight per pipeline step), and the int8 MLP's store.
     D = cfg.d_model
-    for bk, bd in ((64, 64), (256, 128), (128, 256), (256, 256)):
+    for bk, bd in ((64, 64), (256, 128), (128, 256), (256, 256)) if "mlp" in groups else ():
       if D % bk == 0 and D % bd == 0:
         sw[f"rmsnorm_swiglu block_k={bk} block_d={bd}"] = _guarded(
             f"sweep rmsnorm_swiglu block_k={bk} block_d={bd}", lambda: timed(
                 make("pallas", block_k=bk, block_d=bd, interpret=interpret), args,
                 elems * dt.itemsize))
     make, args, _ = cases["rmsnorm_swiglu int8"]
-    for once in (False, True):
+    for once in (False, True) if "mlp" in groups else ():
       sw[f"rmsnorm_swiglu int8 store_once={once}"] = _guarded(
           f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args,
@@ -599,7 +618,7 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
     from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
-    for name in ("rmsnorm_swiglu", "rmsnorm_swiglu int8"):
+    for name in ("rmsnorm_swiglu", "rmsnorm_swiglu int8") if "down-t" in groups else ():
       _, a, _ = cases[name]
       xa, ga, wga, wua, wda = a[:5]
       sc = dict(zip(("w_gate_scale_F", "w_up_scale_F", "w_down_scale_D"), a[5:]))
@@ -612,7 +631,14 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
         sw[f"{name} w_down_t_DF store_once={once}"] = _guarded(
             f"sweep {name} w_down_t_DF store_once={once}",
             lambda: timed(fn, targs, nbytes[name]))
-    for op in ("rmsnorm_qkv", "rmsnorm_swiglu"):
+    # PDL: in the timing loop each call may start while the previous call's kernels run.
+    for op in ("rmsnorm_qkv", "out_proj_residual", "rmsnorm_swiglu", "out_proj_mlp",
+               "attention_out_mlp") if "pdl" in groups else ():
+      make, args, _ = cases[op]
+      for pdl in ("wait", "prefetch"):
+        sw[f"{op} pdl={pdl}"] = _guarded(f"sweep {op} pdl={pdl}", lambda: timed(
+            make("pallas", pdl=pdl, interpret=interpret, **pallas_opts(op)), args, nbytes[op]))
+    for op in ("rmsnorm_qkv", "rmsnorm_swiglu") if "stages" in groups else ():
       make, args, elems = cases[op]
       for st in (2, 3, 4):
         sw[f"{op} stages={st}"] = _guarded(f"sweep {op} stages={st}", lambda: timed(
@@ -660,6 +686,8 @@ def run(args) -> dict:
   res = dict(config=args.config, device=getattr(dev, "device_kind", str(dev)), backend=backend,
              jax=jax.__version__, dtype=cfg.param_dtype, kv_len=kv_len, steps=args.steps,
              weight_bytes=_weight_bytes(cfg) if attention_only else None, variants={})
+  from kernels._common import pdl_launch_supported
+  res["pdl_launch"] = pdl_launch_supported()   # do pdl kernels get the PDL launch attribute
   if backend == "cpu":
     res["note"] = ("CPU backend: the Pallas kernels run in interpret mode, so their timings are "
                    "meaningless (and XLA CPU timings say nothing about a GPU)")
@@ -736,7 +764,8 @@ def run(args) -> dict:
 def format_table(res: dict) -> str:
   g = res["gemv"]
   lines = [f"config {res['config']}  device {res['device']} ({res['backend']}, jax {res['jax']})  "
-           f"dtype {res['dtype']}  kv_len {res['kv_len']}  steps {res['steps']}",
+           f"dtype {res['dtype']}  kv_len {res['kv_len']}  steps {res['steps']}  "
+           f"pdl launch {'yes' if res.get('pdl_launch') else 'no (JAX < 0.11)'}",
            f"bytes/token {res['bytes_per_token'] / 1e6:.1f} MB (weights "
            f"{res['weight_bytes'] / 1e6:.1f} MB + live caches)",
            f"lone GEMV {g['n']}x{g['n']} bf16: {g['ms']:.3f} ms, {g['gbps']:.1f} GB/s "
