@@ -77,6 +77,23 @@ def check_pdl(pdl, op: str):
   return pdl
 
 
+# SMEM for the throwaway prefetch tiles (H100: 227 KB per CTA; the pipeline's own
+# buffers are allocated after these are released).
+PREFETCH_SMEM_BYTES = 160 * 1024
+
+
+def check_prefetch(tiles: int | None, tile_bytes: int, op: str, pdl: str | None, mode: str):
+  """prefetch_tiles (None: the pipeline depth) goes with pdl="prefetch", is >= 1 and, on
+  the GPU, fits PREFETCH_SMEM_BYTES (the interpreters' default blocks are larger)."""
+  if tiles is None:
+    return
+  if pdl != "prefetch":
+    raise ValueError(f"{op}: prefetch_tiles={tiles} needs pdl='prefetch' (got pdl={pdl!r})")
+  if tiles < 1 or (mode == "compile" and tiles * tile_bytes > PREFETCH_SMEM_BYTES):
+    raise ValueError(f"{op}: prefetch_tiles={tiles} must be >= 1 and fit "
+                     f"{PREFETCH_SMEM_BYTES // 1024} KB of SMEM ({tile_bytes} bytes a tile)")
+
+
 def pdl_launch_supported() -> bool:
   """Whether this JAX launches a Mosaic-GPU kernel that calls griddepcontrol.wait with
   programmatic stream serialization (JAX >= 0.11.0). Older JAX emits the same

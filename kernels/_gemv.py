@@ -59,7 +59,7 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32, raw, merge=None):
+          argmax, stages, out_f32, raw, merge=None, prefetch=None):
   """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
   (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v."""
   refs = list(refs)
@@ -86,7 +86,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   tr = C.tile_transforms(BK, w_g.dtype)
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w_g.at[rows, pl.ds((s * ks + j) * BK, BK)], tr)
-                      for j in range(min(stages, ks))])
+                      for j in range(min(prefetch or stages, ks))])
 
   def vector(idx, vec_s):
     """This step's [BK] slice of the vector, fp32, column layout."""
@@ -177,7 +177,8 @@ def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: boo
 
 
 def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name,
-            merge=None, pdl=None):
+            w_dtype, merge=None, pdl=None, prefetch_tiles=None):
+  C.check_prefetch(prefetch_tiles, BN * BK * jnp.dtype(w_dtype).itemsize, name, pdl, mode)
   if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
     if flags["has_norm"]:
@@ -192,14 +193,15 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
   return C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
                             stages=stages, out_f32=out_dtype == jnp.float32, raw=raw,
-                            merge=merge, **flags),
+                            merge=merge, prefetch=prefetch_tiles, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name, pdl=pdl)
 
 
 def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None = None,
                   block_k: int | None = None, stages: int = 2, split_k: int | None = None,
-                  name: str = "gemv", pdl: str | None = None):
+                  name: str = "gemv", pdl: str | None = None,
+                  prefetch_tiles: int | None = None):
   """The GEMV kernel without its epilogue, for a next kernel to finish (e.g. the fused
   QKV + RoPE + append): (part f32 [S, N], the unscaled partial dot products W^T (v * g)
   over S slices of K; ss f32 [S * N/BN] or None, block (s, n)'s slice of sum(v^2), the
@@ -209,7 +211,8 @@ def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None =
                       argmax=False, name=name)
   flags = dict(has_norm=scale_K is not None, has_wscale=False, has_bias=False, has_resid=False)
   kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
-                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, pdl=pdl)
+                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, pdl=pdl,
+                 w_dtype=w_t_NK.dtype, prefetch_tiles=prefetch_tiles)
   outs = kern(v_K, *([scale_K] if scale_K is not None else []), w_t_NK)
   part, ss = (outs if scale_K is not None else (outs, None))
   return part.reshape(S, N), ss
@@ -234,7 +237,7 @@ def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
 def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
                          block_n: int | None = None, block_k: int | None = None,
                          stages: int = 2, split_k: int | None = None, name: str = "gemv",
-                         pdl: str | None = None):
+                         pdl: str | None = None, prefetch_tiles: int | None = None):
   """gemv_partials of W^T o, where o [Hq * Dh] is the merge of split-K attention partials
   (o_p [P, Hq, Dh], m_p / l_p [P, Hq]; kernels/decode_attention/pallas.partials, split
   axis first) rounded to `dtype`: the merge runs inside the GEMV, on each block of
@@ -253,7 +256,8 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
   flags = dict(has_norm=False, has_wscale=False, has_bias=False, has_resid=False)
   kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
                  out_dtype=jnp.float32, flags=flags, mode=mode, name=name,
-                 merge=(P, Dh, jnp.dtype(dtype)), pdl=pdl)
+                 merge=(P, Dh, jnp.dtype(dtype)), pdl=pdl, w_dtype=w_t_NK.dtype,
+                 prefetch_tiles=prefetch_tiles)
   part = kern(o_PHD.reshape(P, K), m_PH, l_PH, w_t_NK)
   return part.reshape(S, N)
 
@@ -261,7 +265,8 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
 def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,
          eps: float = 0.0, argmax: bool = False, out_dtype=None, mode: str,
          block_n: int | None = None, block_k: int | None = None, stages: int = 2,
-         split_k: int | None = None, name: str = "gemv", pdl: str | None = None):
+         split_k: int | None = None, name: str = "gemv", pdl: str | None = None,
+         prefetch_tiles: int | None = None):
   """y = W^T (norm(v) or v) (* w_scale) (+ bias) (+ resid), and optionally per-block
   (max, argmax). int8 W^T streams as int8 (half the bytes of bf16) and is converted in
   registers; its fp32 per-row scale w_scale_N multiplies each finished dot product.
@@ -277,7 +282,8 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
   flags = dict(has_norm=scale_K is not None, has_wscale=w_scale_N is not None,
                has_bias=bias_N is not None, has_resid=resid_N is not None)
   kern = _kernel(N, K, BN, BK, S, raw=S > 1, eps=eps, argmax=argmax, stages=stages,
-                 out_dtype=out_dtype, flags=flags, mode=mode, name=name, pdl=pdl)
+                 out_dtype=out_dtype, flags=flags, mode=mode, name=name, pdl=pdl,
+                 w_dtype=w_t_NK.dtype, prefetch_tiles=prefetch_tiles)
   args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
   if S == 1:
     args += [a for a in (w_scale_N, bias_N, resid_N) if a is not None]

@@ -167,7 +167,9 @@ def test_op_table_pdl_sweep_rows_run():
   assert set(sw) == {f"{op} pdl={p}" for op in ("rmsnorm_qkv", "out_proj_residual",
                                                 "rmsnorm_swiglu", "out_proj_mlp",
                                                 "attention_out_mlp")
-                     for p in ("wait", "prefetch")}
+                     for p in ("wait", "prefetch")} | {
+      f"{op} pdl=prefetch prefetch_tiles=4"
+      for op in ("rmsnorm_qkv", "out_proj_residual", "rmsnorm_swiglu")}
   bad = {k: r["error"] for k, r in sw.items() if "error" in r}
   bad.update({f"{op} {i}": r[i]["error"] for op, r in out.items() for i in ("xla", "pallas")
               if "error" in r[i]})

@@ -196,10 +196,11 @@ def test_prefetch_kernels_mosaic():
   D, N, F, V = 128, 192, 128, 256
   x, g = _r(0, D), 1.0 + 0.1 * _r(1, D)
   w = _r(2, N, D) / 11
-  for split, bk in ((1, 64), (2, 32)):   # ks = 2 and 2 tiles per CTA; 1 tile (fewer than stages)
+  # (split, block_k, prefetch_tiles): 2 tiles per CTA; 1 (fewer than stages); 3 of 4
+  for split, bk, tiles in ((1, 64, None), (4, 32, None), (1, 32, 3)):
     close(rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas", interpret=M, block_n=64, block_k=bk,
-                      split_k=split if bk == 64 else 4, **P),
-          rmsnorm_qkv(x, g, w, eps=EPS, impl="xla"), D, f"qkv split {split}")
+                      split_k=split, prefetch_tiles=tiles, **P),
+          rmsnorm_qkv(x, g, w, eps=EPS, impl="xla"), D, f"qkv split {split} tiles {tiles}")
   wg, wu, wd = _r(6, F, D) / 11, _r(7, F, D) / 11, _r(8, F, D) / 11
   ref = rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="xla")
   close(rmsnorm_swiglu(x, g, wg, wu, wd, eps=EPS, impl="pallas", interpret=M, block_f=64,
@@ -229,3 +230,34 @@ def test_prefetch_kernels_mosaic():
                           block_k=64, block_d=64, **P),
         attention_out_mlp(q, kc, vc, L, wo, x, g, wg, wu, wd, scale=0.125, eps=EPS,
                           impl="xla"), L + Hq * Dh + F, "attention_out_mlp")
+
+
+def test_prefetch_depth():
+  """prefetch_tiles: that many weight tiles per CTA before the wait (GEMV: capped at the
+  CTA's K slice; MLP: a gate and an up tile each); too deep for SMEM, or without
+  pdl="prefetch", is an error naming the option."""
+  from kernels.rmsnorm_qkv import rmsnorm_qkv
+  from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+  bf = jnp.bfloat16
+  x = SD((2048,), bf)
+
+  def before_wait(fn, w):
+    (k,) = _kernel_jaxprs(jax.make_jaxpr(fn)(x, x, w).jaxpr)
+    kinds = [e[0] for e in _events(k)]
+    return kinds.index("wait")
+
+  qkv = lambda t: lambda x, g, w: rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas", interpret=False,
+                                              pdl="prefetch", prefetch_tiles=t)
+  mlp = lambda t: lambda x, g, w: rmsnorm_swiglu(x, g, w, w, w, eps=EPS, impl="pallas",
+                                                 interpret=False, pdl="prefetch",
+                                                 prefetch_tiles=t)
+  wq, wf = SD((3072, 2048), bf), SD((8192, 2048), bf)
+  # QKV: split-K 4 -> a 512-wide K slice, 4 tiles of 128; default depth = stages = 2
+  assert [before_wait(qkv(t), wq) for t in (None, 1, 3, 4, 8)] == [2, 1, 3, 4, 4]
+  assert [before_wait(mlp(t), wf) for t in (None, 1, 4)] == [4, 2, 8]
+  with pytest.raises(ValueError, match="prefetch_tiles=8 must be >= 1 and fit 160 KB"):
+    before_wait(mlp(8), wf)   # 8 x (gate + up) 64 x 128 bf16 tiles = 256 KB
+  with pytest.raises(ValueError, match="prefetch_tiles=2 needs pdl='prefetch'"):
+    jax.make_jaxpr(lambda x, g, w: rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas",
+                                               interpret=False, pdl="wait",
+                                               prefetch_tiles=2))(x, x, wq)

@@ -638,6 +638,11 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       for pdl in ("wait", "prefetch"):
         sw[f"{op} pdl={pdl}"] = _guarded(f"sweep {op} pdl={pdl}", lambda: timed(
             make("pallas", pdl=pdl, interpret=interpret, **pallas_opts(op)), args, nbytes[op]))
+      if op in ("rmsnorm_qkv", "out_proj_residual", "rmsnorm_swiglu"):   # a deeper prefetch
+        name = f"{op} pdl=prefetch prefetch_tiles=4"
+        sw[name] = _guarded(f"sweep {name}", lambda: timed(
+            make("pallas", pdl="prefetch", prefetch_tiles=4, interpret=interpret,
+                 **pallas_opts(op)), args, nbytes[op]))
     for op in ("rmsnorm_qkv", "rmsnorm_swiglu") if "stages" in groups else ():
       make, args, elems = cases[op]
       for st in (2, 3, 4):

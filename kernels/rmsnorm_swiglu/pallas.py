@@ -55,7 +55,7 @@ def _row_to_col(ctx: C.Ctx, v, n: int):
 
 
 def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts,
-          down_t=False):
+          down_t=False, prefetch=None):
   """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
   projection's S_o split-K partial rows [S_o, D] (and its int8 row scale), and is
   finished block by block as it streams (finish_x). down_t: the down weight is W_down^T
@@ -78,7 +78,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   dtype = x_in[0].dtype
   # PDL "prefetch": the first gate and up tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w.at[pl.ds(p * BF, BF), pl.ds(j * BK, BK)], tr)
-                      for j in range(min(stages, D // BK)) for w in (wg_g, wu_g)])
+                      for j in range(min(prefetch or stages, D // BK)) for w in (wg_g, wu_g)])
 
   def x_block(xs):
     if not x_parts:
@@ -164,7 +164,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
 def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps, mode,
           down_t: bool = False, block_f: int | None = None, block_k: int | None = None,
           block_d: int | None = None, stages: int = 2, store_once: bool = False,
-          pdl: str | None = None):
+          pdl: str | None = None, prefetch_tiles: int | None = None):
   """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
   [F, D], or W_down^T [D, F] with down_t=True."""
   F, D = w_gate_t_FD.shape
@@ -176,10 +176,13 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   C.check_block(D, BK, 32, "D")
   C.check_block(D, BD, 32, "D")
   int8 = scales[0] is not None
+  # one prefetch "tile" is a gate tile and an up tile
+  C.check_prefetch(prefetch_tiles, 2 * BF * BK * w_gate_t_FD.dtype.itemsize, "rmsnorm_swiglu",
+                   pdl, mode)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
                             store_once=store_once, int8=int8, x_parts=x_parts,
-                            down_t=down_t),
+                            down_t=down_t, prefetch=prefetch_tiles),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
   args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
@@ -196,7 +199,7 @@ def _finish(x, part_PD, w_down_scale_D):
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=None,
                    w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str, **block):
   """w_down: W_down [F, D], or W_down^T [D, F] with down_t=True. block: down_t,
-  block_f, block_k, block_d, stages, store_once, pdl (see _call)."""
+  block_f, block_k, block_d, stages, store_once, pdl, prefetch_tiles (see _call)."""
   part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
   return _finish(x_D, part, w_down_scale_D)
