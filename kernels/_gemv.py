@@ -59,13 +59,20 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32, raw, merge=None, prefetch=None):
+          argmax, stages, out_f32, raw, merge=None, swiglu=None, prefetch=None):
   """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
-  (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v."""
+  (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v.
+  swiglu = (S1, D1, nb1, eps1, dtype): the vector is h = silu(gate) * up of an MLP whose
+  gate / up GEMV left its split-K partials unfinished (_swiglu_block); its refs (part
+  [S1, 2K]: gate rows, then up rows; ss [S1 * nb1], the slices of sum(x^2) over D1)
+  replace v."""
   refs = list(refs)
   if merge:
     P, Dh, mdtype = merge
     op_g, m_g, l_g = refs.pop(0), refs.pop(0), refs.pop(0)
+  elif swiglu:
+    S1, D1, nb1, eps1, hdtype = swiglu
+    gu_g, ss1_g = refs.pop(0), refs.pop(0)
   else:
     v_g = refs.pop(0)
   g_g = refs.pop(0) if has_norm else None
@@ -87,9 +94,16 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w_g.at[rows, pl.ds((s * ks + j) * BK, BK)], tr)
                       for j in range(min(prefetch or stages, ks))])
+  if swiglu:   # the gate / up GEMV's 1/RMS(x): its slices of sum(x^2), the same for every n
+    r1 = lax.rsqrt(sum(ss1_g[t * nb1] for t in range(S1)) / D1 + eps1)
 
   def vector(idx, vec_s):
     """This step's [BK] slice of the vector, fp32, column layout."""
+    if swiglu:
+      g_s, u_s = vec_s
+      gate = sum(ctx.ld(g_s, C.COL, t) for t in range(S1)) * r1
+      up = sum(ctx.ld(u_s, C.COL, t) for t in range(S1)) * r1
+      return (gate / (1.0 + jnp.exp(-gate)) * up).astype(hdtype).astype(f32)
     if not merge:
       return ctx.ld(vec_s[0], C.COL).astype(f32)
     j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
@@ -110,6 +124,10 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     ml_spec = lambda: C.plgpu.BlockSpec((P, K // S // Dh), lambda k: (0, s))
     in_specs = [C.plgpu.BlockSpec((P, BK), lambda k: (0, s * ks + k)), ml_spec(), ml_spec()]
     ins = [op_g, m_g, l_g]
+  elif swiglu:   # [S1, BK] column blocks of the gate partials and of the up partials
+    in_specs = [C.plgpu.BlockSpec((S1, BK), lambda k: (0, s * ks + k)),
+                C.plgpu.BlockSpec((S1, BK), lambda k: (0, K // BK + s * ks + k))]
+    ins = [gu_g, gu_g]
   else:
     in_specs = [vec_spec()] + ([vec_spec()] if has_norm else [])
     ins = [v_g] + ([g_g] if has_norm else [])
@@ -177,7 +195,7 @@ def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: boo
 
 
 def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name,
-            w_dtype, merge=None, pdl=None, prefetch_tiles=None):
+            w_dtype, merge=None, swiglu=None, pdl=None, prefetch_tiles=None):
   C.check_prefetch(prefetch_tiles, BN * BK * jnp.dtype(w_dtype).itemsize, name, pdl, mode)
   if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
@@ -193,7 +211,7 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
   return C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
                             stages=stages, out_f32=out_dtype == jnp.float32, raw=raw,
-                            merge=merge, prefetch=prefetch_tiles, **flags),
+                            merge=merge, swiglu=swiglu, prefetch=prefetch_tiles, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name, pdl=pdl)
 
@@ -260,6 +278,30 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
                  prefetch_tiles=prefetch_tiles)
   part = kern(o_PHD.reshape(P, K), m_PH, l_PH, w_t_NK)
   return part.reshape(S, N)
+
+
+def gemv_partials_swiglu(part_S2F, ss, w_t_DF, *, norm_size: int, eps: float, dtype, mode: str,
+                         block_n: int | None = None, block_k: int | None = None,
+                         stages: int = 2, split_k: int | None = None, name: str = "gemv",
+                         pdl: str | None = None, prefetch_tiles: int | None = None):
+  """gemv_partials of W_down^T h, where h = silu(gate) * up [F] (rounded to `dtype`, as
+  the MLP kernel rounds it) is finished from the gate / up GEMV's unfinished partials:
+  part_S2F [S1, 2F] (gemv_partials of [W_gate^T; W_up^T] with the norm scale) and its
+  ss [S1 * nb]; norm_size (D) and eps give that GEMV's 1/RMS. The finishing runs on
+  each block of columns as it streams. Returns part f32 [S, D]."""
+  S1, F2 = part_S2F.shape
+  N, F = w_t_DF.shape
+  if F2 != 2 * F or ss.shape[0] % S1:
+    raise ValueError(f"{name}: gate/up partials {part_S2F.shape} (ss {ss.shape}) do not fit "
+                     f"W_down^T {w_t_DF.shape}")
+  BN, BK, S = _blocks(N, F, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                      argmax=False, name=name)
+  flags = dict(has_norm=False, has_wscale=False, has_bias=False, has_resid=False)
+  kern = _kernel(N, F, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
+                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, pdl=pdl,
+                 w_dtype=w_t_DF.dtype, prefetch_tiles=prefetch_tiles,
+                 swiglu=(S1, norm_size, ss.shape[0] // S1, eps, jnp.dtype(dtype)))
+  return kern(part_S2F, ss, w_t_DF).reshape(S, N)
 
 
 def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None,

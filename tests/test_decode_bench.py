@@ -166,7 +166,7 @@ def test_op_table_pdl_sweep_rows_run():
   sw = out.pop("sweep")
   assert set(sw) == {f"{op} pdl={p}" for op in ("rmsnorm_qkv", "out_proj_residual",
                                                 "rmsnorm_swiglu", "out_proj_mlp",
-                                                "attention_out_mlp")
+                                                "attention_out_mlp", "rmsnorm_swiglu_2k")
                      for p in ("wait", "prefetch")} | {
       f"{op} pdl=prefetch prefetch_tiles=4"
       for op in ("rmsnorm_qkv", "out_proj_residual", "rmsnorm_swiglu")}

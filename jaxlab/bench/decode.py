@@ -18,6 +18,9 @@ Variants (each decodes the same greedy continuation from the same cache):
                 what the fusions save
   pallas-down-t pallas with W_down^T [D, F] in the weights (kernel_options layout): the
                 MLP kernels reduce each down block along rows instead of across warps
+  pallas-mlp2k  pallas with the MLP as two GEMV kernels over more CTAs (kernel_options layout
+                mlp "2k"; the output projection then runs unfused, so compare with
+                pallas-unfused as well as pallas)
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -75,7 +78,7 @@ CONFIGS["gated-tiny"] = (dict(
     mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
-            "pallas-pdl", "pallas-prefetch")
+            "pallas-pdl", "pallas-prefetch", "pallas-mlp2k")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -89,7 +92,8 @@ _DECODER_VARIANTS = {
     "pallas-unfused": ("pallas", "unrolled", None, False),
     "pallas-down-t": ("pallas", "unrolled", None, False),
     "pallas-pdl": ("pallas", "unrolled", None, False),
-    "pallas-prefetch": ("pallas", "unrolled", None, False)}
+    "pallas-prefetch": ("pallas", "unrolled", None, False),
+    "pallas-mlp2k": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths
 SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages")
@@ -98,7 +102,8 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                                                  "attn_out": False}},
                     "pallas-down-t": {"layout": {"w_down": "DF"}},
                     "pallas-pdl": {"launch": {"pdl": "wait"}},
-                    "pallas-prefetch": {"launch": {"pdl": "prefetch"}}}
+                    "pallas-prefetch": {"launch": {"pdl": "prefetch"}},
+                    "pallas-mlp2k": {"layout": {"mlp": "2k"}}}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -533,7 +538,12 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                                           impl=impl, **k),
       (r(3, Hq, Dh), r(4, Hkv, S, Dh), r(5, Hkv, S, Dh), jnp.int32(kv_len), r(7, D, M), x, g,
        r(8, F, D), r(9, F, D), r(10, F, D)), 2 * Hkv * kv_len * Dh + D * M + 3 * F * D)
-  for op in ("qkv_rope_append", "out_proj_mlp", "attention_out_mlp"):
+  # The MLP as two GEMV kernels (layout mlp "2k"): compare with rmsnorm_swiglu.
+  from kernels.rmsnorm_swiglu_2k import rmsnorm_swiglu_2k
+  cases["rmsnorm_swiglu_2k"] = (
+      lambda impl, **k: functools.partial(rmsnorm_swiglu_2k, eps=1e-6, impl=impl, **k),
+      (x, g, jnp.concatenate([r(8, F, D), r(9, F, D)]), jnp.asarray(r(10, F, D).T)), 3 * F * D)
+  for op in ("qkv_rope_append", "out_proj_mlp", "attention_out_mlp", "rmsnorm_swiglu_2k"):
     nbytes[op] = cases[op][2] * dt.itemsize
   for extra in (_int8_op_cases(cases), _hybrid_op_cases(cfg, kv_len, S, r)):
     cases.update(extra[0])
@@ -615,6 +625,13 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args,
               nbytes["rmsnorm_swiglu int8"]))
+    # The two-kernel MLP with its kernel 2 split 2 / 4 / 8 ways (8: 256 CTAs at 1B).
+    make, args, _ = cases["rmsnorm_swiglu_2k"]
+    for sk in (2, 4, 8) if "mlp" in groups else ():
+      name = f"rmsnorm_swiglu_2k down split_k={sk}"
+      sw[name] = _guarded(f"sweep {name}", lambda: timed(
+          make("pallas", down_block=dict(split_k=sk), interpret=interpret), args,
+          nbytes["rmsnorm_swiglu_2k"]))
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
     from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
@@ -633,7 +650,7 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
             lambda: timed(fn, targs, nbytes[name]))
     # PDL: in the timing loop each call may start while the previous call's kernels run.
     for op in ("rmsnorm_qkv", "out_proj_residual", "rmsnorm_swiglu", "out_proj_mlp",
-               "attention_out_mlp") if "pdl" in groups else ():
+               "attention_out_mlp", "rmsnorm_swiglu_2k") if "pdl" in groups else ():
       make, args, _ = cases[op]
       for pdl in ("wait", "prefetch"):
         sw[f"{op} pdl={pdl}"] = _guarded(f"sweep {op} pdl={pdl}", lambda: timed(

@@ -82,6 +82,11 @@ INT8_SCALES = {"w_qkv_t": ("w_qkv_scale", 1), "w_o_t": ("w_o_scale", 1),
 # the default) or "DF" (W_down^T [D, F], "w_down_t": the Pallas MLP then reduces each down
 # block along rows; kernel_options={"layout": {"w_down": "DF"}}, to be timed).
 DOWN_LAYOUTS = ("FD", "DF")
+# How the MLP block runs: "1k", one fused kernel (kernels.rmsnorm_swiglu, the default), or
+# "2k", two GEMV kernels over more CTAs (kernels.rmsnorm_swiglu_2k: the weights hold
+# [W_gate^T; W_up^T] "w_gate_up_t" and W_down^T "w_down_t"; float weights, unrolled
+# layers; kernel_options={"layout": {"mlp": "2k"}}, to be timed).
+MLP_LAYOUTS = ("1k", "2k")
 SLOT_MULTIPLE = 64   # physical cache slots are rounded up to a multiple of this
 
 
@@ -128,13 +133,15 @@ def _check_args(impl: str, max_len: int, layers: str):
     raise ValueError(f"make_decoder: max_len must be a positive integer, got {max_len!r}")
 
 
-def prepare_weights(model, quantize: str | None = None, w_down: str = "FD") -> dict[str, Any]:
+def prepare_weights(model, quantize: str | None = None, w_down: str = "FD",
+                    mlp: str = "1k") -> dict[str, Any]:
   """Decode-layout copies of the model's parameters (done once per decoder).
 
   GEMV weights are stored [out, in] so each output is one contiguous row;
   Q, K and V are concatenated into one matrix (one GEMV); the down projection
   keeps its natural [F, D] layout (the MLP kernel splits over F), or with w_down="DF"
-  is stored transposed as "w_down_t" [D, F].
+  is stored transposed as "w_down_t" [D, F]. mlp="2k" (MLP_LAYOUTS) stores the gate and
+  up weights stacked, "w_gate_up_t" [2F, D], and "w_down_t" [D, F] (float weights only).
   quantize="int8": the kernels' GEMV weights (QKV, output projection, MLP, LM head)
   become int8 with one fp32 scale per output channel (INT8_SCALES); norms, the
   embedding lookup and the PaTH / log-linear mixers' own projections stay as they are.
@@ -143,22 +150,27 @@ def prepare_weights(model, quantize: str | None = None, w_down: str = "FD") -> d
     raise ValueError(f"unknown quantize {quantize!r} (known: None, 'int8')")
   if w_down not in DOWN_LAYOUTS:
     raise ValueError(f"unknown w_down layout {w_down!r} (known: {', '.join(DOWN_LAYOUTS)})")
+  if mlp not in MLP_LAYOUTS:
+    raise ValueError(f"unknown mlp layout {mlp!r} (known: {', '.join(MLP_LAYOUTS)})")
+  if mlp == "2k" and quantize is not None:
+    raise ValueError(f"mlp layout '2k' (two-kernel MLP) takes float weights, not quantize="
+                     f"{quantize!r}")
   cfg: ModelConfig = model.cfg
   kinds = layer_kinds(cfg)
   _check_model(cfg)
   layers = []
   for blk, kind in zip(model.layers, kinds):
-    att, mlp = blk.mixer, blk.mlp
-    lw = dict(
-        attn_norm=blk.input_norm.scale[...],
-        mlp_norm=blk.post_norm.scale[...],
-        w_gate_t=jnp.asarray(mlp.gate_proj.kernel[...].T),
-        w_up_t=jnp.asarray(mlp.up_proj.kernel[...].T),
-    )
-    if w_down == "FD":
-      lw["w_down"] = mlp.down_proj.kernel[...]
+    att, ffn = blk.mixer, blk.mlp
+    lw = dict(attn_norm=blk.input_norm.scale[...], mlp_norm=blk.post_norm.scale[...])
+    w_gate_t, w_up_t = ffn.gate_proj.kernel[...].T, ffn.up_proj.kernel[...].T
+    if mlp == "2k":
+      lw["w_gate_up_t"] = jnp.concatenate([w_gate_t, w_up_t])
     else:
-      lw["w_down_t"] = jnp.asarray(mlp.down_proj.kernel[...].T)
+      lw.update(w_gate_t=jnp.asarray(w_gate_t), w_up_t=jnp.asarray(w_up_t))
+    if w_down == "FD" and mlp == "1k":
+      lw["w_down"] = ffn.down_proj.kernel[...]
+    else:
+      lw["w_down_t"] = jnp.asarray(ffn.down_proj.kernel[...].T)
     if kind != "attention":   # the mixer's own parameters drive its projections
       lw["mixer"] = nnx.state(att)
       if kind == "path":
@@ -297,7 +309,7 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
 
 def _attn_out_fused(spec: _Spec, lw) -> bool:
   from kernels._gemv import merge_ok
-  if not (_fused(spec, "attn_out") and _fused(spec, "out_mlp")):
+  if not (_fused(spec, "attn_out") and _fused(spec, "out_mlp")) or "w_gate_up_t" in lw:
     return False
   D, M = lw["w_o_t"].shape
   o = spec.opts("out_proj_residual")
@@ -307,7 +319,7 @@ def _attn_out_fused(spec: _Spec, lw) -> bool:
 
 def _out_mlp(spec: _Spec, lw, o, x, kw):
   """x + attention output projection, then the MLP block (fused when out_mlp is on)."""
-  if not _fused(spec, "out_mlp"):
+  if not _fused(spec, "out_mlp") or "w_gate_up_t" in lw:   # ("2k": no fused form)
     return _mlp(spec, lw, _out_proj(spec, lw, o, x, kw), kw)
   from kernels.out_proj_mlp import out_proj_mlp
   return out_proj_mlp(o.reshape(-1), lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
@@ -352,6 +364,10 @@ def _mlp_scales(lw) -> dict:
 
 
 def _mlp(spec: _Spec, lw, x, kw):
+  if "w_gate_up_t" in lw:   # kernel_options layout mlp "2k"
+    from kernels.rmsnorm_swiglu_2k import rmsnorm_swiglu_2k
+    return rmsnorm_swiglu_2k(x, lw["mlp_norm"], lw["w_gate_up_t"], lw["w_down_t"],
+                             eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu_2k"))
   *_, rmsnorm_swiglu, _ = _ops()
   return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw.get("w_down"),
                         w_down_t_DF=lw.get("w_down_t"),
@@ -572,7 +588,8 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   kernel_options: per-op options, e.g. {"decode_attention": {"num_splits": 8}} (Pallas
   block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls);
   {"fuse": {name: bool}} (FUSIONS); {"layout": {"w_down": "DF"}} (W_down^T in the weights,
-  DOWN_LAYOUTS); {"launch": {"pdl": "wait" | "prefetch"}} (Programmatic Dependent Launch
+  DOWN_LAYOUTS); {"layout": {"mlp": "2k"}} (the MLP as two GEMV kernels, MLP_LAYOUTS;
+  float weights, unrolled layers); {"launch": {"pdl": "wait" | "prefetch"}} (Programmatic Dependent Launch
   of every Pallas kernel, kernels/_common.PDL_MODES; needs JAX >= 0.11 to take effect,
   not yet timed, off by default).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
@@ -586,7 +603,8 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
                                      kernel_options=kernel_options, share_layers=share_layers)
   layout = dict((kernel_options or {}).get("layout", {}))
-  weights = prepare_weights(model, quantize, w_down=layout.get("w_down", "FD"))
+  weights = prepare_weights(model, quantize, w_down=layout.get("w_down", "FD"),
+                            mlp=layout.get("mlp", "1k"))
   if layers == "scan":
     weights = dict(weights, layers=jax.tree.map(lambda *a: jnp.stack(a), *weights["layers"]))
   graphdef, mstate = nnx.split(model)
@@ -609,9 +627,13 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
     raise ValueError(f"kernel_options['fuse']: unknown fusion(s) {', '.join(sorted(bad))} "
                      f"(known: {', '.join(FUSIONS)})")
   layout = dict((kernel_options or {}).get("layout", {}))
-  if set(layout) - {"w_down"} or layout.get("w_down", "FD") not in DOWN_LAYOUTS:
+  if (set(layout) - {"w_down", "mlp"} or layout.get("w_down", "FD") not in DOWN_LAYOUTS
+          or layout.get("mlp", "1k") not in MLP_LAYOUTS):
     raise ValueError(f"kernel_options['layout']: {layout} (known: w_down in "
-                     f"{', '.join(DOWN_LAYOUTS)})")
+                     f"{', '.join(DOWN_LAYOUTS)}, mlp in {', '.join(MLP_LAYOUTS)})")
+  if layout.get("mlp") == "2k" and (layers == "scan" or layout.get("w_down") == "FD"):
+    raise ValueError(f"kernel_options['layout']: mlp '2k' stores W_down^T and runs unrolled "
+                     f"layers (got {layout}, layers={layers!r})")
   launch = dict((kernel_options or {}).get("launch", {}))
   from kernels._common import PDL_MODES
   if set(launch) - {"pdl"} or launch.get("pdl") not in (None, *PDL_MODES):
