@@ -7,12 +7,12 @@
 #   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights, the fused
 #      ops) + 64 greedy tokens pallas == xla, also with PDL (tests/test_kernels_pdl.py,
 #      the pdl decode test: a kernel reading before its wait would show there)
-#   2. jaxlab bench decode --config llama-1b-bench: the fused Pallas step against
-#      pallas-prefetch / pallas-pdl (Programmatic Dependent Launch; JAX >= 0.11) and
-#      pallas-unfused, xla-unrolled the baseline (B1_VARIANTS overrides; pallas-down-t,
-#      pallas-int8, pallas-shared ~1 min each); per-op table incl. the fused ops and int8
-#      rows; sweep groups down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5
-#      min); profile
+#   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) the per-op table
+#      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
+#      down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5 min) with
+#      xla-unrolled and pallas (B1_VARIANTS); (b) pallas-prefetch, pallas-mlp2k,
+#      pallas-pdl, pallas-unfused (B1B_VARIANTS; pallas-down-t, pallas-int8,
+#      pallas-shared ~1 min each), xla-unrolled again as this run's baseline; profiles
 #   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
 #      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step)
 #   4. with WRITE=1: the XLA baseline's cache row write as one scatter, ~45 s
@@ -29,8 +29,9 @@
 # Opt-in stages compete for the same budget: lower B1's share (B1_TIMEOUT) or skip
 # stages to fit them. Each stage has its own timeout (pytest gets SIGINT so it still
 # prints its summary), so a hang loses one stage, not the run. At most 8 result files
-# land in $OUT (the device tool's limit): env, pytest, llama-1b.{txt,json}, profile.tgz,
-# attention.{jsonl,txt}, llama-8b.txt.
+# land in $OUT (the device tool's limit): env, pytest, llama-1b.{txt,json},
+# llama-1b-variants.json, profile.tgz, attention.{jsonl,txt} (ATTN=1), llama-8b.txt (B8=1;
+# not together with ATTN=1: that would be 9 files).
 # Usage (repository root): OUT=/tmp/out bash scripts/gpu_session.sh
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -59,16 +60,26 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
 timeout -s INT $(cap ${PYTEST_TIMEOUT:-140}) $PY -m pytest tests/test_kernels_ops.py \
   tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_int8.py \
-  tests/test_kernels_pdl.py -q -rfE --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+  tests/test_kernels_pdl.py tests/test_kernels_mlp2k.py -q -rfE --tb=short \
+  -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
+# 2a. the per-op table (Pallas vs XLA per op, incl. the two-kernel MLP row) and sweep,
+# with the baseline and the default Pallas step
 PROF=$(mktemp -d)
-timeout $(cap ${B1_TIMEOUT:-340}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
-  --sweep ${B1_SWEEP:-down-t,pdl} \
-  --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-prefetch,pallas-pdl,pallas-unfused} \
-  --profile "$PROF" \
-  --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
-stamp "llama-1b-bench rc=$?"
+timeout $(cap ${B1_TIMEOUT:-170}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
+  --sweep ${B1_SWEEP:-down-t,pdl} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
+  --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
+stamp "llama-1b-bench ops rc=$?"
+# 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
+# figures are logged as it finishes, so a timeout loses only the later ones
+if room 60 "llama-1b-bench variants"; then
+  { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
+  timeout $(cap ${B1B_TIMEOUT:-260}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-pdl,pallas-unfused} \
+    --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
+  stamp "llama-1b-bench variants rc=$?"
+fi
 tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JSON, xplane)
 
 # Which kernels of the 1B step run inside XLA's command buffers (CUDA graphs) and which

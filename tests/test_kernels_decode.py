@@ -326,3 +326,25 @@ def test_pdl_pallas_step_decodes_the_same(model, reference_tokens, hybrid, hybri
   for m, want in ((model, reference_tokens), (hybrid, hybrid_tokens)):
     np.testing.assert_array_equal(
         decode_greedy(m, PROMPT, N, impl="pallas", kernel_options=opts), want)
+
+
+def test_two_kernel_mlp_decodes_the_same(model, reference_tokens, gated, gated_tokens):
+  """kernel_options={"layout": {"mlp": "2k"}}: the decode weights hold [W_gate^T; W_up^T]
+  and W_down^T, and every layer's MLP runs as two GEMV kernels (kernels.rmsnorm_swiglu_2k;
+  the O-projection then unfused): the same tokens as generate() for the tiny model (Pallas
+  and XLA) and the PaTH-FoX / FoX model. Int8, scan and an [F, D] down weight are refused."""
+  opts = {"layout": {"mlp": "2k"}}
+  for m, want, impl in ((model, reference_tokens, "pallas"), (model, reference_tokens, "xla"),
+                        (gated, gated_tokens, "pallas")):
+    np.testing.assert_array_equal(decode_greedy(m, PROMPT, N, impl=impl, kernel_options=opts),
+                                  want)
+  w = make_decoder(model, "xla", MAX_LEN, kernel_options=opts).weights["layers"][0]
+  assert {"w_gate_up_t", "w_down_t"} <= set(w) and not {"w_gate_t", "w_up_t", "w_down"} & set(w)
+  with pytest.raises(ValueError, match="two-kernel MLP.*float weights"):
+    make_decoder(model, "pallas", MAX_LEN, kernel_options=opts, quantize="int8")
+  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
+    make_decoder(model, "xla", MAX_LEN, layers="scan", kernel_options=opts)
+  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
+    make_decoder(model, "pallas", MAX_LEN, kernel_options={"layout": {"mlp": "2k", "w_down": "FD"}})
+  with pytest.raises(ValueError, match=r"kernel_options\['layout'\]"):
+    make_decoder(model, "pallas", MAX_LEN, kernel_options={"layout": {"mlp": "3k"}})

@@ -108,3 +108,21 @@ def test_mosaic_interpreter():
                           down_block=dict(block_k=64, split_k=2), pdl="prefetch")
   assert_rel_close(np.asarray(out, np.float64), np.asarray(ref, np.float64),
                    rtol=tol(F32, D + F), name="2k mosaic")
+
+
+def test_decode_step_with_two_kernel_mlp_lowers_for_cuda():
+  """One llama-1b-bench layer with kernel_options layout mlp "2k" (and PDL prefetch):
+  the step runs the two MLP kernels per layer and lowers for CUDA."""
+  from flax import nnx
+
+  from jaxlab.bench.decode import CONFIGS
+  from jaxlab.models import LM, ModelConfig
+  from jaxlab.models.decode import init_state, prepare_weights, step_function
+  cfg = ModelConfig(**dict(CONFIGS["llama-1b-bench"][0], n_layers=1))
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), mlp="2k"))
+  opts = {"layout": {"mlp": "2k"}, "launch": {"pdl": "prefetch"}}
+  step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
+  state = jax.eval_shape(lambda: init_state(cfg, S))
+  text = step.trace(weights, state, SD((), jnp.int32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mlp_gate_up" in text and "mlp_down" in text
