@@ -589,9 +589,9 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   block options) or {"rope_append": {"write": "scatter"}} (the cache row write, both impls);
   {"fuse": {name: bool}} (FUSIONS); {"layout": {"w_down": "DF"}} (W_down^T in the weights,
   DOWN_LAYOUTS); {"layout": {"mlp": "2k"}} (the MLP as two GEMV kernels, MLP_LAYOUTS;
-  float weights, unrolled layers); {"launch": {"pdl": "wait" | "prefetch"}} (Programmatic Dependent Launch
-  of every Pallas kernel, kernels/_common.PDL_MODES; needs JAX >= 0.11 to take effect,
-  not yet timed, off by default).
+  float weights, unrolled layers); {"launch": {"pdl": "wait" | "prefetch"}}
+  (Programmatic Dependent Launch of every Pallas kernel, kernels/_common.PDL_MODES; needs
+  JAX >= 0.11 to take effect, not yet timed, off by default).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest
