@@ -176,3 +176,8 @@ def test_op_table_pdl_sweep_rows_run():
   assert not bad, bad
   with pytest.raises(ValueError, match="unknown group"):
     decode.op_table(cfg, 64, None, None, 1, sweep="pdl,nope")
+  p = argparse.ArgumentParser()
+  decode.add_arguments(p)
+  assert p.parse_args(["--sweep"]).sweep == "all"
+  with pytest.raises(SystemExit):   # told when the command line is read
+    p.parse_args(["--ops", "--sweep", "pdl,nope"])

@@ -106,6 +106,15 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-mlp2k": {"layout": {"mlp": "2k"}}}
 
 
+def _sweep_groups(text: str) -> str:
+  """--sweep's value, checked when the command line is read (not after the variants ran)."""
+  bad = set(text.split(",")) - set(SWEEPS) - {"all"}
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown group(s) {','.join(sorted(bad))} "
+                                     f"(known: {','.join(SWEEPS)}, or all)")
+  return text
+
+
 def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--config", default="llama-1b-bench", choices=sorted(CONFIGS),
                  help="model shape (tiny runs on CPU in seconds)")
@@ -127,6 +136,7 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--ops", action="store_true",
                  help="also time each op alone (Pallas vs XLA) at one layer of the config")
   p.add_argument("--sweep", nargs="?", const="all", default=None, metavar="GROUPS",
+                 type=_sweep_groups,
                  help="with --ops: also time Pallas option rows (tuning hints for the next "
                       f"GPU session); all groups, or a comma-separated subset of "
                       f"{','.join(SWEEPS)}")
