@@ -14,7 +14,8 @@
 #      pallas-pdl, pallas-unfused (B1B_VARIANTS; pallas-down-t, pallas-int8,
 #      pallas-shared ~1 min each), xla-unrolled again as this run's baseline; profiles
 #   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
-#      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step)
+#      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step); with the default
+#      budget it runs only if stages 1-2 finish early (or with a lower B1B_TIMEOUT)
 #   4. with WRITE=1: the XLA baseline's cache row write as one scatter, ~45 s
 #   5. with HYBRID=1: --config hybrid-1b-bench (PaTH / log-linear decode kernels), ~1-2 min
 #   6. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
@@ -58,16 +59,18 @@ room() { [ "$(cap "$1")" -ge 30 ] || { stamp "skipped: $2 (budget)"; false; }; }
 } > "$OUT/env.txt" 2>&1
 stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
-timeout -s INT $(cap ${PYTEST_TIMEOUT:-140}) $PY -m pytest tests/test_kernels_ops.py \
-  tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_int8.py \
-  tests/test_kernels_pdl.py tests/test_kernels_mlp2k.py -q -rfE --tb=short \
+# newest first (a timeout cuts the tail): PDL, the two-kernel MLP, the decode tests (their
+# PDL and two-kernel cases first), then the fused ops, every op, int8
+timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_pdl.py \
+  tests/test_kernels_mlp2k.py tests/test_kernels_decode.py tests/test_kernels_fused.py \
+  tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short \
   -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 # 2a. the per-op table (Pallas vs XLA per op, incl. the two-kernel MLP row) and sweep,
 # with the baseline and the default Pallas step
 PROF=$(mktemp -d)
-timeout $(cap ${B1_TIMEOUT:-170}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
+timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
   --sweep ${B1_SWEEP:-down-t,pdl} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
@@ -75,7 +78,7 @@ stamp "llama-1b-bench ops rc=$?"
 # figures are logged as it finishes, so a timeout loses only the later ones
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
-  timeout $(cap ${B1B_TIMEOUT:-260}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
+  timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
     --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-pdl,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"

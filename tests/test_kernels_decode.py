@@ -44,6 +44,43 @@ def test_greedy_64_tokens_identical(model, reference_tokens, impl, layers):
   np.testing.assert_array_equal(toks, reference_tokens)
 
 
+# On CPU both modes run the same interpreted kernels ("prefetch" also checks the plumbing
+# of "wait"); on a GPU they differ, and both run.
+@pytest.mark.parametrize("pdl", ["prefetch"] + (["wait"] if jax.default_backend() == "gpu" else []))
+def test_pdl_pallas_step_decodes_the_same(hybrid, hybrid_tokens, pdl):
+  """kernel_options={"launch": {"pdl": ...}}: every Pallas kernel of the hybrid model
+  (PaTH, log-linear Mamba-2, attention and GDN layers, the LM head) launched with
+  Programmatic Dependent Launch decodes the same tokens as generate(). On CPU this checks
+  the plumbing; on a GPU with JAX >= 0.11 the kernels really overlap, and a kernel
+  reading before its wait would show here."""
+  np.testing.assert_array_equal(
+      decode_greedy(hybrid, PROMPT, N, impl="pallas", kernel_options={"launch": {"pdl": pdl}}),
+      hybrid_tokens)
+
+
+def test_two_kernel_mlp_decodes_the_same(model, reference_tokens, gated, gated_tokens):
+  """kernel_options={"layout": {"mlp": "2k"}}: the decode weights hold [W_gate^T; W_up^T]
+  and W_down^T, and every layer's MLP runs as two GEMV kernels (kernels.rmsnorm_swiglu_2k;
+  the O-projection then unfused): the same tokens as generate() for the tiny model (Pallas
+  and XLA) and the PaTH-FoX / FoX model. Int8, scan and an [F, D] down weight are refused."""
+  opts = {"layout": {"mlp": "2k"}}
+  for m, want, impl in ((model, reference_tokens, "pallas"), (model, reference_tokens, "xla"),
+                        (gated, gated_tokens, "pallas")):
+    np.testing.assert_array_equal(decode_greedy(m, PROMPT, N, impl=impl, kernel_options=opts),
+                                  want)
+  w = make_decoder(model, "xla", MAX_LEN, kernel_options=opts).weights["layers"][0]
+  assert {"w_gate_up_t", "w_down_t"} <= set(w) and not {"w_gate_t", "w_up_t", "w_down"} & set(w)
+  with pytest.raises(ValueError, match="two-kernel MLP.*float weights"):
+    make_decoder(model, "pallas", MAX_LEN, kernel_options=opts, quantize="int8")
+  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
+    make_decoder(model, "xla", MAX_LEN, layers="scan", kernel_options=opts)
+  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
+    make_decoder(model, "pallas", MAX_LEN,
+                 kernel_options={"layout": {"mlp": "2k", "w_down": "FD"}})
+  with pytest.raises(ValueError, match=r"kernel_options\['layout'\]"):
+    make_decoder(model, "pallas", MAX_LEN, kernel_options={"layout": {"mlp": "3k"}})
+
+
 def test_streamer_interface_for_the_cli(model, reference_tokens):
   """`jaxlab generate --impl pallas` loads jaxlab.models.decode:DecodeStreamer."""
   s = DecodeStreamer(model, max_len=MAX_LEN, seed=0)
@@ -313,38 +350,3 @@ def test_transposed_down_weight_decodes_the_same(model, reference_tokens, impl, 
   with pytest.raises(ValueError, match="kernel_options\\['layout'\\]"):
     make_decoder(model, impl, MAX_LEN, kernel_options={"layout": {"w_down": "T"}})
 
-
-# On CPU both modes run the same interpreted kernels ("prefetch" also checks the plumbing
-# of "wait"); on a GPU they differ, and both run.
-@pytest.mark.parametrize("pdl", ["prefetch"] + (["wait"] if jax.default_backend() == "gpu" else []))
-def test_pdl_pallas_step_decodes_the_same(hybrid, hybrid_tokens, pdl):
-  """kernel_options={"launch": {"pdl": ...}}: every Pallas kernel of the hybrid model
-  (PaTH, log-linear Mamba-2, attention and GDN layers, the LM head) launched with
-  Programmatic Dependent Launch decodes the same tokens as generate(). On CPU this checks
-  the plumbing; on a GPU with JAX >= 0.11 the kernels really overlap, and a kernel
-  reading before its wait would show here."""
-  np.testing.assert_array_equal(
-      decode_greedy(hybrid, PROMPT, N, impl="pallas", kernel_options={"launch": {"pdl": pdl}}),
-      hybrid_tokens)
-
-
-def test_two_kernel_mlp_decodes_the_same(model, reference_tokens, gated, gated_tokens):
-  """kernel_options={"layout": {"mlp": "2k"}}: the decode weights hold [W_gate^T; W_up^T]
-  and W_down^T, and every layer's MLP runs as two GEMV kernels (kernels.rmsnorm_swiglu_2k;
-  the O-projection then unfused): the same tokens as generate() for the tiny model (Pallas
-  and XLA) and the PaTH-FoX / FoX model. Int8, scan and an [F, D] down weight are refused."""
-  opts = {"layout": {"mlp": "2k"}}
-  for m, want, impl in ((model, reference_tokens, "pallas"), (model, reference_tokens, "xla"),
-                        (gated, gated_tokens, "pallas")):
-    np.testing.assert_array_equal(decode_greedy(m, PROMPT, N, impl=impl, kernel_options=opts),
-                                  want)
-  w = make_decoder(model, "xla", MAX_LEN, kernel_options=opts).weights["layers"][0]
-  assert {"w_gate_up_t", "w_down_t"} <= set(w) and not {"w_gate_t", "w_up_t", "w_down"} & set(w)
-  with pytest.raises(ValueError, match="two-kernel MLP.*float weights"):
-    make_decoder(model, "pallas", MAX_LEN, kernel_options=opts, quantize="int8")
-  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
-    make_decoder(model, "xla", MAX_LEN, layers="scan", kernel_options=opts)
-  with pytest.raises(ValueError, match="mlp '2k' stores W_down"):
-    make_decoder(model, "pallas", MAX_LEN, kernel_options={"layout": {"mlp": "2k", "w_down": "FD"}})
-  with pytest.raises(ValueError, match=r"kernel_options\['layout'\]"):
-    make_decoder(model, "pallas", MAX_LEN, kernel_options={"layout": {"mlp": "3k"}})
