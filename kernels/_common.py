@@ -173,17 +173,9 @@ class Ctx:
     if not tiles:
       sync()
       return
-
-    def body(*scratch):
-      smem, bars = scratch[:len(tiles)], scratch[len(tiles):]
-      for (src, _), s, bar in zip(tiles, smem, bars):
-        plgpu.copy_gmem_to_smem(src, s, bar)
-      sync()
-      for bar in bars:
-        plgpu.barrier_wait(bar)
-
-    pl.run_scoped(body, *[plgpu.SMEM(src.shape, src.dtype, transforms=tr) for src, tr in tiles],
-                  *[plgpu.Barrier(num_arrivals=1) for _ in tiles])
+    # the copies are in flight during the wait; their data is dropped
+    _staged([src for src, _ in tiles], lambda *_: None, [tr for _, tr in tiles],
+            while_in_flight=sync)
 
   def _check_begun(self, what: str):
     if self.pdl is not None and not self.begun:
@@ -275,14 +267,7 @@ class Ctx:
     self._check_begun("loads")
     if not self.tma:
       return fn(src_gmem)
-
-    def body(s, bar):
-      plgpu.copy_gmem_to_smem(src_gmem, s, bar)
-      plgpu.barrier_wait(bar)
-      return fn(s)
-
-    return pl.run_scoped(body, plgpu.SMEM(src_gmem.shape, src_gmem.dtype, transforms=transforms),
-                         plgpu.Barrier(num_arrivals=1))
+    return _staged([src_gmem], fn, [transforms])
 
   def load_all(self, srcs, fn):
     """fn(*refs) on several GMEM blocks staged into SMEM together: every TMA copy is
@@ -290,17 +275,30 @@ class Ctx:
     self._check_begun("loads")
     if not self.tma:
       return fn(*srcs)
+    return _staged(srcs, fn, [()] * len(srcs))
 
-    def body(*scratch):
-      smem, bars = scratch[:len(srcs)], scratch[len(srcs):]
-      for src, s, bar in zip(srcs, smem, bars):
-        plgpu.copy_gmem_to_smem(src, s, bar)
-      for bar in bars:
-        plgpu.barrier_wait(bar)
-      return fn(*smem)
 
-    return pl.run_scoped(body, *[plgpu.SMEM(s.shape, s.dtype) for s in srcs],
-                         *[plgpu.Barrier(num_arrivals=1) for _ in srcs])
+def _staged(srcs, fn, transforms, while_in_flight=None):
+  """fn(*smem copies of srcs): every TMA copy issued, then while_in_flight() (if any),
+  then one wait per copy."""
+  def body(*scratch):
+    smem, bars = scratch[:len(srcs)], scratch[len(srcs):]
+    for src, s, bar in zip(srcs, smem, bars):
+      plgpu.copy_gmem_to_smem(src, s, bar)
+    if while_in_flight is not None:
+      while_in_flight()
+    for bar in bars:
+      plgpu.barrier_wait(bar)
+    return fn(*smem)
+
+  return pl.run_scoped(body, *[plgpu.SMEM(s.shape, s.dtype, transforms=t)
+                               for s, t in zip(srcs, transforms)],
+                       *[plgpu.Barrier(num_arrivals=1) for _ in srcs])
+
+
+def silu(x):
+  """x * sigmoid(x), written as the kernels compute it."""
+  return x / (1.0 + jnp.exp(-x))
 
 
 def bcast_rows(v, shape):

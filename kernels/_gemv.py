@@ -63,9 +63,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
   (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v.
   swiglu = (S1, D1, nb1, eps1, dtype): the vector is h = silu(gate) * up of an MLP whose
-  gate / up GEMV left its split-K partials unfinished (_swiglu_block); its refs (part
-  [S1, 2K]: gate rows, then up rows; ss [S1 * nb1], the slices of sum(x^2) over D1)
-  replace v."""
+  gate / up GEMV left its split-K partials unfinished (finished per block in `vector`);
+  its refs (part [S1, 2K]: gate rows, then up rows; ss [S1 * nb1], the slices of
+  sum(x^2) over D1) replace v."""
   refs = list(refs)
   if merge:
     P, Dh, mdtype = merge
@@ -103,7 +103,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
       g_s, u_s = vec_s
       gate = sum(ctx.ld(g_s, C.COL, t) for t in range(S1)) * r1
       up = sum(ctx.ld(u_s, C.COL, t) for t in range(S1)) * r1
-      return (gate / (1.0 + jnp.exp(-gate)) * up).astype(hdtype).astype(f32)
+      return (C.silu(gate) * up).astype(hdtype).astype(f32)
     if not merge:
       return ctx.ld(vec_s[0], C.COL).astype(f32)
     j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
@@ -225,15 +225,24 @@ def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None =
   over S slices of K; ss f32 [S * N/BN] or None, block (s, n)'s slice of sum(v^2), the
   same for every n). Finish: y = sum_s part[s] * rsqrt(sum_s ss[s * N/BN] / K + eps)."""
   N, K = w_t_NK.shape
-  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                      argmax=False, name=name)
-  flags = dict(has_norm=scale_K is not None, has_wscale=False, has_bias=False, has_resid=False)
-  kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
-                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, pdl=pdl,
-                 w_dtype=w_t_NK.dtype, prefetch_tiles=prefetch_tiles)
+  kern, S = _partials_kernel(N, K, w_t_NK.dtype, has_norm=scale_K is not None, mode=mode,
+                             name=name, block_n=block_n, block_k=block_k, split_k=split_k,
+                             stages=stages, pdl=pdl, prefetch_tiles=prefetch_tiles)
   outs = kern(v_K, *([scale_K] if scale_K is not None else []), w_t_NK)
   part, ss = (outs if scale_K is not None else (outs, None))
   return part.reshape(S, N), ss
+
+
+def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, mode, name,
+                     block_n, block_k, split_k, stages, pdl, prefetch_tiles):
+  """(the raw GEMV kernel over a [N, K] weight, its split S): the partials' form shared
+  by gemv_partials, gemv_partials_merged and gemv_partials_swiglu."""
+  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                      argmax=False, name=name)
+  flags = dict(has_norm=has_norm, has_wscale=False, has_bias=False, has_resid=False)
+  return _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
+                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, w_dtype=w_dtype,
+                 merge=merge, swiglu=swiglu, pdl=pdl, prefetch_tiles=prefetch_tiles), S
 
 
 def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
@@ -269,13 +278,9 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
     raise ValueError(f"{name}: the merged attention output ({Hq} heads x {Dh}) does not fit "
                      f"the GEMV's blocks (K slices and blocks of whole heads; on GPU >= 4 "
                      "heads per K slice)")
-  BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                      argmax=False, name=name)
-  flags = dict(has_norm=False, has_wscale=False, has_bias=False, has_resid=False)
-  kern = _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
-                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name,
-                 merge=(P, Dh, jnp.dtype(dtype)), pdl=pdl, w_dtype=w_t_NK.dtype,
-                 prefetch_tiles=prefetch_tiles)
+  kern, S = _partials_kernel(N, K, w_t_NK.dtype, merge=(P, Dh, jnp.dtype(dtype)), mode=mode,
+                             name=name, block_n=block_n, block_k=block_k, split_k=split_k,
+                             stages=stages, pdl=pdl, prefetch_tiles=prefetch_tiles)
   part = kern(o_PHD.reshape(P, K), m_PH, l_PH, w_t_NK)
   return part.reshape(S, N)
 
@@ -294,13 +299,11 @@ def gemv_partials_swiglu(part_S2F, ss, w_t_DF, *, norm_size: int, eps: float, dt
   if F2 != 2 * F or ss.shape[0] % S1:
     raise ValueError(f"{name}: gate/up partials {part_S2F.shape} (ss {ss.shape}) do not fit "
                      f"W_down^T {w_t_DF.shape}")
-  BN, BK, S = _blocks(N, F, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                      argmax=False, name=name)
-  flags = dict(has_norm=False, has_wscale=False, has_bias=False, has_resid=False)
-  kern = _kernel(N, F, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
-                 out_dtype=jnp.float32, flags=flags, mode=mode, name=name, pdl=pdl,
-                 w_dtype=w_t_DF.dtype, prefetch_tiles=prefetch_tiles,
-                 swiglu=(S1, norm_size, ss.shape[0] // S1, eps, jnp.dtype(dtype)))
+  kern, S = _partials_kernel(N, F, w_t_DF.dtype,
+                             swiglu=(S1, norm_size, ss.shape[0] // S1, eps, jnp.dtype(dtype)),
+                             mode=mode, name=name, block_n=block_n, block_k=block_k,
+                             split_k=split_k, stages=stages, pdl=pdl,
+                             prefetch_tiles=prefetch_tiles)
   return kern(part_S2F, ss, w_t_DF).reshape(S, N)
 
 

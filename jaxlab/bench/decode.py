@@ -106,12 +106,23 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-mlp2k": {"layout": {"mlp": "2k"}}}
 
 
-def _sweep_groups(text: str) -> str:
+def sweep_groups(text: str | None) -> set[str]:
+  """The SWEEPS groups named by --sweep's value ("all", or a comma-separated subset)."""
+  if not text:
+    return set()
+  groups = set(SWEEPS) if text == "all" else set(text.split(","))
+  if groups - set(SWEEPS):
+    raise ValueError(f"unknown group(s) {','.join(sorted(groups - set(SWEEPS)))} "
+                     f"(known: {','.join(SWEEPS)}, or all)")
+  return groups
+
+
+def _sweep_arg(text: str) -> str:
   """--sweep's value, checked when the command line is read (not after the variants ran)."""
-  bad = set(text.split(",")) - set(SWEEPS) - {"all"}
-  if bad:
-    raise argparse.ArgumentTypeError(f"unknown group(s) {','.join(sorted(bad))} "
-                                     f"(known: {','.join(SWEEPS)}, or all)")
+  try:
+    sweep_groups(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
   return text
 
 
@@ -136,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--ops", action="store_true",
                  help="also time each op alone (Pallas vs XLA) at one layer of the config")
   p.add_argument("--sweep", nargs="?", const="all", default=None, metavar="GROUPS",
-                 type=_sweep_groups,
+                 type=_sweep_arg,
                  help="with --ops: also time Pallas option rows (tuning hints for the next "
                       f"GPU session); all groups, or a comma-separated subset of "
                       f"{','.join(SWEEPS)}")
@@ -495,10 +506,7 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
 def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
              sweep: str | None = None) -> dict:
   """Per-op time and bandwidth, Pallas vs its XLA reference, at one layer's shapes."""
-  groups = set(SWEEPS if sweep == "all" else (sweep.split(",") if sweep else ()))
-  if groups - set(SWEEPS):
-    raise ValueError(f"--sweep: unknown group(s) {','.join(sorted(groups - set(SWEEPS)))} "
-                     f"(known: {','.join(SWEEPS)})")
+  groups = sweep_groups(sweep)
   from kernels.decode_attention import decode_attention
   from kernels.lm_head_argmax import lm_head_argmax
   from kernels.out_proj_residual import out_proj_residual

@@ -388,9 +388,7 @@ def _pdl(spec: _Spec):
 def _kernel_kw(spec: _Spec):
   kw = dict(impl=spec.impl)
   if spec.impl == "pallas":
-    kw["interpret"] = spec.interpret
-    if _pdl(spec):
-      kw["pdl"] = _pdl(spec)
+    kw.update(interpret=spec.interpret, pdl=_pdl(spec))
   return kw
 
 

@@ -25,10 +25,6 @@ from jax.experimental import pallas as pl
 from kernels import _common as C
 
 
-def _silu(x):
-  return x / (1.0 + jnp.exp(-x))
-
-
 def finish_x(resid, part_SD, w_scale_D=None):
   """The output projection's split-K partials finished as out_proj_residual does:
   x = dtype(resid + (part[0] + part[1] + ...) * w_scale), summed in this order in the
@@ -114,7 +110,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     load_row = lambda s: ctx.ld(s, C.ROW).astype(f32)
     acc_g = acc_g * ctx.load(sg_g.at[rows], load_row)
     acc_u = acc_u * ctx.load(su_g.at[rows], load_row)
-  h = _silu(acc_g * r) * (acc_u * r)                       # [BF], ROW layout
+  h = C.silu(acc_g * r) * (acc_u * r)                       # [BF], ROW layout
   # The down projection's operand dtype, as in XLA: the weights' (int8: the activations').
   op_dtype = dtype if int8 else wd_g.dtype
   if jnp.dtype(op_dtype) != jnp.float32:

@@ -146,8 +146,7 @@ def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n, fenwi
     o, new = log_linear_state_update(
         state.levels[b], state.count[b], qh[b], kh[b], v[b, 0].astype(f32), lam[b, 0].astype(f32),
         g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
-        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret,
-        **({"pdl": kern.pdl} if kern.pdl else {}))
+        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret, pdl=kern.pdl)
     outs.append(o)
     # Without padding n is a constant and XLA folds this select away (checked in the
     # compiled decode step: no select over the level state).
