@@ -21,6 +21,14 @@ kernel between them; the decode driver's default, kernel_options "fuse"):
   out_proj_mlp             out_proj_residual + rmsnorm_swiglu
   attention_out_mlp        decode_attention + out_proj_mlp (merge inside the O GEMV)
 
+The two-kernel MLP layout (kernel_options layout mlp "2k") chains further: its ops take
+and return the residual stream as kernels.unfinished.Unfinished (partial rows the next
+GEMV adds up as it streams x), so no XLA kernel runs between layers:
+
+  rmsnorm_swiglu_2k        the MLP as two GEMV kernels (finish=False: result unfinished)
+  attention_out_proj       decode_attention + the O GEMV, result unfinished
+  (qkv_rope_append and lm_head_argmax take an Unfinished x_D)
+
 On CPU the Pallas forms run interpreted (`interpret=None` picks the fast HLO
 interpreter on CPU; `interpret="mosaic"` runs the exact kernel in the Mosaic-GPU
 interpreter). The Pallas forms are inference-only. See docs/kernels.md and

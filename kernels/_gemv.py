@@ -14,12 +14,15 @@ CTA accumulates W^T (x * g) and sum(x^2) in the same pass and scales at the end.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import _common as C
+from kernels.unfinished import Unfinished
 
 ARGMAX_SENTINEL = 2 ** 30
 
@@ -59,15 +62,23 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32, raw, merge=None, swiglu=None, prefetch=None):
+          argmax, stages, out_f32, raw, merge=None, swiglu=None, xrows=None, prefetch=None):
   """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
   (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v.
   swiglu = (S1, D1, nb1, eps1, dtype): the vector is h = silu(gate) * up of an MLP whose
   gate / up GEMV left its split-K partials unfinished (finished per block in `vector`);
   its refs (part [S1, 2K]: gate rows, then up rows; ss [S1 * nb1], the slices of
-  sum(x^2) over D1) replace v."""
+  sum(x^2) over D1) replace v.
+  xrows = (dtype, (R_1, ...), store): the vector is a kernels.unfinished.Unfinished x,
+  finished per block; its refs (base [K], then fp32 [R_i, K] groups) replace v. With
+  store, the n = 0 CTAs also write the finished x (their K slices) to a last output."""
   refs = list(refs)
-  if merge:
+  xo_g = refs.pop() if xrows and xrows[2] else None
+  if xrows:
+    rdtype, Rs, _ = xrows
+    base_g = refs.pop(0)
+    grp_g = [refs.pop(0) for _ in Rs]
+  elif merge:
     P, Dh, mdtype = merge
     op_g, m_g, l_g = refs.pop(0), refs.pop(0), refs.pop(0)
   elif swiglu:
@@ -99,6 +110,15 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
 
   def vector(idx, vec_s):
     """This step's [BK] slice of the vector, fp32, column layout."""
+    if xrows:   # kernels.unfinished.finish, on this block
+      base_s, *grp_s = vec_s
+      v = ctx.ld(base_s, C.COL).astype(f32)
+      for R, g_s in zip(Rs, grp_s):
+        y = ctx.ld(g_s, C.COL, 0)
+        for r in range(1, R):
+          y = y + ctx.ld(g_s, C.COL, r)
+        v = (v + y).astype(rdtype).astype(f32)
+      return v
     if swiglu:
       g_s, u_s = vec_s
       gate = sum(ctx.ld(g_s, C.COL, t) for t in range(S1)) * r1
@@ -109,11 +129,18 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
     return _merged_block(ctx, *vec_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype)
 
-  def step(idx, *args):
+  def step(idx, *args, xs=None):
     *vec_s, w_s, (acc, ss) = args
     if has_norm:
       *vec_s, g_s = vec_s
     v = vector(idx, vec_s)
+    if xo_g is not None:   # keep the finished x block for the store below
+      if xs is not None:
+        xs[pl.ds(idx[0] * BK, BK)] = v.astype(xs.dtype)
+      else:
+        @pl.when(n == 0)
+        def _():
+          xo_g[pl.ds((s * ks + idx[0]) * BK, BK)] = v.astype(xo_g.dtype)
     vg = v * ctx.ld(g_s, C.COL).astype(f32) if has_norm else v
     acc = acc + jnp.sum(w_s[...].astype(f32) * C.bcast_rows(vg, (BN, BK)), axis=1)
     return acc, (ss + v * v if has_norm else ss)
@@ -124,6 +151,10 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     ml_spec = lambda: C.plgpu.BlockSpec((P, K // S // Dh), lambda k: (0, s))
     in_specs = [C.plgpu.BlockSpec((P, BK), lambda k: (0, s * ks + k)), ml_spec(), ml_spec()]
     ins = [op_g, m_g, l_g]
+  elif xrows:   # [BK] blocks of base, [R_i, BK] column blocks of each group
+    in_specs = [vec_spec()] + [C.plgpu.BlockSpec((R, BK), lambda k: (0, s * ks + k))
+                               for R in Rs] + ([vec_spec()] if has_norm else [])
+    ins = [base_g, *grp_g] + ([g_g] if has_norm else [])
   elif swiglu:   # [S1, BK] column blocks of the gate partials and of the up partials
     in_specs = [C.plgpu.BlockSpec((S1, BK), lambda k: (0, s * ks + k)),
                 C.plgpu.BlockSpec((S1, BK), lambda k: (0, K // BK + s * ks + k))]
@@ -134,8 +165,25 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   in_specs.append(w_spec)
   ins.append(w_g)
   carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
-  acc, ss = ctx.pipeline(step, grid=(ks,), in_specs=in_specs, stages=stages,
-                         init_carry=carry0)(*ins)
+  run = lambda xs=None: ctx.pipeline(functools.partial(step, xs=xs), grid=(ks,),
+                                     in_specs=in_specs, stages=stages, init_carry=carry0)(*ins)
+  if xo_g is not None and ctx.tma:
+    # The finished x slice collects in SMEM (every CTA; cheap) and leaves in one TMA
+    # store from the n = 0 CTAs, instead of a waited store per pipeline step.
+    def scoped(xs):
+      out = run(xs)
+      C.plgpu.commit_smem()
+
+      @pl.when(n == 0)
+      def _():
+        C.plgpu.copy_smem_to_gmem(xs, xo_g.at[pl.ds(s * ks * BK, ks * BK)])
+
+      C.plgpu.wait_smem_to_gmem(0)
+      return out
+
+    acc, ss = pl.run_scoped(scoped, C.plgpu.SMEM((ks * BK,), xo_g.dtype))
+  else:
+    acc, ss = run()
   if raw:
     # Split-K (or raw): this CTA's partial dot products (and its slice of sum(x^2)); the
     # tiny epilogue (sum over S, 1/RMS, bias, residual) runs in XLA or the next kernel.
@@ -195,7 +243,7 @@ def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: boo
 
 
 def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name,
-            w_dtype, merge=None, swiglu=None, pdl=None, prefetch_tiles=None):
+            w_dtype, merge=None, swiglu=None, rows=None, pdl=None, prefetch_tiles=None):
   C.check_prefetch(prefetch_tiles, BN * BK * jnp.dtype(w_dtype).itemsize, name, pdl, mode)
   if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
@@ -207,34 +255,55 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
     if argmax:
       out_type += [jax.ShapeDtypeStruct((N // BN,), jnp.float32),
                    jax.ShapeDtypeStruct((N // BN,), jnp.int32)]
+  if rows and rows[2]:   # the finished x
+    out_type += [jax.ShapeDtypeStruct((K,), rows[0])]
   grid, grid_names = ((N // BN, S), ("n", "s")) if S > 1 else ((N // BN,), ("n",))
   return C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
                             stages=stages, out_f32=out_dtype == jnp.float32, raw=raw,
-                            merge=merge, swiglu=swiglu, prefetch=prefetch_tiles, **flags),
+                            merge=merge, swiglu=swiglu, xrows=rows, prefetch=prefetch_tiles,
+                            **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name, pdl=pdl)
+
+
+def _rows(v_K, store: bool = False):
+  """(the kernel's `rows` option, its vector operands) for v_K, an array or an
+  Unfinished vector (kernels/unfinished.py)."""
+  if not isinstance(v_K, Unfinished):
+    if store:
+      raise ValueError("store_x needs an Unfinished vector")
+    return None, [v_K]
+  return ((jnp.dtype(v_K.dtype), tuple(r.shape[0] for r in v_K.rows), store),
+          [v_K.base_D, *v_K.rows])
 
 
 def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None = None,
                   block_k: int | None = None, stages: int = 2, split_k: int | None = None,
                   name: str = "gemv", pdl: str | None = None,
-                  prefetch_tiles: int | None = None):
+                  prefetch_tiles: int | None = None, store_x: bool = False):
   """The GEMV kernel without its epilogue, for a next kernel to finish (e.g. the fused
   QKV + RoPE + append): (part f32 [S, N], the unscaled partial dot products W^T (v * g)
   over S slices of K; ss f32 [S * N/BN] or None, block (s, n)'s slice of sum(v^2), the
-  same for every n). Finish: y = sum_s part[s] * rsqrt(sum_s ss[s * N/BN] / K + eps)."""
+  same for every n). Finish: y = sum_s part[s] * rsqrt(sum_s ss[s * N/BN] / K + eps).
+
+  v_K may be Unfinished (finished block by block as it streams); with store_x the
+  finished v [K] is a third result (written by the n = 0 CTAs)."""
   N, K = w_t_NK.shape
-  kern, S = _partials_kernel(N, K, w_t_NK.dtype, has_norm=scale_K is not None, mode=mode,
-                             name=name, block_n=block_n, block_k=block_k, split_k=split_k,
-                             stages=stages, pdl=pdl, prefetch_tiles=prefetch_tiles)
-  outs = kern(v_K, *([scale_K] if scale_K is not None else []), w_t_NK)
-  part, ss = (outs if scale_K is not None else (outs, None))
-  return part.reshape(S, N), ss
+  rows, vec = _rows(v_K, store_x)
+  kern, S = _partials_kernel(N, K, w_t_NK.dtype, has_norm=scale_K is not None, rows=rows,
+                             mode=mode, name=name, block_n=block_n, block_k=block_k,
+                             split_k=split_k, stages=stages, pdl=pdl,
+                             prefetch_tiles=prefetch_tiles)
+  outs = kern(*vec, *([scale_K] if scale_K is not None else []), w_t_NK)
+  outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+  x = outs.pop() if store_x else None
+  part, ss = (outs if scale_K is not None else (outs[0], None))
+  return (part.reshape(S, N), ss) + ((x,) if store_x else ())
 
 
-def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, mode, name,
-                     block_n, block_k, split_k, stages, pdl, prefetch_tiles):
+def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, rows=None,
+                     mode, name, block_n, block_k, split_k, stages, pdl, prefetch_tiles):
   """(the raw GEMV kernel over a [N, K] weight, its split S): the partials' form shared
   by gemv_partials, gemv_partials_merged and gemv_partials_swiglu."""
   BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
@@ -242,7 +311,8 @@ def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, 
   flags = dict(has_norm=has_norm, has_wscale=False, has_bias=False, has_resid=False)
   return _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
                  out_dtype=jnp.float32, flags=flags, mode=mode, name=name, w_dtype=w_dtype,
-                 merge=merge, swiglu=swiglu, pdl=pdl, prefetch_tiles=prefetch_tiles), S
+                 merge=merge, swiglu=swiglu, rows=rows, pdl=pdl,
+                 prefetch_tiles=prefetch_tiles), S
 
 
 def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
@@ -318,9 +388,11 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
 
   Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
   block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
-  never with argmax) splits the reduction over that many CTAs per row block.
+  never with argmax) splits the reduction over that many CTAs per row block. v_K may
+  be Unfinished (finished block by block as it streams).
   """
   N, K = w_t_NK.shape
+  rows, vec = _rows(v_K)
   BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
                       argmax=argmax, name=name)
   out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
@@ -328,8 +400,8 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
                has_bias=bias_N is not None, has_resid=resid_N is not None)
   kern = _kernel(N, K, BN, BK, S, raw=S > 1, eps=eps, argmax=argmax, stages=stages,
                  out_dtype=out_dtype, flags=flags, mode=mode, name=name, pdl=pdl,
-                 w_dtype=w_t_NK.dtype, prefetch_tiles=prefetch_tiles)
-  args = [v_K] + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
+                 w_dtype=w_t_NK.dtype, rows=rows, prefetch_tiles=prefetch_tiles)
+  args = vec + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
   if S == 1:
     args += [a for a in (w_scale_N, bias_N, resid_N) if a is not None]
     return kern(*args)

@@ -61,12 +61,17 @@ def test_pdl_pallas_step_decodes_the_same(hybrid, hybrid_tokens, pdl):
 def test_two_kernel_mlp_decodes_the_same(model, reference_tokens, gated, gated_tokens):
   """kernel_options={"layout": {"mlp": "2k"}}: the decode weights hold [W_gate^T; W_up^T]
   and W_down^T, and every layer's MLP runs as two GEMV kernels (kernels.rmsnorm_swiglu_2k;
-  the O-projection then unfused): the same tokens as generate() for the tiny model (Pallas
-  and XLA) and the PaTH-FoX / FoX model. Int8, scan and an [F, D] down weight are refused."""
+  the attention layers chained: the residual stream passes between kernels unfinished,
+  kernels.unfinished): the same tokens as generate() for the tiny model (Pallas chained
+  and not, XLA) and the PaTH-FoX / FoX model (attention layers between gated ones). Int8,
+  scan and an [F, D] down weight are refused."""
   opts = {"layout": {"mlp": "2k"}}
-  for m, want, impl in ((model, reference_tokens, "pallas"), (model, reference_tokens, "xla"),
-                        (gated, gated_tokens, "pallas")):
-    np.testing.assert_array_equal(decode_greedy(m, PROMPT, N, impl=impl, kernel_options=opts),
+  unchained = dict(opts, fuse={"chain": False})
+  for m, want, impl, o in ((model, reference_tokens, "pallas", opts),
+                           (model, reference_tokens, "pallas", unchained),
+                           (model, reference_tokens, "xla", opts),
+                           (gated, gated_tokens, "pallas", opts)):
+    np.testing.assert_array_equal(decode_greedy(m, PROMPT, N, impl=impl, kernel_options=o),
                                   want)
   w = make_decoder(model, "xla", MAX_LEN, kernel_options=opts).weights["layers"][0]
   assert {"w_gate_up_t", "w_down_t"} <= set(w) and not {"w_gate_t", "w_up_t", "w_down"} & set(w)

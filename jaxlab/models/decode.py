@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.unfinished import finish
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.rope import rope_cos_sin, rope_frequencies
 
@@ -257,7 +258,13 @@ def _rope(spec: _Spec, pos):
 #             attention_out_mlp (the attention's split-K merge inside the O-projection
 #             GEMV); on GPU only where the GEMV's K slices hold >= 4 whole heads
 #             (kernels._gemv.merge_ok).
-FUSIONS = ("qkv_rope", "out_mlp", "attn_out")
+#   chain:    with layout mlp "2k", attention layers hand the residual stream on
+#             unfinished (kernels.unfinished): the two-kernel MLP leaves its partial rows
+#             for the next layer's QKV GEMV (or the LM head) to add up as it streams x,
+#             and attention + O-projection (kernels.attention_out_proj) leave theirs for
+#             the MLP's gate / up GEMV, which stores the finished residual. No XLA kernel
+#             runs between an attention layer's Mosaic kernels.
+FUSIONS = ("qkv_rope", "out_mlp", "attn_out", "chain")
 
 
 def _fused(spec: _Spec, name: str) -> bool:
@@ -273,9 +280,13 @@ def _qkv_rope_fused(spec: _Spec, dtype) -> bool:
 
 
 def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
-  """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]."""
+  """One decoder block for one token. k, v: this layer's cache [Hkv, S, Dh]. x: [D], or
+  Unfinished (kernels.unfinished) from a chained layer; chained layers return it so."""
   rmsnorm_qkv, rope_append, decode_attention, _, _, _ = _ops()
   kw = _kernel_kw(spec)
+  chain = _chained(spec, lw)
+  if not (chain and _qkv_rope_fused(spec, x.dtype)):
+    x = finish(x)
   if not use_rope:   # "nope" layers: identity rotation
     cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
   # Past max_len the write goes to slot cache_len, which the writes ignore: a full
@@ -292,6 +303,17 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
                       w_scale_N=lw.get("w_qkv_scale"), **kw, **spec.opts("rmsnorm_qkv"))
     q, k, v = rope_append(qkv, cos, sin, k, v, wpos, **heads, **kw, **spec.opts("rope_append"))
   length = jnp.minimum(pos + 1, spec.cache_len)
+  scale = spec.head_dim ** -0.5
+  if chain:
+    if _merge_ok(spec, lw):
+      from kernels.attention_out_proj import attention_out_proj
+      x = attention_out_proj(q, k, v, length, lw["w_o_t"], x, scale=scale, **kw,
+                             attn_block=spec.opts("decode_attention"),
+                             o_block=spec.opts("out_proj_residual"))
+    else:
+      o = decode_attention(q, k, v, length, scale=scale, **kw, **spec.opts("decode_attention"))
+      x = _out_proj(spec, lw, o, finish(x), kw)
+    return _mlp(spec, lw, x, kw, finish_out=False), k, v
   if _attn_out_fused(spec, lw):
     from kernels.attention_out_mlp import attention_out_mlp
     y = attention_out_mlp(q, k, v, length, lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
@@ -307,10 +329,19 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
   return _out_mlp(spec, lw, o, x, kw), k, v
 
 
+def _chained(spec: _Spec, lw) -> bool:
+  return _fused(spec, "chain") and "w_gate_up_t" in lw
+
+
 def _attn_out_fused(spec: _Spec, lw) -> bool:
-  from kernels._gemv import merge_ok
   if not (_fused(spec, "attn_out") and _fused(spec, "out_mlp")) or "w_gate_up_t" in lw:
     return False
+  return _merge_ok(spec, lw)
+
+
+def _merge_ok(spec: _Spec, lw) -> bool:
+  """Whether the attention merge can run inside the O-projection GEMV at this layer."""
+  from kernels._gemv import merge_ok
   D, M = lw["w_o_t"].shape
   o = spec.opts("out_proj_residual")
   return merge_ok(spec.n_heads, spec.head_dim, D, M, mode=spec.interpret,
@@ -363,11 +394,12 @@ def _mlp_scales(lw) -> dict:
               w_down_scale_D=lw.get("w_down_scale"))
 
 
-def _mlp(spec: _Spec, lw, x, kw):
+def _mlp(spec: _Spec, lw, x, kw, finish_out: bool = True):
   if "w_gate_up_t" in lw:   # kernel_options layout mlp "2k"
     from kernels.rmsnorm_swiglu_2k import rmsnorm_swiglu_2k
     return rmsnorm_swiglu_2k(x, lw["mlp_norm"], lw["w_gate_up_t"], lw["w_down_t"],
-                             eps=spec.eps, **kw, **spec.opts("rmsnorm_swiglu_2k"))
+                             eps=spec.eps, finish=finish_out, **kw,
+                             **spec.opts("rmsnorm_swiglu_2k"))
   *_, rmsnorm_swiglu, _ = _ops()
   return rmsnorm_swiglu(x, lw["mlp_norm"], lw["w_gate_t"], lw["w_up_t"], lw.get("w_down"),
                         w_down_t_DF=lw.get("w_down_t"),
@@ -479,6 +511,8 @@ def _step_unrolled(spec: _Spec, weights, state, token):
   ks, vs, convs, levels, gates = (list(state[n]) for n in ("k", "v", "conv", "levels", "gate"))
   for l, lw in enumerate(weights["layers"]):
     kind = spec.kinds[l]
+    if kind != "attention":   # (only attention layers take x unfinished)
+      x = finish(x)
     if kind == "attention":
       fn = _block(spec, _layer, spec.use_rope[l])
       x, ks[l], vs[l] = fn(lw, x, ks[l], vs[l], pos, cos, sin)

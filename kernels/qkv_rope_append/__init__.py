@@ -9,6 +9,7 @@ from kernels import _common as C
 from kernels.qkv_rope_append import reference
 from kernels.quant import check_scale
 from kernels.rope_append import check_position
+from kernels import unfinished
 
 
 def qkv_rope_append(x_D: jax.Array, scale_D: jax.Array, w_t_ND: jax.Array,
@@ -22,7 +23,8 @@ def qkv_rope_append(x_D: jax.Array, scale_D: jax.Array, w_t_ND: jax.Array,
   pos written; a traced pos outside [0, S) writes nothing).
 
   = rope_append(rmsnorm_qkv(x, ...), ...). block: the QKV GEMV's options (block_n,
-  block_k, split_k, stages). The caches must be in x's dtype."""
+  block_k, split_k, stages). The caches must be in x's dtype. x_D may be a
+  kernels.unfinished.Unfinished vector (the GEMV finishes it as it streams)."""
   C.check_impl(impl, "qkv_rope_append")
   Hkv, S, Dh = k_cache_KSD.shape
   N = (n_heads + 2 * n_kv_heads) * Dh
@@ -43,9 +45,10 @@ def qkv_rope_append(x_D: jax.Array, scale_D: jax.Array, w_t_ND: jax.Array,
                      f"must be in x_D's dtype ({x_D.dtype})")
   check_scale("qkv_rope_append", "w_t_ND", w_t_ND, "w_scale_N", w_scale_N, N)
   check_position(pos, S)
+  unfinished.check("qkv_rope_append", x_D)
   kw = dict(eps=eps, n_heads=n_heads, n_kv_heads=n_kv_heads)
   if impl == "xla":
-    return reference.qkv_rope_append(x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD,
+    return reference.qkv_rope_append(unfinished.finish(x_D), scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD,
                                      v_cache_KSD, pos, w_scale_N=w_scale_N, **kw)
   from kernels.qkv_rope_append import pallas
   mode = C.resolve_interpret(interpret)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _common as C
+from kernels import unfinished
 from kernels.rmsnorm_swiglu_2k import reference
 
 
@@ -19,11 +20,16 @@ def rmsnorm_swiglu_2k(x_D: jax.Array, scale_D: jax.Array, w_gate_up_t_2FD: jax.A
                       w_down_t_DF: jax.Array, *, eps: float, impl: str,
                       interpret: bool | str | None = None, pdl: str | None = None,
                       gate_up_block: Mapping[str, Any] | None = None,
-                      down_block: Mapping[str, Any] | None = None) -> jax.Array:
+                      down_block: Mapping[str, Any] | None = None,
+                      finish: bool = True) -> jax.Array | unfinished.Unfinished:
   """x [D], g [D], [W_gate^T; W_up^T] [2F, D], W_down^T [D, F] -> [D] in x.dtype.
 
-  Float weights only (int8: use kernels.rmsnorm_swiglu)."""
+  x_D may be a kernels.unfinished.Unfinished vector (the gate / up GEMV finishes it as
+  it streams). finish=False returns the result unfinished: Unfinished(x finished, (the
+  down GEMV's partial rows,)), for the next kernel to add up (no XLA kernel after the
+  MLP). Float weights only (int8: use kernels.rmsnorm_swiglu)."""
   C.check_impl(impl, "rmsnorm_swiglu_2k")
+  unfinished.check("rmsnorm_swiglu_2k", x_D)
   D = x_D.shape[0]
   if x_D.ndim != 1 or scale_D.shape != x_D.shape:
     raise ValueError(f"rmsnorm_swiglu_2k: x_D {x_D.shape} and scale_D {scale_D.shape} must "
@@ -38,11 +44,13 @@ def rmsnorm_swiglu_2k(x_D: jax.Array, scale_D: jax.Array, w_gate_up_t_2FD: jax.A
     raise ValueError("rmsnorm_swiglu_2k: int8 weights are not supported (use "
                      "kernels.rmsnorm_swiglu)")
   if impl == "xla":
-    return reference.rmsnorm_swiglu_2k(x_D, scale_D, w_gate_up_t_2FD, w_down_t_DF, eps=eps)
+    return reference.rmsnorm_swiglu_2k(x_D, scale_D, w_gate_up_t_2FD, w_down_t_DF, eps=eps,
+                                       finish=finish)
   from kernels.rmsnorm_swiglu_2k import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rmsnorm_swiglu_2k",
       lambda *a: pallas.rmsnorm_swiglu_2k(*a, eps=eps, mode=mode, pdl=pdl,
-                                          gate_up_block=gate_up_block, down_block=down_block),
+                                          gate_up_block=gate_up_block, down_block=down_block,
+                                          finish=finish),
       x_D, scale_D, w_gate_up_t_2FD, w_down_t_DF)
