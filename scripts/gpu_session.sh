@@ -10,9 +10,11 @@
 #   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) the per-op table
 #      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
 #      down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5 min) with
-#      xla-unrolled and pallas (B1_VARIANTS); (b) pallas-prefetch, pallas-mlp2k,
-#      pallas-pdl, pallas-unfused (B1B_VARIANTS; pallas-down-t, pallas-int8,
-#      pallas-shared ~1 min each), xla-unrolled again as this run's baseline; profiles
+#      xla-unrolled and pallas (B1_VARIANTS); (b) pallas-prefetch, pallas-mlp2k (chained),
+#      pallas-mlp2k-prefetch, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
+#      (B1B_VARIANTS, in that order: the budget may cut the last ones; pallas-down-t,
+#      pallas-int8, pallas-shared ~1 min each), xla-unrolled again as this run's
+#      baseline; profiles
 #   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
 #      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step); with the default
 #      budget it runs only if stages 1-2 finish early (or with a lower B1B_TIMEOUT)
@@ -59,9 +61,10 @@ room() { [ "$(cap "$1")" -ge 30 ] || { stamp "skipped: $2 (budget)"; false; }; }
 } > "$OUT/env.txt" 2>&1
 stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
-# newest first (a timeout cuts the tail): PDL, the two-kernel MLP, the decode tests (their
+# newest first (a timeout cuts the tail): the chain, PDL, the two-kernel MLP, the decode tests (their
 # PDL and two-kernel cases first), then the fused ops, every op, int8
-timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_pdl.py \
+timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_chain.py \
+  tests/test_kernels_pdl.py \
   tests/test_kernels_mlp2k.py tests/test_kernels_decode.py tests/test_kernels_fused.py \
   tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short \
   -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
@@ -79,7 +82,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-pdl,pallas-unfused} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

@@ -173,10 +173,13 @@ def test_mixer_extend_with_level_kernel_matches_recurrent(mixer, impl):
   m = get_mixer_factory(mixer)(cfg, 0, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 6, 64))
   cache = m.init_cache(2, 64)
-  _, cache = m.extend(x[:, :5], cache)                        # 5 tokens of context
+  # jitted (one compile, not one per eager op); the error case below runs eagerly
+  ext = nnx.jit(lambda m, x, c, mask_BT=None, level_kernel=None: m.extend(
+      x, c, mask_BT=mask_BT, level_kernel=level_kernel), static_argnames="level_kernel")
+  _, cache = ext(m, x[:, :5], cache)                          # 5 tokens of context
   mask = jnp.array([[True], [False]])                        # row 1: a padded step
-  ref, ref_cache = m.extend(x[:, 5:], cache, mask_BT=mask)
-  out, new = m.extend(x[:, 5:], cache, mask_BT=mask, level_kernel=LevelKernel(impl))
+  ref, ref_cache = ext(m, x[:, 5:], cache, mask_BT=mask)
+  out, new = ext(m, x[:, 5:], cache, mask_BT=mask, level_kernel=LevelKernel(impl))
   # y: the level read sums L levels x dk (64), then the out-projection sums d_inner (128);
   # levels: the GDN transition reduces k^T S over dk (64); Mamba-2's is elementwise.
   nl = m.opts.num_levels if m.opts.log_linear else 1

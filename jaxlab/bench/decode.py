@@ -19,8 +19,11 @@ Variants (each decodes the same greedy continuation from the same cache):
   pallas-down-t pallas with W_down^T [D, F] in the weights (kernel_options layout): the
                 MLP kernels reduce each down block along rows instead of across warps
   pallas-mlp2k  pallas with the MLP as two GEMV kernels over more CTAs (kernel_options layout
-                mlp "2k"; the output projection then runs unfused, so compare with
-                pallas-unfused as well as pallas)
+                mlp "2k"), its attention layers chained: the residual stream passes from
+                kernel to kernel unfinished, no XLA kernel between them (fuse "chain")
+  pallas-mlp2k-nochain, pallas-mlp2k-prefetch
+                the same without the chain (split-K sums in XLA, the O-projection unfused),
+                and with PDL prefetch (a chain of Mosaic kernels, each starting early)
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -78,7 +81,8 @@ CONFIGS["gated-tiny"] = (dict(
     mixer_pattern=("path_fox", "fox"), mixer_options={"gate_bias_init": 1.0}), 64, 1024)
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
-            "pallas-pdl", "pallas-prefetch", "pallas-mlp2k")
+            "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
+            "pallas-mlp2k-prefetch")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -93,7 +97,9 @@ _DECODER_VARIANTS = {
     "pallas-down-t": ("pallas", "unrolled", None, False),
     "pallas-pdl": ("pallas", "unrolled", None, False),
     "pallas-prefetch": ("pallas", "unrolled", None, False),
-    "pallas-mlp2k": ("pallas", "unrolled", None, False)}
+    "pallas-mlp2k": ("pallas", "unrolled", None, False),
+    "pallas-mlp2k-nochain": ("pallas", "unrolled", None, False),
+    "pallas-mlp2k-prefetch": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths
 SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages")
@@ -103,7 +109,10 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-down-t": {"layout": {"w_down": "DF"}},
                     "pallas-pdl": {"launch": {"pdl": "wait"}},
                     "pallas-prefetch": {"launch": {"pdl": "prefetch"}},
-                    "pallas-mlp2k": {"layout": {"mlp": "2k"}}}
+                    "pallas-mlp2k": {"layout": {"mlp": "2k"}},
+                    "pallas-mlp2k-nochain": {"layout": {"mlp": "2k"}, "fuse": {"chain": False}},
+                    "pallas-mlp2k-prefetch": {"layout": {"mlp": "2k"},
+                                              "launch": {"pdl": "prefetch"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
