@@ -570,7 +570,22 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
   cases["rmsnorm_swiglu_2k"] = (
       lambda impl, **k: functools.partial(rmsnorm_swiglu_2k, eps=1e-6, impl=impl, **k),
       (x, g, jnp.concatenate([r(8, F, D), r(9, F, D)]), jnp.asarray(r(10, F, D).T)), 3 * F * D)
-  for op in ("qkv_rope_append", "out_proj_mlp", "attention_out_mlp", "rmsnorm_swiglu_2k"):
+  # The chained layer (layout mlp "2k", fuse "chain"): attention + O GEMV leaving its rows
+  # unfinished, and the two-kernel MLP finishing x from the previous down rows and the O
+  # rows (4 split-K rows each, as at 1B) and returning its own rows unfinished.
+  from kernels.attention_out_proj import attention_out_proj
+  from kernels.unfinished import Unfinished
+  cases["attention_out_proj"] = (
+      lambda impl, **k: functools.partial(attention_out_proj, scale=Dh ** -0.5, impl=impl, **k),
+      (r(3, Hq, Dh), r(4, Hkv, S, Dh), r(5, Hkv, S, Dh), jnp.int32(kv_len), r(7, D, M), x),
+      2 * Hkv * kv_len * Dh + D * M)
+  xu = Unfinished(x, tuple(r(12 + i, 4, D).astype(jnp.float32) for i in range(2)))
+  cases["rmsnorm_swiglu_2k chained"] = (
+      lambda impl, **k: functools.partial(rmsnorm_swiglu_2k, eps=1e-6, impl=impl, finish=False,
+                                          **k),
+      (xu,) + cases["rmsnorm_swiglu_2k"][1][1:], 3 * F * D)
+  for op in ("qkv_rope_append", "out_proj_mlp", "attention_out_mlp", "rmsnorm_swiglu_2k",
+             "attention_out_proj", "rmsnorm_swiglu_2k chained"):
     nbytes[op] = cases[op][2] * dt.itemsize
   for extra in (_int8_op_cases(cases), _hybrid_op_cases(cfg, kv_len, S, r)):
     cases.update(extra[0])
@@ -607,6 +622,8 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
     base = op.split()[0]   # "rmsnorm_qkv int8" takes rmsnorm_qkv's options
     if base == "qkv_rope_append":
       return dict(opts.get("rmsnorm_qkv", {}))
+    if base == "attention_out_proj":
+      return dict(attn_block=opts.get("decode_attention"), o_block=opts.get("out_proj_residual"))
     if base in ("out_proj_mlp", "attention_out_mlp"):
       kw = dict(opts.get("rmsnorm_swiglu", {}), o_block=opts.get("out_proj_residual"))
       if base == "attention_out_mlp":
@@ -821,14 +838,15 @@ def format_table(res: dict) -> str:
            "(reference bandwidth)"]
   if "note" in res:
     lines.append(f"NOTE: {res['note']}")
-  lines.append(f"{'variant':18s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
+  vw = max([18] + [len(v) for v in res["variants"]])
+  lines.append(f"{'variant':{vw}s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
                f"{'compile s':>9s} {'vs':>12s} {'tokens=':>7s} {'logits err':>10s} "
                f"{'argmax=':>7s}")
   for v, r in res["variants"].items():
     if "error" in r:
-      lines.append(f"{v:18s} FAILED {r['error']}")
+      lines.append(f"{v:{vw}s} FAILED {r['error']}")
       continue
-    lines.append(f"{v:18s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
+    lines.append(f"{v:{vw}s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
                  f"{r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} {r['compile_s']:9.1f} "
                  f"{r.get('reference', '-'):>12s} {r.get('tokens_match_xla', '-'):>7s} "
                  f"{r.get('logits_rel_err', float('nan')):10.2e} "
