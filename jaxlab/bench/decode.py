@@ -676,6 +676,15 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", down_block=dict(split_k=sk), interpret=interpret), args,
           nbytes["rmsnorm_swiglu_2k"]))
+    # The chained MLP's extra L2 reads (every gate/up CTA re-reads x's rows): fewer, wider
+    # gate/up CTAs; fewer down rows for the next kernel to add.
+    make, args, _ = cases["rmsnorm_swiglu_2k chained"]
+    for name, kw in ((("gate_up block_n=128", dict(gate_up_block=dict(block_n=128))),
+                      ("down split_k=2", dict(down_block=dict(split_k=2))))
+                     if "mlp" in groups else ()):
+      name = f"rmsnorm_swiglu_2k chained {name}"
+      sw[name] = _guarded(f"sweep {name}", lambda: timed(
+          make("pallas", interpret=interpret, **kw), args, nbytes["rmsnorm_swiglu_2k chained"]))
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
     from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
