@@ -103,28 +103,34 @@ def _check_order(kernels, weights, pdl):
   assert (prefetched > 0) == (pdl == "prefetch")
 
 
-def _step_kernels(name, pdl, quantize=None):
+def _step_kernels(name, pdl, quantize=None, mlp="1k"):
   kw = dict(CONFIGS[name][0])
-  if "tiny" not in name:
-    kw["n_layers"] = len(kw.get("mixer_pattern") or (1,))
+  if "tiny" not in name:   # one layer; two chained ones for mlp "2k" (the QKV GEMV then
+    # finishes the previous layer's down rows)
+    kw["n_layers"] = 2 if mlp == "2k" else len(kw.get("mixer_pattern") or (1,))
   cfg = ModelConfig(**kw)
-  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize))
-  opts = None if pdl is None else {"launch": {"pdl": pdl}}
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize,
+                                                   mlp=mlp))
+  opts = {"layout": {"mlp": mlp}} if mlp == "2k" else {}
+  if pdl is not None:
+    opts["launch"] = {"pdl": pdl}
   step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   jaxpr = jax.make_jaxpr(step)(weights, state, SD((), jnp.int32))
   return _kernel_jaxprs(jaxpr.jaxpr), weights, (step, state)
 
 
-@pytest.mark.parametrize("name,quantize", [("llama-1b-bench", None), ("llama-1b-bench", "int8"),
-                                           ("hybrid-tiny", None), ("gated-tiny", None)])
+@pytest.mark.parametrize("name,quantize,mlp", [
+    ("llama-1b-bench", None, "1k"), ("llama-1b-bench", "int8", "1k"),
+    ("llama-1b-bench", None, "2k"), ("hybrid-tiny", None, "1k"), ("gated-tiny", None, "1k")])
 @pytest.mark.parametrize("pdl", [None, "wait", "prefetch"])
-def test_step_kernels_wait_before_reading(name, quantize, pdl):
-  """Every kernel of a GPU decode step (fused attention layer; the tiny models' unfused
+def test_step_kernels_wait_before_reading(name, quantize, mlp, pdl):
+  """Every kernel of a GPU decode step (fused attention layer; the chained two-kernel-MLP
+  layers, whose GEMVs read the previous kernels' partial rows; the tiny models' unfused
   ops; PaTH, log-linear and FoX layers), traced for the GPU."""
-  kernels, weights, _ = _step_kernels(name, pdl, quantize)
+  kernels, weights, _ = _step_kernels(name, pdl, quantize, mlp)
   _check_order(kernels, weights, pdl)
-  n = {"llama-1b-bench": 6, "hybrid-tiny": 10, "gated-tiny": 6}[name]
+  n = {"llama-1b-bench": 13 if mlp == "2k" else 6, "hybrid-tiny": 10, "gated-tiny": 6}[name]
   assert len(kernels) >= n
 
 
