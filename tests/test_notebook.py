@@ -30,4 +30,5 @@ def test_decode_kernels_notebook_executes(tmp_path):
   out = _run("decode_kernels.ipynb", tmp_path)
   assert "max |pallas - xla|" in out and "ValueError: " in out
   assert "int8 pallas == int8 xla: True" in out
+  assert "two-kernel MLP, chained == generate(): True" in out
   assert "variant" in out and "xla-unrolled" in out   # the bench table
