@@ -318,13 +318,13 @@ def _layer(spec: _Spec, use_rope: bool, lw, x, k, v, pos, cos, sin):
     from kernels.attention_out_mlp import attention_out_mlp
     y = attention_out_mlp(q, k, v, length, lw["w_o_t"], x, lw["mlp_norm"], lw["w_gate_t"],
                           lw["w_up_t"], lw.get("w_down"), w_down_t_DF=lw.get("w_down_t"),
-                          scale=spec.head_dim ** -0.5, eps=spec.eps,
+                          scale=scale, eps=spec.eps,
                           w_o_scale_D=lw.get("w_o_scale"), **_mlp_scales(lw),
                           attn_block=spec.opts("decode_attention"),
                           o_block=spec.opts("out_proj_residual"), **kw,
                           **spec.opts("rmsnorm_swiglu"))
     return y, k, v
-  o = decode_attention(q, k, v, length, scale=spec.head_dim ** -0.5, **kw,
+  o = decode_attention(q, k, v, length, scale=scale, **kw,
                        **spec.opts("decode_attention"))
   return _out_mlp(spec, lw, o, x, kw), k, v
 
