@@ -262,6 +262,24 @@ class Ctx:
 
     pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype, transforms=transforms))
 
+  def store_rows(self, rows, dst_gmem):
+    """1-D vectors -> the rows of a [len(rows), n] GMEM slice owned by this CTA, with one
+    TMA store and one wait for all of them when compiling (not one per row)."""
+    self._check_begun("stores")
+    if not self.tma:
+      for i, r in enumerate(rows):
+        dst_gmem[i] = r.astype(dst_gmem.dtype)
+      return
+
+    def body(s):
+      for i, r in enumerate(rows):
+        s[i] = r.astype(s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(s, dst_gmem)
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype))
+
   def load(self, src_gmem, fn, transforms=()):
     """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""
     self._check_begun("loads")

@@ -57,8 +57,9 @@ def test_path_decode_step_matches_jaxlab_ops():
 
 @pytest.mark.parametrize("use_path", [True, False])
 def test_gated_decode_step_matches_jaxlab_ops(use_path):
-  """PaTH-FoX (use_path) and FoX: the decoder's gate row (older slots += g_t, new slot 0)
-  as path_decode_attention's / decode_attention's score bias = path_decode_step with g_t."""
+  """PaTH-FoX (use_path) and FoX: the decoder's gate row (older slots += g_t, new slot 0),
+  updated by path_decode_attention / decode_attention (gate_HS, g_H) or by hand and passed
+  as their score bias, = path_decode_step with g_t (outputs, keys, the gate row)."""
   from kernels.path_decode_attention import path_decode_attention
   T, S, HQ, H, K = 29, 64, 4, 2, 64
   ks = jax.random.split(jax.random.key(3), 12)
@@ -78,22 +79,33 @@ def test_gated_decode_step_matches_jaxlab_ops(use_path):
   o_ref, new = jax.jit(functools.partial(path._decode_step, scale=scale, mask_t=None))(
       cache, q_t, k_t, v_t, w_t, beta_t, g_t)
 
-  @functools.partial(jax.jit, static_argnames="impl")
-  def ours(kc, vc, gate, impl):
+  @functools.partial(jax.jit, static_argnames=("impl", "fold"))
+  def ours(kc, vc, gate, impl, fold):
+    """fold: the op updates the gate (the driver's form); else by hand, as a bias."""
     kc, vc = write_slot(kc, k_t[0], T), write_slot(vc, v_t[0], T)
-    gate = jax.lax.dynamic_update_slice(gate + g_t[0][:, None], jnp.zeros((HQ, 1)), (0, T))
+    if fold:
+      kw = dict(gate_HS=gate, g_H=g_t[0])
+    else:
+      gate = jax.lax.dynamic_update_slice(gate + g_t[0][:, None], jnp.zeros((HQ, 1)), (0, T))
+      kw = dict(bias_HS=scale * gate)
     if use_path:
-      return path_decode_attention(q_t[0], kc, vc, w_t[0], beta_t[0], jnp.int32(T + 1),
-                                   scale=scale, bias_HS=scale * gate, impl=impl)
-    return decode_attention(q_t[0], kc, vc, jnp.int32(T + 1), scale=scale,
-                            bias_HS=scale * gate, impl=impl), kc
+      out = path_decode_attention(q_t[0], kc, vc, w_t[0], beta_t[0], jnp.int32(T + 1),
+                                  scale=scale, impl=impl, **kw)
+    else:
+      out = decode_attention(q_t[0], kc, vc, jnp.int32(T + 1), scale=scale, impl=impl, **kw)
+      out = (out[0], kc, out[1]) if fold else (out, kc)
+    return out if fold else (*out, gate)
 
   for impl in ("xla", "pallas"):
-    o, kc = ours(jnp.transpose(cache.k[0], (1, 0, 2)), jnp.transpose(cache.v[0], (1, 0, 2)),
-                 cache.gate[0].T, impl)
-    assert_rel_close(np.asarray(o), np.asarray(o_ref[0]), rtol=tol(F32, T * K), name=impl)
-    new_k = np.transpose(np.asarray(new.k[0]), (1, 0, 2))[:, :T + 1]
-    assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {impl}")
+    for fold in (False, True):
+      o, kc, gate = ours(jnp.transpose(cache.k[0], (1, 0, 2)),
+                         jnp.transpose(cache.v[0], (1, 0, 2)), cache.gate[0].T, impl, fold)
+      name = f"{impl} fold={fold}"
+      assert_rel_close(np.asarray(o), np.asarray(o_ref[0]), rtol=tol(F32, T * K), name=name)
+      new_k = np.transpose(np.asarray(new.k[0]), (1, 0, 2))[:, :T + 1]
+      assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {name}")
+      np.testing.assert_array_equal(np.asarray(gate)[:, :T + 1],
+                                    np.asarray(new.gate[0]).T[:, :T + 1])
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "gdn"])

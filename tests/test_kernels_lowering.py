@@ -104,18 +104,22 @@ def test_path_decode_attention_lowers_for_cuda(Dh, vdt):
 
 @pytest.mark.parametrize("path,Hq,Dh", [(False, 32, 64), (True, 32, 64), (False, 24, 128),
                                          (True, 8, 128)])
-def test_gate_bias_lowers_for_cuda(path, Hq, Dh):
+@pytest.mark.parametrize("update", [False, True])
+def test_gate_bias_lowers_for_cuda(path, Hq, Dh, update):
   """The [Hq, S] score bias of FoX / PaTH-FoX layers (GQA 4 and 3 and 1) streams through
-  the attention pipeline for CUDA, with fp32 keys and bf16 values as the driver holds them."""
+  the attention pipeline for CUDA, with fp32 keys and bf16 values as the driver holds them;
+  update: the kernel updates the gate row and stores its [G, BS] blocks."""
   from kernels.decode_attention import pallas
   f32, bf = jnp.float32, jnp.bfloat16
+  gkw = lambda bias, g: dict(gate_g=(bias, g)) if update else dict(bias_HS=bias)
   if path:
-    fn = lambda q, k, v, bias, w, b, n: pallas.path_decode_attention(
-        q, k, v, w, b, n, scale=0.1, mode="compile", bias_HS=bias)
+    fn = lambda q, k, v, bias, g, w, b, n: pallas.path_decode_attention(
+        q, k, v, w, b, n, scale=0.1, mode="compile", **gkw(bias, g))
   else:
-    fn = lambda q, k, v, bias, n: pallas.decode_attention(q, k, v, n, scale=0.1, mode="compile",
-                                                          bias_HS=bias)
-  avals = [SD((Hq, Dh), bf), SD((8, 1024, Dh), f32), SD((8, 1024, Dh), bf), SD((Hq, 1024), f32)]
+    fn = lambda q, k, v, bias, g, n: pallas.decode_attention(
+        q, k, v, n, scale=0.1, mode="compile", **gkw(bias, g))
+  avals = [SD((Hq, Dh), bf), SD((8, 1024, Dh), f32), SD((8, 1024, Dh), bf), SD((Hq, 1024), f32),
+           SD((Hq,), f32)]
   if path:
     avals += [SD((8, Dh), f32), SD((8,), f32)]
   text = _lower(fn, *avals, SD((), jnp.int32)).as_text()

@@ -231,6 +231,18 @@ def test_gate_bias_mosaic():
   o_r, k_r = path_decode_attention(q, kc, vc, w, beta, L, impl="xla", **kw)
   _close(o, o_r, L * Dh, "path-fox o")
   _close(np.asarray(k)[:, :L], np.asarray(k_r)[:, :L], Dh, "path-fox keys")
+  # the gate updated in the kernel: rows through SMEM, one TMA store per block
+  gkw = dict(scale=0.125, gate_HS=bias, g_H=-jnp.abs(_r(49, Hq)))
+  o, k, gate = path_decode_attention(q, kc, vc, w, beta, L, impl="pallas", interpret=M,
+                                     block_s=64, num_splits=2, **gkw)
+  o_r, k_r, gate_r = path_decode_attention(q, kc, vc, w, beta, L, impl="xla", **gkw)
+  _close(o, o_r, L * Dh, "path-fox o (gate update)")
+  np.testing.assert_array_equal(np.asarray(gate)[:, :L], np.asarray(gate_r)[:, :L])
+  o, gate = decode_attention(q, kc, vc, L, impl="pallas", interpret=M, block_s=64,
+                             num_splits=2, **gkw)
+  o_r, gate_r = decode_attention(q, kc, vc, L, impl="xla", **gkw)
+  _close(o, o_r, L * Dh, "fox o (gate update)")
+  np.testing.assert_array_equal(np.asarray(gate)[:, :L], np.asarray(gate_r)[:, :L])
 
 
 def test_path_and_log_linear_mosaic():

@@ -396,6 +396,63 @@ def test_attention_with_gate_bias(path, Hq, Hkv, Dh):
     op(q, kc, vc, 5, bias[:, :5], scale=1.0, impl="xla")
 
 
+@pytest.mark.parametrize("path,Hq,Hkv,Dh", [(False, 6, 2, 64), (False, 4, 4, 128),
+                                            (True, 8, 2, 64), (True, 4, 1, 128)])
+def test_attention_updates_the_gate(path, Hq, Hkv, Dh):
+  """gate_HS, g_H: the op updates the forget gate's row itself (older slots + g_t, the new
+  slot 0) and adds scale * it to the scores. Pallas = reference for o and, bit for bit, the
+  live gate slots, with NaN past the live length in keys, values and gate; the reference
+  = gate_update by hand, then the bias form."""
+  from kernels.path_decode_attention import path_decode_attention
+  S, BS = 192, 64
+  k = _keys(24, 6)
+  q = jax.random.normal(k[0], (Hq, Dh))
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  gate = -jnp.abs(jax.random.normal(k[3], (Hq, S))) * jnp.arange(S, 0, -1) / 16
+  g = jax.nn.log_sigmoid(jax.random.normal(k[4], (Hq,)))
+  w = jax.random.normal(k[5], (Hkv, Dh))
+  w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+  beta = jnp.linspace(0.5, 1.9, Hkv)
+  scale = Dh ** -0.5
+
+  def op(q, kc, vc, n, **kw):   # -> (o, keys, gate)
+    if path:
+      return path_decode_attention(q, kc, vc, w, beta, n, **kw)
+    out = decode_attention(q, kc, vc, n, **kw)
+    return (out[0], kc, out[1]) if isinstance(out, tuple) else (out, kc, None)
+
+  f = jax.jit(functools.partial(op, scale=scale, impl="pallas", block_s=BS, num_splits=2))
+  r = jax.jit(functools.partial(op, scale=scale, impl="xla"))
+  for L in (1, 63, 64, 77, 192):
+    live = jnp.arange(S) < L
+    nan = ~live[None, :, None]
+    o, keys, gn = f(q, jnp.where(nan, jnp.nan, kc), jnp.where(nan, jnp.nan, vc), jnp.int32(L),
+                    gate_HS=jnp.where(live, gate, jnp.nan), g_H=g)
+    o_r, keys_r, gn_r = r(q, kc, vc, jnp.int32(L), gate_HS=gate, g_H=g)
+    _close(o, o_r, L * Dh, f"o L={L}")
+    np.testing.assert_array_equal(np.asarray(gn)[:, :L], np.asarray(gn_r)[:, :L])
+    if path:
+      _close(np.asarray(keys)[:, :L], np.asarray(keys_r)[:, :L], Dh, f"keys L={L}")
+    # the reference's gate by hand, then its output = the bias form over that gate
+    by_hand = np.asarray(gate).copy()
+    by_hand[:, :L - 1] += np.asarray(g)[:, None]
+    by_hand[:, L - 1] = 0.0
+    np.testing.assert_array_equal(np.asarray(gn_r), by_hand)
+    o_b = r(q, kc, vc, jnp.int32(L), bias_HS=scale * jnp.asarray(by_hand))[0]
+    np.testing.assert_array_equal(np.asarray(o_r), np.asarray(o_b))
+  # g_t changes the output (a kernel that skipped the update would be caught)
+  L = 150
+  o0 = r(q, kc, vc, jnp.int32(L), gate_HS=gate, g_H=jnp.zeros_like(g))[0]
+  assert float(jnp.max(jnp.abs(o_r - o0))) > 1e-3
+  with pytest.raises(ValueError, match="go together"):
+    op(q, kc, vc, 5, scale=1.0, impl="xla", gate_HS=gate)
+  with pytest.raises(ValueError, match="go together"):
+    op(q, kc, vc, 5, scale=1.0, impl="pallas", gate_HS=gate, g_H=g, bias_HS=gate)
+  with pytest.raises(ValueError, match="g_H"):
+    op(q, kc, vc, 5, scale=1.0, impl="xla", gate_HS=gate, g_H=g[:1])
+
+
 # ------------------------------------------------------- log-linear decode
 
 

@@ -39,9 +39,11 @@ Other token mixers (per layer, in the same step):
               o, K = path_decode_attention(q, K, V, w, beta, pos + 1)
                      (one pass: older keys through H_t, then attention)
               x = out_proj_residual(o, x);  MLP as above
-  PaTH-FoX ("path_fox") / FoX ("fox"): the same, with the forget gate as a score bias:
+  PaTH-FoX ("path_fox") / FoX ("fox"): the same, with the forget gate as a score bias,
+              updated inside the attention pass (one read and write of the row):
               gate <- gate + g_t (older slots), 0 (new slot)      [Hq, S] = G_t - G_j
-              path_decode_attention / decode_attention(..., bias_HS=scale * gate)
+              path_decode_attention / decode_attention(..., gate_HS=gate, g_H=g_t):
+              scores + scale * gate; returns the new gate too
               (FoX has no transitions: its keys are appended, never rewritten)
   log-linear Mamba-2 / Gated DeltaNet: the mixer's own projections and output
               (XLA) around log_linear_state_update (the O(log T) level states).
@@ -442,17 +444,17 @@ def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
 
   def attend(k, v, gate):
     k, v = write_slot(k, kt[0, 0], pos, write=write), write_slot(v, vt[0, 0], pos, write=write)
-    bias = None
-    if gate is not None:   # older slots += g_t, the new slot 0 (as PathCache.gate)
-      gate = jax.lax.dynamic_update_slice(gate + g[0, 0][:, None],
-                                          jnp.zeros((gate.shape[0], 1), gate.dtype), (0, pos))
-      bias = m.scale * gate
+    # the gate row (older slots += g_t, the new slot 0, as PathCache.gate) is updated
+    # inside the attention pass
+    gkw = {} if gate is None else dict(gate_HS=gate, g_H=g[0, 0])
     if w is None:          # FoX: no transitions, keys stay as appended
-      o = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, bias_HS=bias, **kw,
-                           **spec.opts("decode_attention"))
+      out = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **gkw, **kw,
+                             **spec.opts("decode_attention"))
+      o, gate = out if gate is not None else (out, None)
     else:                  # one pass over K: older keys through H_t, then attention
-      o, k = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
-                                   bias_HS=bias, **kw, **spec.opts("path_decode_attention"))
+      out = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
+                                  **gkw, **kw, **spec.opts("path_decode_attention"))
+      (o, k), gate = (out[:2], out[2]) if gate is not None else (out, None)
     return o, k, v, gate
 
   # A full cache is never modified (the head turns the step's logits into NaN).

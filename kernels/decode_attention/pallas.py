@@ -20,6 +20,12 @@ Score bias (bias_HS, e.g. a forget gate's scale * (G_t - G_j) in FoX / PaTH-FoX)
 [G, BS] blocks of it stream through the same pipeline and are added to the scaled
 scores of the live slots.
 
+Forget-gate update (gate_HS, g_H): the gate row G_{t-1} - G_j streams in the bias's place;
+the kernel adds this token's g_t to the older slots, zeroes the new one (slot length - 1),
+adds scale * the result to the scores and stores the updated live blocks, so a FoX /
+PaTH-FoX step reads and writes its gate row once, inside attention, instead of in a
+separate XLA kernel before it.
+
 Masking: scores of slots >= length are -inf and their V rows are zeroed before
 the product (0 * NaN would be NaN), so NaN garbage in unused slots (keys, values,
 bias) is harmless.
@@ -35,15 +41,17 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
+def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
   refs = list(refs)
   len_g, q_g, k_g, v_g = refs[:4]
   del refs[:4]
   if path:   # PaTH: also carry every older key through the token's transition
     w_g, b_g = refs.pop(0), refs.pop(0)
-  bias_g = refs.pop(0) if bias else None
+  bias_g = refs.pop(0) if bias else None   # the gate row G_{t-1} - G_j when gate
+  gstep_g = refs.pop(0) if gate else None  # g_t per query head [Hq]
   o_g, m_g, l_g = refs[:3]
   knew_g = refs[3] if path else None
+  gnew_g = refs[-1] if gate else None
   h = ctx.axis("h")
   p = ctx.axis("p")
   f32 = jnp.float32
@@ -56,6 +64,8 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
 
   if path:
     beta = b_g[h].astype(f32)
+  if gate:
+    gstep = [gstep_g[h * G + g] for g in range(G)]
 
   # q (and PaTH's w) ride in the pipeline with K and V (a constant block, re-fetched each
   # step: G * Dh elements), so their load overlaps the first K/V load instead of costing
@@ -76,17 +86,24 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
       ctx.store(k, knew_g.at[h, pl.ds((start + idx[0]) * BS, BS)],
                 transforms=C.tile_transforms(Dh, knew_g.dtype))
     v = jnp.where(C.bcast_cols(valid, (BS, Dh)), v_s[...].astype(f32), 0.0)
-    out = []
+    out, gate_rows = [], []
     for g, (acc, m, l) in enumerate(carry):
       s = jnp.sum(k * C.bcast_rows(q[g], (BS, Dh)), axis=1)
       if bias:
-        s = s + ctx.ld(bias_s[0].at[g], C.ROW)
+        b = ctx.ld(bias_s[0].at[g], C.ROW)
+        if gate:   # older slots += g_t; the new slot (and the masked tail) 0
+          b = jnp.where(slot < length - 1, b + gstep[g], 0.0)
+          gate_rows.append(b)
+          b = b * scale
+        s = s + b
       s = jnp.where(valid, s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s))
       alpha = jnp.exp(m - m_new)
       pr = jnp.exp(s - m_new)
       acc = acc * alpha + jnp.sum(v * C.bcast_cols(pr, (BS, Dh)), axis=0)
       out.append((acc, m_new, l * alpha + jnp.sum(pr)))
+    if gate:
+      ctx.store_rows(gate_rows, gnew_g.at[h, :, pl.ds((start + idx[0]) * BS, BS)])
     return tuple(out)
 
   # K and V may differ in dtype (PaTH layers keep fp32 keys next to model-dtype values).
@@ -103,28 +120,22 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias):
     operands.append(bias_g.at[h])
   res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
                      init_carry=carry0)(*operands)
-  if ctx.tma:
-    # The G partial rows leave with one TMA store and one wait (not one per head).
-    def out(o_s):
-      for g, (acc, _, _) in enumerate(res):
-        o_s[g] = acc
-      C.plgpu.commit_smem()
-      C.plgpu.copy_smem_to_gmem(o_s, o_g.at[p, h])
-      C.plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(out, C.plgpu.SMEM((G, Dh), jnp.float32))
-  for g, (acc, m, l) in enumerate(res):
-    if not ctx.tma:
-      o_g[p, h, g] = acc
+  # The G partial rows leave with one TMA store and one wait (not one per head).
+  ctx.store_rows([acc for acc, _, _ in res], o_g.at[p, h])
+  for g, (_, m, l) in enumerate(res):
     m_g[p, h, g] = m
     l_g[p, h, g] = l
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2, path_wb=None, bias_HS=None, pdl=None):
+             block_s=None, stages=2, path_wb=None, bias_HS=None, gate_g=None, pdl=None):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
-  bias_HS [Hq, S] is added to the scaled scores."""
+  bias_HS [Hq, S] is added to the scaled scores; with gate_g = (gate [Hq, S], g [Hq]) the
+  gate row is updated (older slots + g, slot length - 1 zero), scale * it added to the
+  scores, and the updated gate [Hq, S] returned last (live blocks written)."""
+  if gate_g is not None and bias_HS is not None:
+    raise ValueError("decode attention: bias_HS and a gate update exclude each other")
   Hq, Dh = q_HD.shape
   Hkv, S, _ = k_cache_KSD.shape
   G = Hq // Hkv
@@ -135,31 +146,47 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
   path = path_wb is not None
+  gate = gate_g is not None
+  if gate:
+    bias_HS = gate_g[0]
   bias = bias_HS is not None
   out_type = (jax.ShapeDtypeStruct((P, Hkv, G, Dh), jnp.float32),
               jax.ShapeDtypeStruct((P, Hkv, G), jnp.float32),
               jax.ShapeDtypeStruct((P, Hkv, G), jnp.float32))
   if path:
     out_type += (jax.ShapeDtypeStruct(k_cache_KSD.shape, k_cache_KSD.dtype),)
+  if gate:
+    out_type += (jax.ShapeDtypeStruct((Hkv, G, S), jnp.float32),)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
-                            stages=stages, path=path, bias=bias),
+                            stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
   length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
   extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
   if bias:
     extra += (bias_HS.astype(jnp.float32).reshape(Hkv, G, S),)
-  return kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD, *extra)
+  if gate:
+    extra += (gate_g[1].astype(jnp.float32).reshape(Hq),)
+  out = kern(length_1, q_HD.reshape(Hkv, G, Dh), k_cache_KSD, v_cache_KSD, *extra)
+  if gate:
+    out = (*out[:-1], out[-1].reshape(Hq, S))
+  return out
+
+
+def _merged(q_HD, o, m, l):
+  return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype)
 
 
 def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, **kw):
-  o, m, l = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode, **kw)
-  return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype)
+  """o, or (o, gate) with gate_g."""
+  o, m, l, *gate = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode, **kw)
+  return (_merged(q_HD, o, m, l), *gate) if gate else _merged(q_HD, o, m, l)
 
 
 def path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, *, scale, mode,
                           **kw):
-  o, m, l, k_new = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale, mode=mode,
-                            path_wb=(w_KD, beta_K), **kw)
-  return reference.merge_splits(o, m, l).reshape(q_HD.shape).astype(q_HD.dtype), k_new
+  """(o, K), or (o, K, gate) with gate_g."""
+  o, m, l, k_new, *gate = partials(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale,
+                                   mode=mode, path_wb=(w_KD, beta_K), **kw)
+  return (_merged(q_HD, o, m, l), k_new, *gate)

@@ -15,30 +15,35 @@ from __future__ import annotations
 import jax
 
 from kernels import _common as C
-from kernels.decode_attention import check_bias, check_shapes
+from kernels.decode_attention import check_bias, check_gate, check_shapes
 from kernels.path_decode_attention import reference
 
 
 def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.Array,
                           w_KD: jax.Array, beta_K: jax.Array, length, *, scale: float, impl: str,
-                          bias_HS: jax.Array | None = None,
+                          bias_HS: jax.Array | None = None, gate_HS: jax.Array | None = None,
+                          g_H: jax.Array | None = None,
                           interpret: bool | str | None = None, **kw):
   """q [Hq, Dh], K / V [Hkv, S, Dh], w [Hkv, Dh], beta [Hkv], length (1..S) ->
   (o [Hq, Dh], K); bias_HS [Hq, S] (PaTH-FoX's gate, scaled) is added to the scaled
-  scores. Pallas options as decode_attention (num_splits, block_s, stages)."""
+  scores, or with gate_HS and g_H the op updates the gate as decode_attention does and
+  returns (o, K, gate). Pallas options as decode_attention (num_splits, block_s, stages)."""
   C.check_impl(impl, "path_decode_attention")
   Hkv, S, Dh = check_shapes("path_decode_attention", q_HD, k_cache_KSD, v_cache_KSD, length)
   check_bias("path_decode_attention", bias_HS, q_HD.shape[0], S)
+  check_gate("path_decode_attention", bias_HS, gate_HS, g_H, q_HD.shape[0], S)
   if w_KD.shape != (Hkv, Dh) or beta_K.shape != (Hkv,):
     raise ValueError(f"path_decode_attention: w_KD {w_KD.shape} / beta_K {beta_K.shape} must "
                      f"be [{Hkv}, {Dh}] / [{Hkv}]")
   if impl == "xla":
     return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
-                                           scale=scale, bias_HS=bias_HS)
+                                           scale=scale, bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
+  gated = gate_HS is not None
   return C.inference_only(
       "path_decode_attention",
-      lambda q, k, v, w, beta, n, b: pallas.path_decode_attention(
-          q, k, v, w, beta, n, scale=scale, mode=mode, bias_HS=b, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS)
+      lambda q, k, v, w, beta, n, b, gg: pallas.path_decode_attention(
+          q, k, v, w, beta, n, scale=scale, mode=mode, bias_HS=None if gated else b,
+          gate_g=gg if gated else None, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS, (gate_HS, g_H))
