@@ -124,7 +124,7 @@ def test_hybrid_op_cases_run_and_agree():
 def test_cpu_smoke_run_gated_config(tmp_path):
   """PaTH-FoX / FoX layers in the bench: pallas agrees with xla; the cache bytes count the
   gate row (read + rewritten) of each gated layer; the per-op rows for the biased
-  attention kernels run and agree."""
+  attention kernels, and for the kernels that update the gate themselves, run and agree."""
   p = argparse.ArgumentParser()
   decode.add_arguments(p)
   out = tmp_path / "r.json"
@@ -144,7 +144,8 @@ def test_cpu_smoke_run_gated_config(tmp_path):
   assert decode._cache_bytes(cfg, st, n) == want
   r = lambda i, *shape: jax.random.normal(jax.random.key(i), shape).astype(jnp.float32)
   cases, nbytes = decode._hybrid_op_cases(cfg, 100, 128, r)
-  assert set(cases) == {"path_decode_attention (gate bias)", "decode_attention (gate bias)"}
+  assert set(cases) == {f"{a} ({b})" for a in ("path_decode_attention", "decode_attention")
+                        for b in ("gate bias", "gate update")}
   from jaxlab.testing import assert_rel_close, tol
   for op, (make, a, _) in cases.items():
     assert nbytes[op] > 0
@@ -152,6 +153,11 @@ def test_cpu_smoke_run_gated_config(tmp_path):
     y = jax.tree.leaves(make("pallas")(*a))
     # fp32 attention over 100 slots x Dh 64
     assert_rel_close(np.asarray(y[0]), np.asarray(x[0]), rtol=tol(jnp.float32, 100 * 64), name=op)
+    if "update" in op:   # the updated gate row comes last; its live slots agree exactly
+      assert y[-1].shape == (6, 128)
+      np.testing.assert_array_equal(np.asarray(y[-1])[:, :100], np.asarray(x[-1])[:, :100])
+  upd, bias = "decode_attention (gate update)", "decode_attention (gate bias)"
+  assert nbytes[upd] - nbytes[bias] == 4 * 6 * 100   # + the gate row's write
 
 
 def test_op_table_pdl_sweep_rows_run():

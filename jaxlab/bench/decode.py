@@ -464,6 +464,7 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
   mixers = {cfg.layer_mixer(l) for l in range(cfg.n_layers)}
   # forget gate as a score bias: G_t - G_j <= 0, growing into the past
   bias = -jnp.abs(r(31, Hq, S).astype(f32)) * jnp.arange(S, 0, -1, dtype=f32) / S
+  g_step = -jnp.abs(r(35, Hq).astype(f32))   # this token's log forget gate (gate update rows)
   if mixers & {"path", "path_fox"}:
     from kernels.path_decode_attention import path_decode_attention
     w = jax.random.normal(jax.random.key(20), (Hkv, Dh), f32)
@@ -480,6 +481,11 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
       cases[op] = (lambda impl, **k: (lambda *a: make(impl, **k)(*a[:6], bias_HS=a[6])),
                    args + (bias,), None)
       nbytes[op] = Hkv * kv_len * Dh * (2 * 4 + item) + Hq * kv_len * 4      # + bias r
+      op = "path_decode_attention (gate update)"   # the driver's form: gate r + w inside
+      cases[op] = (lambda impl, **k: (lambda *a: make(impl, **k)(*a[:6], gate_HS=a[6],
+                                                                  g_H=a[7])),
+                   args + (bias, g_step), None)
+      nbytes[op] = Hkv * kv_len * Dh * (2 * 4 + item) + 2 * Hq * kv_len * 4  # + gate r+w
   if "fox" in mixers:
     from kernels.decode_attention import decode_attention
     op = "decode_attention (gate bias)"
@@ -488,6 +494,11 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
         (r(32, Hq, Dh), r(33, Hkv, S, Dh).astype(f32), r(34, Hkv, S, Dh), jnp.int32(kv_len),
          bias), None)
     nbytes[op] = Hkv * kv_len * Dh * (4 + item) + Hq * kv_len * 4           # K, V, bias r
+    op = "decode_attention (gate update)"
+    cases[op] = (lambda impl, **k: (lambda q, kc, vc, n, b, g: decode_attention(
+        q, kc, vc, n, scale=Dh ** -0.5, impl=impl, gate_HS=b, g_H=g, **k)),
+        cases["decode_attention (gate bias)"][1] + (g_step,), None)
+    nbytes[op] = Hkv * kv_len * Dh * (4 + item) + 2 * Hq * kv_len * 4       # + gate r+w
   if "levels" in kinds:
     from kernels.log_linear_state import log_linear_state_update
     st = jax.eval_shape(lambda: init_state(cfg, 64))
