@@ -221,11 +221,11 @@ def _xla_after_kernels(jaxpr):
   return [k for k, n in found if k != "kernel" and n < last]
 
 
-def _step_jaxpr(chain: bool, pdl: str | None = None):
+def _step_jaxpr(chain: bool, pdl: str | None = None, config: str = "llama-1b-bench"):
   from jaxlab.bench.decode import CONFIGS
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
-  cfg = ModelConfig(**dict(CONFIGS["llama-1b-bench"][0], n_layers=2))
+  cfg = ModelConfig(**dict(CONFIGS[config][0], n_layers=2))
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), mlp="2k"))
   opts = {"layout": {"mlp": "2k"}, "fuse": {"chain": chain}, "launch": {"pdl": pdl}}
   step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
@@ -243,9 +243,12 @@ def test_chained_step_runs_no_xla_between_kernels():
   assert "reduce_sum" in unchained or "add" in unchained, unchained
 
 
-def test_chained_step_lowers_for_cuda():
-  """The chained 1B step (two layers: the second QKV GEMV and the LM head finish the
-  previous MLP's rows) lowers for CUDA, with PDL prefetch."""
-  step, args, _ = _step_jaxpr(True, pdl="prefetch")
+@pytest.mark.parametrize("config", ["llama-1b-bench", "llama-8b-bench"])
+def test_chained_step_lowers_for_cuda(config):
+  """The chained step at the 1B and 8B shapes (two layers: the second QKV GEMV and the
+  LM head finish the previous MLP's rows) lowers for CUDA, with PDL prefetch, and is
+  chained there too (no XLA between the kernels)."""
+  step, args, jaxpr = _step_jaxpr(True, pdl="prefetch", config=config)
+  assert _xla_after_kernels(jaxpr) == []
   text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2 * 6 + 1
