@@ -266,3 +266,43 @@ def test_transposed_down_step_lowers_for_cuda(quantize):
     text = step.trace(weights, state, SD((), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Every primitive name in a jaxpr, nested jaxprs (jit, custom_vjp, cond branches) included;
+  not inside Pallas kernels (their branches run on the device)."""
+  names = set()
+  for e in jaxpr.eqns:
+    names.add(e.primitive.name)
+    if e.primitive.name in ("pallas_call", "mpmd_map"):
+      continue
+    for p in e.params.values():
+      for j in p if isinstance(p, (list, tuple)) else (p,):
+        j = getattr(j, "jaxpr", j)
+        if hasattr(j, "eqns"):
+          names |= _primitives(j)
+  return names
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("name", ["hybrid-tiny", "gated-tiny", "hybrid-1b-bench"])
+def test_decode_step_has_no_branch(name, impl):
+  """No lax.cond in the decode step of PaTH, PaTH-FoX, FoX and log-linear layers: XLA runs
+  a conditional on the GPU by copying its predicate to the host and waiting for the
+  stream, once per layer and step. Past the end of the cache the kernels write their
+  caches back unchanged instead (commit), tested in test_kernels_decode.py."""
+  kw = dict(CONFIGS[name][0])
+  if "tiny" not in name:
+    kw["n_layers"] = len(kw["mixer_pattern"])
+  cfg = ModelConfig(**kw)
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  step, S = step_function(cfg, impl, 100, interpret=False)
+  state = jax.eval_shape(lambda: init_state(cfg, S))
+  jaxpr = jax.make_jaxpr(step)(weights, state, SD((), jnp.int32)).jaxpr
+  names = _primitives(jaxpr)
+  assert "cond" not in names and "while" not in names, sorted(names)
+  if impl == "pallas":
+    assert "pallas_call" in names or "mpmd_map" in names
+  # the walker sees a cond where there is one
+  branchy = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, jnp.sin, jnp.cos, x))(True, 1.0)
+  assert "cond" in _primitives(branchy.jaxpr)

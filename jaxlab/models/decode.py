@@ -442,25 +442,26 @@ def _path_layer(spec: _Spec, graphdef, lw, x, k, v, conv, gate, pos):
   write = spec.opts("rope_append").get("write") or "select"
   write = "select" if write == "kernel" else write
 
-  def attend(k, v, gate):
-    k, v = write_slot(k, kt[0, 0], pos, write=write), write_slot(v, vt[0, 0], pos, write=write)
-    # the gate row (older slots += g_t, the new slot 0, as PathCache.gate) is updated
-    # inside the attention pass
-    gkw = {} if gate is None else dict(gate_HS=gate, g_H=g[0, 0])
-    if w is None:          # FoX: no transitions, keys stay as appended
-      out = decode_attention(q[0, 0], k, v, pos + 1, scale=m.scale, **gkw, **kw,
-                             **spec.opts("decode_attention"))
-      o, gate = out if gate is not None else (out, None)
-    else:                  # one pass over K: older keys through H_t, then attention
-      out = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], pos + 1, scale=m.scale,
-                                  **gkw, **kw, **spec.opts("path_decode_attention"))
-      (o, k), gate = (out[:2], out[2]) if gate is not None else (out, None)
-    return o, k, v, gate
-
-  # A full cache is never modified (the head turns the step's logits into NaN).
-  o, k, v, gate = jax.lax.cond(
-      ok, attend, lambda k, v, gate: (jnp.full(q.shape[2:], jnp.nan, q.dtype), k, v, gate),
-      k, v, gate)
+  # A full cache is never modified (the head turns the step's logits into NaN): the row
+  # write goes to no slot and the kernels write K and the gate back unchanged (commit). No
+  # lax.cond: on the GPU a conditional copies its predicate to the host and blocks until
+  # the stream drains, once per layer and step.
+  S = k.shape[1]
+  wpos = jnp.where(ok, pos, S)
+  k, v = write_slot(k, kt[0, 0], wpos, write=write), write_slot(v, vt[0, 0], wpos, write=write)
+  length = jnp.minimum(pos + 1, S)
+  # the gate row (older slots += g_t, the new slot 0, as PathCache.gate) is updated inside
+  # the attention pass
+  gkw = {} if gate is None else dict(gate_HS=gate, g_H=g[0, 0])
+  if w is None:          # FoX: no transitions, keys stay as appended
+    out = decode_attention(q[0, 0], k, v, length, scale=m.scale, commit=ok, **gkw, **kw,
+                           **spec.opts("decode_attention"))
+    o, gate = out if gate is not None else (out, None)
+  else:                  # one pass over K: older keys through H_t, then attention
+    out = path_decode_attention(q[0, 0], k, v, w[0, 0], beta[0, 0], length, scale=m.scale,
+                                commit=ok, **gkw, **kw, **spec.opts("path_decode_attention"))
+    (o, k), gate = (out[:2], out[2]) if gate is not None else (out, None)
+  o = jnp.where(ok, o, jnp.nan)
   conv = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_conv, conv)
   return _out_mlp(spec, lw, o, x, kw), k, v, conv, gate
 
@@ -478,14 +479,12 @@ def _levels_layer(spec: _Spec, graphdef, lw, x, levels, conv, pos):
   kern = LevelKernel(spec.impl, spec.interpret, _pdl(spec))
   ok = pos < spec.max_len
 
-  def run(cache):
-    y, new = m.extend(xn[None, None], cache, level_kernel=kern)
-    return y[0, 0], new
-
-  # A full state is never modified (the head turns the step's logits into NaN); a cond,
-  # not a select, so the state is not read and rewritten a second time.
-  y, new = jax.lax.cond(ok, run, lambda c: (jnp.full(x.shape, jnp.nan, x.dtype), c), cache)
-  x = x + y.astype(x.dtype)
+  # A full state is never modified (the head turns the step's logits into NaN): past the
+  # end the token is a padded row, whose state, count and conv the mixer keeps (the level
+  # kernel writes the old tiles back). No lax.cond: on the GPU a conditional copies its
+  # predicate to the host and blocks until the stream drains, once per layer and step.
+  y, new = m.extend(xn[None, None], cache, mask_BT=jnp.reshape(ok, (1, 1)), level_kernel=kern)
+  x = x + jnp.where(ok, y[0, 0], jnp.nan).astype(x.dtype)
   return _mlp(spec, lw, x, kw), new["state"].levels[0], new["conv"]
 
 

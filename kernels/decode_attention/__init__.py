@@ -57,7 +57,7 @@ def check_gate(op: str, bias_HS, gate_HS, g_H, Hq: int, S: int):
 def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.Array, length, *,
                      scale: float, impl: str, bias_HS: jax.Array | None = None,
                      gate_HS: jax.Array | None = None, g_H: jax.Array | None = None,
-                     interpret: bool | str | None = None, **kw):
+                     commit=True, interpret: bool | str | None = None, **kw):
   """q [Hq, Dh], caches [Hkv, S, Dh], length (int, 1..S) -> o [Hq, Dh] in q.dtype;
   scores = scale q.k (+ bias_HS [Hq, S], fp32).
 
@@ -65,7 +65,8 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
   length - 1) instead of bias_HS: returns (o, gate) with gate = the updated row (older
   slots + g, slot length - 1 zero) and scores = scale (q.k + gate). Slots past length - 1
   of the returned gate are unspecified in the Pallas form (never visible; the next step
-  zeroes its slot).
+  zeroes its slot). commit (bool, may be traced) False returns the gate unchanged and o
+  meaningless: a step past the end of the cache, with no branch around the kernel.
 
   Pallas options: num_splits (split-K factor P), block_s (cache rows per stage),
   stages (TMA pipeline depth).
@@ -76,13 +77,14 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
   check_gate("decode_attention", bias_HS, gate_HS, g_H, q_HD.shape[0], S)
   if impl == "xla":
     return reference.decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale,
-                                      bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H)
+                                      bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H,
+                                      commit=commit)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
   gated = gate_HS is not None
   return C.inference_only(
       "decode_attention",
-      lambda q, k, v, n, b, gg: pallas.decode_attention(
+      lambda q, k, v, n, b, gg, c: pallas.decode_attention(
           q, k, v, n, scale=scale, mode=mode, bias_HS=None if gated else b,
-          gate_g=gg if gated else None, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, length, bias_HS, (gate_HS, g_H))
+          gate_g=gg if gated else None, commit=c, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, length, bias_HS, (gate_HS, g_H), jax.numpy.asarray(commit))

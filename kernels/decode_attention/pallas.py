@@ -16,6 +16,12 @@ every older key, K <- K - beta (K w) w^T for slots < length - 1 (slot length - 1
 holds the new key), stores the updated block and attends with it, so K is read
 once and written once per step (papers.md 2.3, FlashFormer-style fusion).
 
+The caches these two passes update (PaTH's K, the forget gate's row) come back as new
+arrays in which only the live blocks are written. `commit` = 0 (a step past the end of
+the cache) runs the pass over every block and writes each back unchanged, so the caches
+come back whole and as they were, without a branch around the kernel (on the GPU a
+conditional is a host round trip); the attention output is then meaningless.
+
 Score bias (bias_HS, e.g. a forget gate's scale * (G_t - G_j) in FoX / PaTH-FoX):
 [G, BS] blocks of it stream through the same pipeline and are added to the scaled
 scores of the live slots.
@@ -57,6 +63,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
   f32 = jnp.float32
   ctx.begin()   # everything here (the caches' new row, q, length) is the step's own
   length = len_g[0]
+  commit = len_g[1] != 0
   nb = (length + BS - 1) // BS
   per = (nb + P - 1) // P
   n_blocks = jnp.clip(nb - p * per, 0, per)
@@ -81,7 +88,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
     k = k_s[...].astype(f32)
     if path:   # slots < length - 1 hold older keys; slot length - 1 is the new key
       kw = jnp.sum(k * w2, axis=1)                                        # [BS], ROW
-      older = C.bcast_cols(slot < length - 1, (BS, Dh))
+      older = C.bcast_cols((slot < length - 1) & commit, (BS, Dh))
       k = jnp.where(older, k - C.bcast_cols(kw * beta, (BS, Dh)) * w2, k)
       ctx.store(k, knew_g.at[h, pl.ds((start + idx[0]) * BS, BS)],
                 transforms=C.tile_transforms(Dh, knew_g.dtype))
@@ -92,7 +99,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
       if bias:
         b = ctx.ld(bias_s[0].at[g], C.ROW)
         if gate:   # older slots += g_t; the new slot (and the masked tail) 0
-          b = jnp.where(slot < length - 1, b + gstep[g], 0.0)
+          b = jnp.where(commit, jnp.where(slot < length - 1, b + gstep[g], 0.0), b)
           gate_rows.append(b)
           b = b * scale
         s = s + b
@@ -128,12 +135,15 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2, path_wb=None, bias_HS=None, gate_g=None, pdl=None):
+             block_s=None, stages=2, path_wb=None, bias_HS=None, gate_g=None, pdl=None,
+             commit=True):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores; with gate_g = (gate [Hq, S], g [Hq]) the
   gate row is updated (older slots + g, slot length - 1 zero), scale * it added to the
-  scores, and the updated gate [Hq, S] returned last (live blocks written)."""
+  scores, and the updated gate [Hq, S] returned last (live blocks written). commit (bool,
+  may be traced) False: every block of K and the gate written back unchanged (the
+  outputs = the inputs; o meaningless)."""
   if gate_g is not None and bias_HS is not None:
     raise ValueError("decode attention: bias_HS and a gate update exclude each other")
   Hq, Dh = q_HD.shape
@@ -162,7 +172,9 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
-  length_1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+  commit = jnp.asarray(commit)
+  length = jnp.where(commit, jnp.asarray(length, jnp.int32), S)   # no commit: every block
+  length_1 = jnp.stack([length, commit.astype(jnp.int32)])
   extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
   if bias:
     extra += (bias_HS.astype(jnp.float32).reshape(Hkv, G, S),)

@@ -11,21 +11,22 @@ import jax.numpy as jnp
 HI = jax.lax.Precision.HIGHEST
 
 
-def gate_update(gate_HS, g_H, length):
+def gate_update(gate_HS, g_H, length, commit=True):
   """A forget gate's row for the token at slot length - 1: older slots G_{t-1} - G_j + g_t,
-  the new slot 0 (as PathCache.gate); slots past it unchanged."""
+  the new slot 0 (as PathCache.gate); slots past it unchanged. commit False: the row
+  unchanged."""
   slot = jnp.arange(gate_HS.shape[1])
   gate = gate_HS.astype(jnp.float32)
   new = jnp.where(slot < length - 1, gate + g_H.astype(jnp.float32)[:, None], gate)
-  return jnp.where(slot == length - 1, 0.0, new)
+  return jnp.where(commit, jnp.where(slot == length - 1, 0.0, new), gate)
 
 
 def decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale: float, bias_HS=None,
-                     gate_HS=None, g_H=None):
+                     gate_HS=None, g_H=None, commit=True):
   """o [Hq, Dh]; with gate_HS and g_H, (o, the updated gate) and scale * that gate as the
-  bias."""
+  bias (commit False: the gate returned unchanged, and used as it is)."""
   if gate_HS is not None:
-    gate = gate_update(gate_HS, g_H, length)
+    gate = gate_update(gate_HS, g_H, length, commit)
     return decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale,
                             bias_HS=scale * gate), gate
   Hq, Dh = q_HD.shape

@@ -8,6 +8,10 @@ beta [H] the GDN step size (variant="gdn" only).
 fenwick=False: the plain Mamba-2 / GDN recurrence on one state (L = 1) that keeps every
 token (S <- transition(S) + insert; lam [H, 1] scales the read), for the non-log-linear
 mixers; no capacity limit on t.
+
+commit (bool, may be traced; default True): False returns the state unchanged, o still
+read from the updated state. The decode driver passes False for a step past the end of
+the cache, so no branch (a host round trip on the GPU) sits around the kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from kernels.log_linear_state import reference
 def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax.Array,
                             v_HV: jax.Array, lam_HL: jax.Array, log_decay_H: jax.Array,
                             beta_H: jax.Array | None = None, *, variant: str, impl: str,
-                            fenwick: bool = True, interpret: bool | str | None = None, **kw):
+                            fenwick: bool = True, commit=True,
+                            interpret: bool | str | None = None, **kw):
   C.check_impl(impl, "log_linear_state_update")
   if variant not in reference.VARIANTS:
     raise ValueError(f"log_linear_state_update: unknown variant {variant!r} "
@@ -52,15 +57,15 @@ def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax
   if impl == "xla":
     return reference.log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL,
                                              log_decay_H, beta_H, variant=variant,
-                                             fenwick=fenwick)
+                                             fenwick=fenwick, commit=commit)
   from kernels.log_linear_state import pallas
   mode = C.resolve_interpret(interpret)
   z = reference.ctz_or_neg1(t) if fenwick else jnp.int32(-1)   # -1: nothing to merge
   o, new = C.inference_only(
       "log_linear_state_update",
-      lambda *a: pallas.log_linear_state_update(*a, gdn=variant == "gdn", mode=mode,
-                                                accumulate=not fenwick, **kw),
-      state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H)
+      lambda *a: pallas.log_linear_state_update(*a[:-1], gdn=variant == "gdn", mode=mode,
+                                                accumulate=not fenwick, commit=a[-1], **kw),
+      state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, jnp.asarray(commit))
   if not fenwick:
     return o, new
   return jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan), new

@@ -8,7 +8,8 @@ Grid (H, dv / BV). CTA (h, j) streams the L level tiles S[h, l, :, j-block]
   - overwrites level 0 with the inserted k v^T (fenwick=False, the plain recurrence with
     one level and z = -1: adds it),
   - accumulates o_j += lambda_l S[l]^T q,
-  - stores the new tile.
+  - stores the new tile (the old one when `commit` is 0: a step that must not change the
+    state, e.g. past the end of the cache, without a branch around the kernel).
 One read and one write of the O(L dk dv) state per token; no KV cache.
 """
 
@@ -28,6 +29,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
   f32 = jnp.float32
   ctx.begin()
   z = z_g[0]
+  commit = z_g[1] != 0
   a = jnp.exp(ld_g[h])
   beta = b_g[h]
   q = C.bcast_cols(ctx.load(q_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
@@ -49,7 +51,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
       S2 = a * S1
     S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
     o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
-    ctx.store(S3, new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
+    ctx.store(jnp.where(commit, S3, S), new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
               transforms=C.tile_transforms(BV, jnp.float32))
     return merged, o
 
@@ -64,7 +66,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
 
 def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, *,
                             gdn: bool, mode: str, block_v: int | None = None, stages: int = 2,
-                            accumulate: bool = False, pdl=None):
+                            accumulate: bool = False, pdl=None, commit=True):
   H, L, dk, dv = state_HLKV.shape
   f32 = jnp.float32
   # fp32 [BV] rows: TMA copies need a multiple of 128 bytes (one warpgroup), so BV % 32 == 0.
@@ -79,7 +81,7 @@ def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H
       out_type=(jax.ShapeDtypeStruct((H, dv), f32), jax.ShapeDtypeStruct((H, L * dk, dv), f32)),
       grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update",
       pdl=pdl)
-  z_1 = jnp.reshape(jnp.asarray(z, jnp.int32), (1,))
+  z_1 = jnp.stack([jnp.asarray(z, jnp.int32), jnp.asarray(commit).astype(jnp.int32)])
   beta = jnp.zeros((H,), f32) if beta_H is None else beta_H.astype(f32)
   o, new = kern(z_1, q_HK.astype(f32), k_HK.astype(f32), v_HV.astype(f32), lam_HL.astype(f32),
                 log_decay_H.astype(f32), beta, state_HLKV.astype(f32).reshape(H, L * dk, dv))

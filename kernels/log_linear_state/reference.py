@@ -30,10 +30,12 @@ def ctz_or_neg1(t):
 
 
 def log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H=None,
-                            *, variant: str, fenwick: bool = True):
+                            *, variant: str, fenwick: bool = True, commit=True):
+  """commit (bool, may be traced): False returns the state unchanged (o is still read from
+  the updated one)."""
   f32 = jnp.float32
   H, L, dk, dv = state_HLKV.shape
-  S = state_HLKV.astype(f32)
+  S0 = S = state_HLKV.astype(f32)
   z = ctz_or_neg1(t) if fenwick else jnp.int32(-1)   # -1: nothing to merge
   lvl = jnp.arange(L)
   below = (lvl <= z)[None, :, None, None]
@@ -54,7 +56,7 @@ def log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL, log_decay_H
   o = jnp.einsum("hl,hlkv,hk->hv", lam_HL.astype(f32), S, q, precision=HI)
   if fenwick:
     o = jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan)
-  return o, S
+  return o, jnp.where(commit, S, S0)
 
 
 def level(t: int, s: int) -> int:

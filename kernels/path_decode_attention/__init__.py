@@ -8,6 +8,8 @@ length - 1 first; older keys are carried through K <- K - beta (K w) w^T (fp32),
 q attends over slots < length of the updated cache. Returns (o [Hq, Dh] in q.dtype,
 updated K). The Pallas form writes only the live cache blocks of K: rows past them are
 unspecified in the returned K (never visible; the next append writes its slot).
+commit (bool, may be traced) False returns K (and the gate) unchanged and o meaningless:
+a step past the end of the cache, with no branch around the kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kernels.path_decode_attention import reference
 def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.Array,
                           w_KD: jax.Array, beta_K: jax.Array, length, *, scale: float, impl: str,
                           bias_HS: jax.Array | None = None, gate_HS: jax.Array | None = None,
-                          g_H: jax.Array | None = None,
+                          g_H: jax.Array | None = None, commit=True,
                           interpret: bool | str | None = None, **kw):
   """q [Hq, Dh], K / V [Hkv, S, Dh], w [Hkv, Dh], beta [Hkv], length (1..S) ->
   (o [Hq, Dh], K); bias_HS [Hq, S] (PaTH-FoX's gate, scaled) is added to the scaled
@@ -37,13 +39,15 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
                      f"be [{Hkv}, {Dh}] / [{Hkv}]")
   if impl == "xla":
     return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
-                                           scale=scale, bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H)
+                                           scale=scale, bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H,
+                                           commit=commit)
   from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
   gated = gate_HS is not None
   return C.inference_only(
       "path_decode_attention",
-      lambda q, k, v, w, beta, n, b, gg: pallas.path_decode_attention(
+      lambda q, k, v, w, beta, n, b, gg, c: pallas.path_decode_attention(
           q, k, v, w, beta, n, scale=scale, mode=mode, bias_HS=None if gated else b,
-          gate_g=gg if gated else None, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS, (gate_HS, g_H))
+          gate_g=gg if gated else None, commit=c, **kw),
+      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS, (gate_HS, g_H),
+      jax.numpy.asarray(commit))

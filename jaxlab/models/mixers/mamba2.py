@@ -143,14 +143,15 @@ def _level_kernel_step(kern: LevelKernel, q, k, v, g, beta, lam, state, n, fenwi
   variant = "mamba2" if beta is None else "gdn"
   outs, levels = [], []
   for b in range(v.shape[0]):
+    # A padded row (n = 0) keeps its state: the kernel writes the old tiles back (no
+    # select over the state after it, no branch around it).
     o, new = log_linear_state_update(
         state.levels[b], state.count[b], qh[b], kh[b], v[b, 0].astype(f32), lam[b, 0].astype(f32),
         g[b, 0].astype(f32), None if beta is None else beta[b, 0].astype(f32), variant=variant,
-        impl=kern.impl, fenwick=fenwick, interpret=kern.interpret, pdl=kern.pdl)
+        impl=kern.impl, fenwick=fenwick, commit=n[b] > 0, interpret=kern.interpret,
+        pdl=kern.pdl)
     outs.append(o)
-    # Without padding n is a constant and XLA folds this select away (checked in the
-    # compiled decode step: no select over the level state).
-    levels.append(jnp.where(n[b] > 0, new, state.levels[b]))
+    levels.append(new)
   y = jnp.stack(outs)[:, None].astype(v.dtype)
   return y, ll.LogLinearState(jnp.stack(levels), state.count + n)
 
