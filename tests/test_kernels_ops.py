@@ -501,6 +501,57 @@ def test_log_linear_state_update(variant):
     _close(outs_ref, par, T * dk, "parallel form")
 
 
+@pytest.mark.parametrize("variant,fenwick", [("mamba2", True), ("gdn", True), ("gdn", False)])
+def test_log_linear_commit_false_keeps_the_state(variant, fenwick):
+  """commit=False (traced): the state comes back exactly as it went in, both impls, while
+  commit=True changes it: the decode driver's step past the end of the cache, no branch."""
+  H, L, dk, dv = 2, (4 if fenwick else 1), 64, 64
+  q, k, v, lam, g, beta = _ll_inputs(1, H, L, dk, dv, seed=11)
+  S = jax.random.normal(jax.random.key(12), (H, L, dk, dv))
+  b = beta[0] if variant == "gdn" else None
+  for impl in ("xla", "pallas"):
+    f = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl=impl,
+                                  fenwick=fenwick))
+    _, kept = f(S, jnp.int32(6), q[0], k[0], v[0], lam[0], g[0], b, commit=jnp.bool_(False))
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(S), err_msg=impl)
+    _, new = f(S, jnp.int32(6), q[0], k[0], v[0], lam[0], g[0], b, commit=jnp.bool_(True))
+    assert float(jnp.max(jnp.abs(new - S))) > 1e-3, impl
+
+
+@pytest.mark.parametrize("path", [False, True])
+def test_attention_commit_false_keeps_the_caches(path):
+  """commit=False (traced): PaTH's keys and the forget gate's row come back exactly as they
+  went in (NaN tails included), both impls; commit=True changes them."""
+  from kernels.path_decode_attention import path_decode_attention
+  Hq, Hkv, S, Dh, L = 4, 2, 192, 64, 77
+  k = _keys(25, 5)
+  live = jnp.arange(S) < L
+  kc = jnp.where(live[None, :, None], jax.random.normal(k[0], (Hkv, S, Dh)), jnp.nan)
+  vc = jax.random.normal(k[1], (Hkv, S, Dh))
+  gate = jnp.where(live, -jnp.abs(jax.random.normal(k[2], (Hq, S))), jnp.nan)
+  g = jax.nn.log_sigmoid(jax.random.normal(k[3], (Hq,)))
+  q = jax.random.normal(k[4], (Hq, Dh))
+  w = jnp.ones((Hkv, Dh)) / Dh ** 0.5
+  beta = jnp.full((Hkv,), 1.5)
+  for impl in ("xla", "pallas"):
+    opts = dict(block_s=64, num_splits=2) if impl == "pallas" else {}
+
+    @jax.jit
+    def caches(commit, impl=impl, opts=opts):   # -> (keys, gate row), commit traced
+      kw = dict(scale=Dh ** -0.5, impl=impl, gate_HS=gate, g_H=g, commit=commit, **opts)
+      if path:
+        return path_decode_attention(q, kc, vc, w, beta, L, **kw)[1:]
+      return kc, decode_attention(q, kc, vc, L, **kw)[1]
+
+    keys, row = caches(jnp.bool_(False))
+    np.testing.assert_array_equal(np.asarray(keys), np.asarray(kc), err_msg=f"keys {impl}")
+    np.testing.assert_array_equal(np.asarray(row), np.asarray(gate), err_msg=f"gate {impl}")
+    keys, row = caches(jnp.bool_(True))
+    assert np.any(np.asarray(row)[:, :L] != np.asarray(gate)[:, :L]), impl
+    if path:
+      assert float(jnp.max(jnp.abs(keys[:, :L - 1] - kc[:, :L - 1]))) > 1e-3, impl
+
+
 def test_log_linear_level_overflow():
   H, L, dk, dv = 1, 3, 64, 32
   S = jnp.zeros((H, L, dk, dv))
