@@ -243,6 +243,11 @@ def test_gate_bias_mosaic():
   o_r, gate_r = decode_attention(q, kc, vc, L, impl="xla", **gkw)
   _close(o, o_r, L * Dh, "fox o (gate update)")
   np.testing.assert_array_equal(np.asarray(gate)[:, :L], np.asarray(gate_r)[:, :L])
+  # commit=False: keys and gate written back whole and unchanged (NaN tails included)
+  _, k, gate = path_decode_attention(q, kc, vc, w, beta, L, impl="pallas", interpret=M,
+                                     block_s=64, num_splits=2, commit=jnp.bool_(False), **gkw)
+  np.testing.assert_array_equal(np.asarray(k), np.asarray(kc))
+  np.testing.assert_array_equal(np.asarray(gate), np.asarray(bias))
 
 
 def test_path_and_log_linear_mosaic():
@@ -268,3 +273,6 @@ def test_path_and_log_linear_mosaic():
   o_r, S1_r = f(*one, impl="xla", fenwick=False)
   _close(o, o_r, dk, "plain o")
   _close(S1, S1_r, dk, "plain state")
+  # commit=False (a step past the end of the cache): the old tiles written back
+  _, kept = f(S0, 6, *args, impl="pallas", interpret=M, block_v=32, commit=jnp.bool_(False))
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(S0))
