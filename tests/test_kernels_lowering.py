@@ -285,15 +285,15 @@ def _primitives(jaxpr) -> set[str]:
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("name", ["hybrid-tiny", "gated-tiny", "hybrid-1b-bench"])
+@pytest.mark.parametrize("name", ["hybrid-tiny", "gated-tiny", "hybrid-1b-bench", "llama-1b-bench"])
 def test_decode_step_has_no_branch(name, impl):
-  """No lax.cond in the decode step of PaTH, PaTH-FoX, FoX and log-linear layers: XLA runs
+  """No lax.cond in the decode step (attention; PaTH, PaTH-FoX, FoX, log-linear layers): XLA runs
   a conditional on the GPU by copying its predicate to the host and waiting for the
   stream, once per layer and step. Past the end of the cache the kernels write their
   caches back unchanged instead (commit), tested in test_kernels_decode.py."""
   kw = dict(CONFIGS[name][0])
   if "tiny" not in name:
-    kw["n_layers"] = len(kw["mixer_pattern"])
+    kw["n_layers"] = len(kw.get("mixer_pattern") or (1, 2))
   cfg = ModelConfig(**kw)
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
   step, S = step_function(cfg, impl, 100, interpret=False)
