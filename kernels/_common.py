@@ -249,36 +249,34 @@ class Ctx:
   def store(self, val, dst_gmem, transforms=()):
     """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
     2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM)."""
+    def fill(ref):
+      ref[...] = val.astype(ref.dtype)
+
+    self._write(fill, dst_gmem, transforms)
+
+  def store_rows(self, rows, dst_gmem):
+    """1-D vectors -> the rows of a [len(rows), n] GMEM slice owned by this CTA, with one
+    TMA store and one wait for all of them when compiling (not one per row)."""
+    def fill(ref):
+      for i, r in enumerate(rows):
+        ref[i] = r.astype(ref.dtype)
+
+    self._write(fill, dst_gmem)
+
+  def _write(self, fill, dst_gmem, transforms=()):
+    """fill(ref) on dst_gmem directly ("hlo"), or on an SMEM copy then stored by TMA."""
     self._check_begun("stores")
     if not self.tma:
-      dst_gmem[...] = val.astype(dst_gmem.dtype)
+      fill(dst_gmem)
       return
 
     def body(s):
-      s[...] = val.astype(s.dtype)
+      fill(s)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(s, dst_gmem)
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype, transforms=transforms))
-
-  def store_rows(self, rows, dst_gmem):
-    """1-D vectors -> the rows of a [len(rows), n] GMEM slice owned by this CTA, with one
-    TMA store and one wait for all of them when compiling (not one per row)."""
-    self._check_begun("stores")
-    if not self.tma:
-      for i, r in enumerate(rows):
-        dst_gmem[i] = r.astype(dst_gmem.dtype)
-      return
-
-    def body(s):
-      for i, r in enumerate(rows):
-        s[i] = r.astype(s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s, dst_gmem)
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype))
 
   def load(self, src_gmem, fn, transforms=()):
     """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""

@@ -63,7 +63,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
   f32 = jnp.float32
   ctx.begin()   # everything here (the caches' new row, q, length) is the step's own
   length = len_g[0]
-  commit = len_g[1] != 0
+  commit = len_g[1] != 0 if (path or gate) else None   # (only passes that update caches)
   nb = (length + BS - 1) // BS
   per = (nb + P - 1) // P
   n_blocks = jnp.clip(nb - p * per, 0, per)
@@ -172,9 +172,12 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
-  commit = jnp.asarray(commit)
-  length = jnp.where(commit, jnp.asarray(length, jnp.int32), S)   # no commit: every block
-  length_1 = jnp.stack([length, commit.astype(jnp.int32)])
+  length = jnp.asarray(length, jnp.int32)
+  if path or gate:   # [length, commit]; no commit: every block, written back unchanged
+    commit = jnp.asarray(commit)
+    length_1 = jnp.stack([jnp.where(commit, length, S), commit.astype(jnp.int32)])
+  else:              # nothing to write back: commit does not apply
+    length_1 = jnp.reshape(length, (1,))
   extra = () if not path else (path_wb[0].astype(jnp.float32), path_wb[1].astype(jnp.float32))
   if bias:
     extra += (bias_HS.astype(jnp.float32).reshape(Hkv, G, S),)
