@@ -1,5 +1,7 @@
-"""The `jaxlab` command line. Each command group lives in jaxlab/commands/<name>.py and
-exposes `register(subparsers)`; the parser calls `args.func(args)`.
+"""The `jaxlab` command line: training jobs, text generation and chat, benchmarks.
+
+Each command group lives in jaxlab/commands/<name>.py and exposes
+`register(subparsers)`; the parser calls `args.func(args)`.
 
 Bad input exits non-zero with one line on stderr naming the culprit.
 """
@@ -10,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("train", "generate", "bench", "eval")
+COMMAND_MODULES = ("train", "generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name in COMMAND_MODULES:
-    try:
-      mod = importlib.import_module(f"jaxlab.commands.{name}")
-    except ModuleNotFoundError as e:
-      if e.name == f"jaxlab.commands.{name}":
-        continue
-      raise
-    mod.register(sub)
+    importlib.import_module(f"jaxlab.commands.{name}").register(sub)
   return p
 
 
