@@ -142,7 +142,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
         def _():
           xo_g[pl.ds((s * ks + idx[0]) * BK, BK)] = v.astype(xo_g.dtype)
     vg = v * ctx.ld(g_s, C.COL).astype(f32) if has_norm else v
-    acc = acc + jnp.sum(w_s[...].astype(f32) * C.bcast_rows(vg, (BN, BK)), axis=1)
+    acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))

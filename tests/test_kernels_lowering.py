@@ -51,7 +51,12 @@ def test_decode_step_lowers_for_cuda(name, quantize, share):
   step, S = step_function(cfg, "pallas", 1100, interpret=False, share_layers=share)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text
+  if quantize:
+    # int8 weights widen through Mosaic's packed s8 -> bf16 conversion (prmt/and/
+    # sub.bf16x2), never one I2F per element (arith.sitofp in a kernel's module).
+    assert "sub.bf16x2" in text and "sitofp" not in text
 
 
 @pytest.mark.parametrize("D,F,down_t,dt", [(2048, 8192, False, jnp.bfloat16),
@@ -71,6 +76,8 @@ def test_mlp_variants_lower_for_cuda(D, F, down_t, dt):
                      SD((D,), bf), SD((D,), bf), SD((F, D), dt), SD((F, D), dt),
                      SD((D, F) if down_t else (F, D), dt), *scales)
     assert "mosaic_gpu" in lowered.as_text()
+    if dt == jnp.int8:
+      assert "sub.bf16x2" in lowered.as_text() and "sitofp" not in lowered.as_text()
 
 
 @pytest.mark.parametrize("dk,gdn", [(64, False), (128, True)])

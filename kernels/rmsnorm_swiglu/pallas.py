@@ -92,8 +92,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     acc_g, acc_u, ss = carry
     x = x_block(xs)
     xg = C.bcast_rows(x * ctx.ld(g_s, C.COL).astype(f32), (BF, BK))
-    acc_g = acc_g + jnp.sum(wg_s[...].astype(f32) * xg, axis=1)
-    acc_u = acc_u + jnp.sum(wu_s[...].astype(f32) * xg, axis=1)
+    acc_g = acc_g + jnp.sum(C.widen(wg_s[...]) * xg, axis=1)
+    acc_u = acc_u + jnp.sum(C.widen(wu_s[...]) * xg, axis=1)
     return acc_g, acc_u, ss + x * x
 
   vec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
@@ -126,13 +126,13 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
                                  transforms=C.tile_transforms(BF, wd_g.dtype))
 
     def down_product(wd_s):
-      return jnp.sum(wd_s[...].astype(f32) * C.bcast_rows(hc, (BD, BF)), axis=1)
+      return jnp.sum(C.widen(wd_s[...]) * C.bcast_rows(hc, (BD, BF)), axis=1)
   else:
     down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
                                  transforms=C.tile_transforms(BD, wd_g.dtype))
 
     def down_product(wd_s):
-      return jnp.sum(wd_s[...].astype(f32) * C.bcast_cols(h, (BF, BD)), axis=0)
+      return jnp.sum(C.widen(wd_s[...]) * C.bcast_cols(h, (BF, BD)), axis=0)
 
   if store_once and ctx.tma:
     # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
