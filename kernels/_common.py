@@ -149,6 +149,8 @@ class Ctx:
   pdl: str | None = None      # PDL_MODES
   # begin() marks this when called (a fresh list per traced body: see mosaic_kernel)
   begun: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+  # _write marks each TMA store, so that mosaic_kernel ends the body with a full wait
+  stored: list = dataclasses.field(default_factory=list, compare=False, hash=False)
 
   def begin(self, prefetch=()):
     """The point after which the kernel may read what earlier kernels of the step wrote.
@@ -264,17 +266,23 @@ class Ctx:
     self._write(fill, dst_gmem)
 
   def _write(self, fill, dst_gmem, transforms=()):
-    """fill(ref) on dst_gmem directly ("hlo"), or on an SMEM copy then stored by TMA."""
+    """fill(ref) on dst_gmem directly ("hlo"), or on an SMEM copy then stored by TMA.
+
+    The store waits only until TMA has read the SMEM copy (so the buffer can go), not
+    until the write has landed in GMEM: a store inside a loop (a level, a cache block)
+    then costs no GMEM round trip per iteration. No kernel reads back what it stores,
+    and mosaic_kernel ends every body that stored with one full wait."""
     self._check_begun("stores")
     if not self.tma:
       fill(dst_gmem)
       return
+    self.stored.append(True)
 
     def body(s):
       fill(s)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(s, dst_gmem)
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype, transforms=transforms))
 
@@ -380,10 +388,12 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
   inner = body
 
   def body(*refs, ctx: Ctx):
-    ctx = dataclasses.replace(ctx, pdl=pdl, begun=[])
+    ctx = dataclasses.replace(ctx, pdl=pdl, begun=[], stored=[])
     out = inner(*refs, ctx=ctx)
     if not ctx.begun:
       raise RuntimeError(f"{name}: the kernel body never calls ctx.begin()")
+    if ctx.stored:   # Ctx._write waited for its SMEM reads only: now for the GMEM writes
+      plgpu.wait_smem_to_gmem(0)
     return out
 
   if mode == "hlo":

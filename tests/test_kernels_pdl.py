@@ -134,6 +134,45 @@ def test_step_kernels_wait_before_reading(name, quantize, mlp, pdl):
   assert len(kernels) >= n
 
 
+def _stores(kernel):
+  """The kernel's TMA stores and store waits in program order: ("store",) and
+  ("wait", wait_read_only)."""
+  ev = []
+
+  def walk(j):
+    for e in j.eqns:
+      if e.primitive.name == "copy_smem_to_gmem":
+        ev.append(("store",))
+      elif e.primitive.name == "wait_smem_to_gmem":
+        ev.append(("wait", bool(e.params["wait_read_only"])))
+      for p in e.params.values():
+        for q in (p if isinstance(p, (tuple, list)) else (p,)):
+          sub = getattr(q, "jaxpr", q)
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(kernel)
+  return ev
+
+
+@pytest.mark.parametrize("name,mlp", [("llama-1b-bench", "1k"), ("llama-1b-bench", "2k"),
+                                      ("hybrid-tiny", "1k"), ("gated-tiny", "1k")])
+def test_stores_land_before_the_kernel_ends(name, mlp):
+  """In-loop stores (log-linear levels, PaTH key and gate blocks, MLP partial rows) wait
+  only until TMA has read their SMEM copy (no GMEM round trip per iteration), so every
+  kernel that stores must end with one full wait: the next kernel (with PDL, right after
+  griddepcontrol.wait) reads what it wrote."""
+  kernels, _, _ = _step_kernels(name, None, None, mlp)
+  read_only = 0
+  for k in kernels:
+    ev = _stores(k)
+    if not any(e == ("store",) for e in ev):
+      continue
+    assert ev[-1] == ("wait", False), ev[-3:]
+    read_only += sum(e == ("wait", True) for e in ev)
+  assert read_only > 0   # the cheap in-loop waits are in use
+
+
 def test_pdl_step_lowers_for_cuda():
   """The Mosaic lowering takes the griddepcontrol calls and the prefetch copies (weight
   tiles into swizzled SMEM) at the bench shapes."""
