@@ -104,8 +104,9 @@ def test_hybrid_op_cases_run_and_agree():
   cfg = ModelConfig(**decode.CONFIGS["hybrid-tiny"][0])
   r = lambda i, *shape: jax.random.normal(jax.random.key(i), shape).astype(jnp.float32)
   cases, nbytes = decode._hybrid_op_cases(cfg, 100, 128, r)
-  assert set(cases) == {"path_decode_attention", "log_linear_state_update (mamba2)",
-                        "log_linear_state_update (gdn)"}
+  ll = [f"log_linear_state_update ({v}){s}" for v in ("mamba2", "gdn")
+        for s in ("", " serial levels", " t+1")]
+  assert set(cases) == {"path_decode_attention", *ll}
   from jaxlab.testing import assert_rel_close, tol
   # fp32 throughout; largest reduction: attention over 100 slots x Dh 64, or the level read
   # over L levels x dk 64 (L = 12 for max_seq_len 2048).

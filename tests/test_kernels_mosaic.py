@@ -263,10 +263,15 @@ def test_path_and_log_linear_mosaic():
   args = (_r(17, H, dk), _r(18, H, dk) / 8, _r(19, H, dv), jax.nn.softplus(_r(20, H, Lv)),
           -jax.nn.softplus(_r(21, H)), jax.nn.sigmoid(_r(22, H)))
   f = functools.partial(log_linear_state_update, variant="gdn")
-  o, S1 = f(S0, 6, *args, impl="pallas", interpret=M, block_v=32)
   o_r, S1_r = f(S0, 6, *args, impl="xla")
-  _close(o, o_r, Lv * dk, "o")
-  _close(S1, S1_r, Lv, "state")
+  for split in (True, False):   # t = 6: level 2 takes levels 0 and 1
+    o, S1 = f(S0, 6, *args, impl="pallas", interpret=M, block_v=32, split_levels=split)
+    _close(o, o_r, Lv * dk, f"o split_levels={split}")
+    _close(S1, S1_r, Lv, f"state split_levels={split}")
+  o_r, S1_r = f(S0, 4, *args, impl="xla")   # t = 4: level 3 takes levels 0..2
+  o, S1 = f(S0, 4, *args, impl="pallas", interpret=M, block_v=32)
+  _close(o, o_r, Lv * dk, "o t=4")
+  _close(S1, S1_r, Lv, "state t=4")
   # the plain recurrence: one state, the insert added (fenwick=False)
   one = (S0[:, :1], 40) + args[:3] + (jnp.full((H, 1), 0.125),) + args[4:]
   o, S1 = f(*one, impl="pallas", interpret=M, block_v=32, fenwick=False)

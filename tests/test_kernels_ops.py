@@ -468,13 +468,16 @@ def _ll_inputs(T, H, L, dk, dv, seed=9):
   return q, kk, v, lam, g, beta
 
 
-@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
-def test_log_linear_state_update(variant):
+@pytest.mark.parametrize("variant,split_levels", [("mamba2", True), ("gdn", True),
+                                                  ("mamba2", False), ("gdn", False)])
+def test_log_linear_state_update(variant, split_levels):
+  """Both kernel forms: one CTA per level (the level z + 1 CTA also reads 0..z) and one
+  per column block streaming the levels."""
   T, H, L, dk, dv = 15, 2, 5, 64, 64      # t = 0..14 uses every level of L = 5
   q, k, v, lam, g, beta = _ll_inputs(T, H, L, dk, dv)
   gdn = variant == "gdn"
   kern = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="pallas",
-                                   block_v=32))
+                                   block_v=32, split_levels=split_levels))
   ref = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl="xla"))
   S_ref = S_ker = jnp.zeros((H, L, dk, dv))
   flat = np.zeros((H, dk, dv))
@@ -503,15 +506,16 @@ def test_log_linear_state_update(variant):
 
 @pytest.mark.parametrize("variant,fenwick", [("mamba2", True), ("gdn", True), ("gdn", False)])
 def test_log_linear_commit_false_keeps_the_state(variant, fenwick):
-  """commit=False (traced): the state comes back exactly as it went in, both impls, while
-  commit=True changes it: the decode driver's step past the end of the cache, no branch."""
+  """commit=False (traced): the state comes back exactly as it went in, both impls and
+  both kernel forms, while commit=True changes it: the decode driver's step past the end
+  of the cache, no branch."""
   H, L, dk, dv = 2, (4 if fenwick else 1), 64, 64
   q, k, v, lam, g, beta = _ll_inputs(1, H, L, dk, dv, seed=11)
   S = jax.random.normal(jax.random.key(12), (H, L, dk, dv))
   b = beta[0] if variant == "gdn" else None
-  for impl in ("xla", "pallas"):
+  for impl, kw in (("xla", {}), ("pallas", {}), ("pallas", dict(split_levels=False))):
     f = jax.jit(functools.partial(log_linear_state_update, variant=variant, impl=impl,
-                                  fenwick=fenwick))
+                                  fenwick=fenwick, **kw))
     _, kept = f(S, jnp.int32(6), q[0], k[0], v[0], lam[0], g[0], b, commit=jnp.bool_(False))
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(S), err_msg=impl)
     _, new = f(S, jnp.int32(6), q[0], k[0], v[0], lam[0], g[0], b, commit=jnp.bool_(True))

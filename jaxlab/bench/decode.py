@@ -520,6 +520,17 @@ def _hybrid_op_cases(cfg, kv_len: int, S: int, r):
       cases[op] = (lambda impl, variant=variant, fenwick=fenwick, **k: functools.partial(
           log_linear_state_update, variant=variant, fenwick=fenwick, impl=impl, **k), args, None)
       nbytes[op] = 2 * H * L * dk * dv * 4                                 # levels r+w
+      if fenwick:
+        # t = kv_len (1024: level 11 takes levels 0..10, the level grid's slowest kind of
+        # step) above; the first kernel form (one CTA streams every level) at the same t;
+        # and t + 1 (odd: no merge, half of all steps)
+        make = cases[op][0]
+        cases[f"{op} serial levels"] = (
+            lambda impl, make=make, **k: make(impl, **({"split_levels": False}
+                                                      if impl == "pallas" else {}), **k),
+            args, None)
+        cases[f"{op} t+1"] = (make, (args[0], jnp.int32(kv_len + 1)) + args[2:], None)
+        nbytes[f"{op} serial levels"] = nbytes[f"{op} t+1"] = nbytes[op]
   return cases, nbytes
 
 
@@ -680,17 +691,26 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args,
               nbytes["rmsnorm_swiglu int8"]))
-    # The two-kernel MLP with its kernel 2 split 2 / 4 / 8 ways (8: 256 CTAs at 1B).
+    # The two-kernel MLP with its kernel 2 split 2 / 4 / 8 ways (8: 256 CTAs at 1B), and
+    # its gate/up GEMV split 2 ways (512 CTAs at 1B, as many per SM as the LM head's).
     make, args, _ = cases["rmsnorm_swiglu_2k"]
     for sk in (2, 4, 8) if "mlp" in groups else ():
       name = f"rmsnorm_swiglu_2k down split_k={sk}"
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", down_block=dict(split_k=sk), interpret=interpret), args,
           nbytes["rmsnorm_swiglu_2k"]))
+    for name, kw in ((("gate_up split_k=2", dict(gate_up_block=dict(split_k=2))),
+                      ("gate_up split_k=2 down split_k=8",
+                       dict(gate_up_block=dict(split_k=2), down_block=dict(split_k=8))))
+                     if "mlp" in groups else ()):
+      name = f"rmsnorm_swiglu_2k {name}"
+      sw[name] = _guarded(f"sweep {name}", lambda: timed(
+          make("pallas", interpret=interpret, **kw), args, nbytes["rmsnorm_swiglu_2k"]))
     # The chained MLP's extra L2 reads (every gate/up CTA re-reads x's rows): fewer, wider
     # gate/up CTAs; fewer down rows for the next kernel to add.
     make, args, _ = cases["rmsnorm_swiglu_2k chained"]
     for name, kw in ((("gate_up block_n=128", dict(gate_up_block=dict(block_n=128))),
+                      ("gate_up split_k=2", dict(gate_up_block=dict(split_k=2))),
                       ("down split_k=2", dict(down_block=dict(split_k=2))))
                      if "mlp" in groups else ()):
       name = f"rmsnorm_swiglu_2k chained {name}"

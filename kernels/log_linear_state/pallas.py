@@ -1,16 +1,19 @@
-"""Mosaic-GPU kernel: log-linear Mamba-2 / GDN decode step on the level states.
+"""Mosaic-GPU kernels: log-linear Mamba-2 / GDN decode step on the level states.
 
-Grid (H, dv / BV). CTA (h, j) streams the L level tiles S[h, l, :, j-block]
-([dk, BV], fp32) through SMEM in level order and, in registers:
-  - keeps the running sum of levels <= z (z = ctz(t), a scalar) and drops it
-    into level z + 1 (the "merge up to the lowest set bit" rule),
+Default, one CTA per level (grid (H, dv / BV, L)): CTA (h, j, l) reads its level tile
+S[h, l, :, j-block] ([dk, BV], fp32) and, in registers:
+  - empties it if l <= z (z = ctz(t), a scalar; "merge up to the lowest set bit"); the
+    CTA of level z + 1 also reads levels 0..z and adds them to its own,
   - applies the transition (scalar decay, or GDN's a (I - beta k k^T)),
   - overwrites level 0 with the inserted k v^T (fenwick=False, the plain recurrence with
     one level and z = -1: adds it),
-  - accumulates o_j += lambda_l S[l]^T q,
-  - stores the new tile (the old one when `commit` is 0: a step that must not change the
-    state, e.g. past the end of the cache, without a branch around the kernel).
-One read and one write of the O(L dk dv) state per token; no KV cache.
+  - stores its part of the read, o_l = lambda_l S[l]^T q (summed over l in XLA), and the
+    new tile (the old one when `commit` is 0: a step that must not change the state,
+    e.g. past the end of the cache, without a branch around the kernel).
+split_levels=False: one CTA per (h, j) streams the L tiles in level order through a TMA
+pipeline, keeping the running merge sum and o in registers (the first form: L dependent
+load / store round trips per CTA on H x dv / BV CTAs, 32 at hybrid-1b-bench).
+One read and one write of the O(L dk dv) state per token either way; no KV cache.
 """
 
 from __future__ import annotations
@@ -44,11 +47,7 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
     below = lvl <= z
     S1 = jnp.where(below, 0.0, S) + jnp.where(lvl == z + 1, merged, 0.0)
     merged = merged + jnp.where(below, S, 0.0)
-    if gdn:
-      kS = C.bcast_rows(jnp.sum(k * S1, axis=0), (dk, BV))
-      S2 = a * (S1 - beta * k * kS)
-    else:
-      S2 = a * S1
+    S2 = _transition(S1, k, beta, a, gdn)
     S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
     o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
     ctx.store(jnp.where(commit, S3, S), new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
@@ -64,9 +63,50 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
   ctx.store(o, o_g.at[h, pl.ds(j * BV, BV)])
 
 
+def _transition(S1, k, beta, a, gdn):
+  if gdn:
+    kS = C.bcast_rows(jnp.sum(k * S1, axis=0), S1.shape)
+    return a * (S1 - beta * k * kS)
+  return a * S1
+
+
+def _body_levels(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, dk,
+                 BV, gdn, accumulate):
+  h, j, lvl = ctx.axis("h"), ctx.axis("j"), ctx.axis("l")
+  f32 = jnp.float32
+  ctx.begin()
+  z = z_g[0]
+  commit = z_g[1] != 0
+  a = jnp.exp(ld_g[h])
+  beta = b_g[h]
+  q = C.bcast_cols(ctx.load(q_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
+  k = C.bcast_cols(ctx.load(k_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
+  v = C.bcast_rows(ctx.load(v_g.at[h, pl.ds(j * BV, BV)], lambda s: ctx.ld(s, C.COL)), (dk, BV))
+  tr = C.tile_transforms(BV, f32)
+  tile = lambda l: st_g.at[h, pl.ds(l * dk, dk), pl.ds(j * BV, BV)]
+  S = ctx.load(tile(lvl), lambda s: s[...], tr)
+  # Level z + 1 takes the sum of levels 0..z (z + 1 more tiles, streamed two at a time,
+  # in one CTA); the others read none.
+  n_merge = jnp.where(lvl == z + 1, z + 1, 0)
+  merged = ctx.pipeline(
+      lambda idx, s_s, acc: acc + s_s[...], grid=(n_merge,),
+      in_specs=[C.plgpu.BlockSpec((dk, BV), lambda l: (l, j), transforms=tr)], stages=2,
+      init_carry=ctx.zeros((dk, BV), C.WGMMA))(st_g.at[h])
+  S1 = jnp.where(lvl <= z, 0.0, S) + merged
+  S2 = _transition(S1, k, beta, a, gdn)
+  ins = k * v * beta if gdn else k * v
+  S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
+  ctx.store(lam_g[h, lvl] * jnp.sum(S3 * q, axis=0), o_g.at[lvl, h, pl.ds(j * BV, BV)])
+  ctx.store(jnp.where(commit, S3, S), new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
+            transforms=tr)
+
+
 def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, *,
                             gdn: bool, mode: str, block_v: int | None = None, stages: int = 2,
-                            accumulate: bool = False, pdl=None, commit=True):
+                            accumulate: bool = False, pdl=None, commit=True,
+                            split_levels: bool = True):
+  """split_levels: one CTA per level (default) or per (head, column block) streaming the
+  levels (stages: that form's TMA pipeline depth)."""
   H, L, dk, dv = state_HLKV.shape
   f32 = jnp.float32
   # fp32 [BV] rows: TMA copies need a multiple of 128 bytes (one warpgroup), so BV % 32 == 0.
@@ -75,14 +115,24 @@ def log_linear_state_update(state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H
   if dk % 64:
     raise ValueError(f"log_linear_state_update: dk={dk} must be a multiple of 64 for the "
                      "Pallas kernel (WGMMA row tiles)")
-  kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages,
-                            accumulate=accumulate),
-      out_type=(jax.ShapeDtypeStruct((H, dv), f32), jax.ShapeDtypeStruct((H, L * dk, dv), f32)),
-      grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update",
-      pdl=pdl)
+  new_type = jax.ShapeDtypeStruct((H, L * dk, dv), f32)
+  if split_levels:
+    kern = C.mosaic_kernel(
+        lambda *r, ctx: _body_levels(*r, ctx=ctx, dk=dk, BV=BV, gdn=gdn, accumulate=accumulate),
+        out_type=(jax.ShapeDtypeStruct((L, H, dv), f32), new_type),
+        grid=(H, dv // BV, L), grid_names=("h", "j", "l"), mode=mode,
+        name="log_linear_state_update", pdl=pdl)
+  else:
+    kern = C.mosaic_kernel(
+        lambda *r, ctx: _body(*r, ctx=ctx, L=L, dk=dk, BV=BV, gdn=gdn, stages=stages,
+                              accumulate=accumulate),
+        out_type=(jax.ShapeDtypeStruct((H, dv), f32), new_type),
+        grid=(H, dv // BV), grid_names=("h", "j"), mode=mode, name="log_linear_state_update",
+        pdl=pdl)
   z_1 = jnp.stack([jnp.asarray(z, jnp.int32), jnp.asarray(commit).astype(jnp.int32)])
   beta = jnp.zeros((H,), f32) if beta_H is None else beta_H.astype(f32)
   o, new = kern(z_1, q_HK.astype(f32), k_HK.astype(f32), v_HV.astype(f32), lam_HL.astype(f32),
                 log_decay_H.astype(f32), beta, state_HLKV.astype(f32).reshape(H, L * dk, dv))
+  if split_levels:
+    o = jnp.sum(o, axis=0)
   return o, new.reshape(H, L, dk, dv)
