@@ -9,9 +9,9 @@
 #      the pdl decode test: a kernel reading before its wait would show there)
 #   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) the per-op table
 #      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
-#      down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5 min) with
+#      fill,down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5 min) with
 #      xla-unrolled and pallas (B1_VARIANTS); (b) pallas-prefetch, pallas-mlp2k (chained),
-#      pallas-mlp2k-prefetch, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
+#      pallas-mlp2k-prefetch, pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
 #      (B1B_VARIANTS, in that order: the budget may cut the last ones; pallas-down-t,
 #      pallas-int8, pallas-shared ~1 min each), xla-unrolled again as this run's
 #      baseline; profiles
@@ -74,7 +74,7 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 # with the baseline and the default Pallas step
 PROF=$(mktemp -d)
 timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
-  --sweep ${B1_SWEEP:-down-t,pdl} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
+  --sweep ${B1_SWEEP:-fill,down-t,pdl} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
 # 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
@@ -82,7 +82,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

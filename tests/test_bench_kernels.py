@@ -35,6 +35,13 @@ def test_llama_1b_launches():
   assert "rmsnorm_swiglu" not in two and "mlp_down" in two
 
 
+def test_fill_variant_launches():
+  """`pallas-mlp2k-fill` (the bench variant) splits the two MLP GEMVs: 512 and 256 CTAs."""
+  rows = {r.name: r for r in step_launches("llama-1b-bench", "pallas-mlp2k-fill")}
+  assert rows["mlp_gate_up"].grid == 2 * 2 * 8192 // 64
+  assert rows["mlp_down"].grid == 2048 // 64 * 8
+
+
 def test_not_a_pallas_variant():
   with pytest.raises(ValueError, match="xla-unrolled"):
     step_launches("tiny", "xla-unrolled")

@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlab.bench import decode
 
@@ -159,6 +160,23 @@ def test_cpu_smoke_run_gated_config(tmp_path):
       np.testing.assert_array_equal(np.asarray(y[-1])[:, :100], np.asarray(x[-1])[:, :100])
   upd, bias = "decode_attention (gate update)", "decode_attention (gate bias)"
   assert nbytes[upd] - nbytes[bias] == 4 * 6 * 100   # + the gate row's write
+
+
+@pytest.mark.slow   # ~35 s: the whole op table at a shape that takes every split
+def test_op_table_fill_sweep_rows_run():
+  """`--ops --sweep fill`: the fuller-grid rows (two-kernel MLP splits, chained too;
+  attention 16 splits; O split 8) run at a shape that takes them, interpreted."""
+  from jaxlab.models import ModelConfig
+  cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=16, n_kv_heads=2,
+                           head_dim=64, ffn_dim=1024))
+  out = decode.op_table(cfg, 1024, None, None, 1, iters=1, sweep="fill")
+  sw = out.pop("sweep")
+  two = ("gate_up split_k=2", "down split_k=8", "gate_up split_k=2 down split_k=8")
+  assert set(sw) == ({f"rmsnorm_swiglu_2k {n}" for n in two}
+                     | {f"rmsnorm_swiglu_2k chained {n}" for n in two}
+                     | {"decode_attention num_splits=16", "out_proj_residual split_k=8"})
+  bad = {k: r["error"] for k, r in sw.items() if "error" in r}
+  assert not bad, bad
 
 
 def test_op_table_pdl_sweep_rows_run():

@@ -21,9 +21,10 @@ Variants (each decodes the same greedy continuation from the same cache):
   pallas-mlp2k  pallas with the MLP as two GEMV kernels over more CTAs (kernel_options layout
                 mlp "2k"), its attention layers chained: the residual stream passes from
                 kernel to kernel unfinished, no XLA kernel between them (fuse "chain")
-  pallas-mlp2k-nochain, pallas-mlp2k-prefetch
+  pallas-mlp2k-nochain, pallas-mlp2k-prefetch, pallas-mlp2k-fill
                 the same without the chain (split-K sums in XLA, the O-projection unfused),
-                and with PDL prefetch (a chain of Mosaic kernels, each starting early)
+                with PDL prefetch (a chain of Mosaic kernels, each starting early), and
+                with fuller MLP grids (gate/up split 2, down split 8: 512 / 256 CTAs at 1B)
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -82,7 +83,7 @@ CONFIGS["gated-tiny"] = (dict(
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
-            "pallas-mlp2k-prefetch")
+            "pallas-mlp2k-prefetch", "pallas-mlp2k-fill")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -99,10 +100,13 @@ _DECODER_VARIANTS = {
     "pallas-prefetch": ("pallas", "unrolled", None, False),
     "pallas-mlp2k": ("pallas", "unrolled", None, False),
     "pallas-mlp2k-nochain": ("pallas", "unrolled", None, False),
-    "pallas-mlp2k-prefetch": ("pallas", "unrolled", None, False)}
+    "pallas-mlp2k-prefetch": ("pallas", "unrolled", None, False),
+    "pallas-mlp2k-fill": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
-# and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths
-SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages")
+# and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
+# grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
+# docs/kernels.md "Launch shapes")
+SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill")
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
                                                  "attn_out": False}},
@@ -112,7 +116,9 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-mlp2k": {"layout": {"mlp": "2k"}},
                     "pallas-mlp2k-nochain": {"layout": {"mlp": "2k"}, "fuse": {"chain": False}},
                     "pallas-mlp2k-prefetch": {"layout": {"mlp": "2k"},
-                                              "launch": {"pdl": "prefetch"}}}
+                                              "launch": {"pdl": "prefetch"}},
+                    "pallas-mlp2k-fill": {"layout": {"mlp": "2k"}, "rmsnorm_swiglu_2k": {
+                        "gate_up_block": {"split_k": 2}, "down_block": {"split_k": 8}}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -691,31 +697,46 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           f"sweep rmsnorm_swiglu int8 store_once={once}", lambda: timed(
               make("pallas", store_once=once, interpret=interpret), args,
               nbytes["rmsnorm_swiglu int8"]))
-    # The two-kernel MLP with its kernel 2 split 2 / 4 / 8 ways (8: 256 CTAs at 1B), and
-    # its gate/up GEMV split 2 ways (512 CTAs at 1B, as many per SM as the LM head's).
+    # The two-kernel MLP with its kernel 2 split 2 / 4 / 8 ways (8: 256 CTAs at 1B).
     make, args, _ = cases["rmsnorm_swiglu_2k"]
     for sk in (2, 4, 8) if "mlp" in groups else ():
       name = f"rmsnorm_swiglu_2k down split_k={sk}"
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", down_block=dict(split_k=sk), interpret=interpret), args,
           nbytes["rmsnorm_swiglu_2k"]))
-    for name, kw in ((("gate_up split_k=2", dict(gate_up_block=dict(split_k=2))),
-                      ("gate_up split_k=2 down split_k=8",
-                       dict(gate_up_block=dict(split_k=2), down_block=dict(split_k=8))))
-                     if "mlp" in groups else ()):
-      name = f"rmsnorm_swiglu_2k {name}"
-      sw[name] = _guarded(f"sweep {name}", lambda: timed(
-          make("pallas", interpret=interpret, **kw), args, nbytes["rmsnorm_swiglu_2k"]))
     # The chained MLP's extra L2 reads (every gate/up CTA re-reads x's rows): fewer, wider
     # gate/up CTAs; fewer down rows for the next kernel to add.
     make, args, _ = cases["rmsnorm_swiglu_2k chained"]
     for name, kw in ((("gate_up block_n=128", dict(gate_up_block=dict(block_n=128))),
-                      ("gate_up split_k=2", dict(gate_up_block=dict(split_k=2))),
                       ("down split_k=2", dict(down_block=dict(split_k=2))))
                      if "mlp" in groups else ()):
       name = f"rmsnorm_swiglu_2k chained {name}"
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", interpret=interpret, **kw), args, nbytes["rmsnorm_swiglu_2k chained"]))
+    # Fuller grids: the launch shapes put one warpgroup per SM in the attention, O and MLP
+    # kernels and ~4 in the LM head, the one GEMV near the bandwidth (H100, sixth session).
+    # At 1B: gate/up split 2 = 512 CTAs, down split 8 = 256, attention 16 splits = 256,
+    # O split 8 = 256.
+    fill = []
+    if "fill" in groups:
+      # block_k 128: what the compiled kernels pick at these shapes anyway (the
+      # interpreters pick up to 512, too coarse to split at small test shapes)
+      up, down = dict(split_k=2, block_k=128), dict(split_k=8, block_k=128)
+      mlp2k = (("gate_up split_k=2", dict(gate_up_block=up)),
+               ("down split_k=8", dict(down_block=down)),
+               ("gate_up split_k=2 down split_k=8", dict(gate_up_block=up, down_block=down)))
+      fill += [(f"rmsnorm_swiglu_2k {n}", "rmsnorm_swiglu_2k", kw) for n, kw in mlp2k]
+      fill += [(f"rmsnorm_swiglu_2k chained {n}", "rmsnorm_swiglu_2k chained", kw)
+               for n, kw in mlp2k]
+      fill += [("decode_attention num_splits=16", "decode_attention", dict(num_splits=16)),
+               ("out_proj_residual split_k=8", "out_proj_residual",
+                dict(split_k=8, block_k=128))]
+    for name, op, kw in fill:
+      if name in sw:   # also in another selected group
+        continue
+      make, args, _ = cases[op]
+      sw[name] = _guarded(f"sweep {name}", lambda: timed(
+          make("pallas", interpret=interpret, **kw), args, nbytes[op]))
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
     from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op

@@ -229,7 +229,22 @@ class _Spec:
   share_layers: bool = False
 
   def opts(self, op: str) -> dict:
-    return dict(dict(self.options).get(op, ()))
+    return _thaw(dict(self.options).get(op, _Frozen(())))
+
+
+class _Frozen(tuple):
+  """A kernel-options dict as a hashable tuple of sorted (key, value) items, so that
+  option values may themselves be dicts (e.g. rmsnorm_swiglu_2k's gate_up_block)."""
+
+
+def _freeze(v):
+  if isinstance(v, Mapping):
+    return _Frozen(sorted((k, _freeze(x)) for k, x in v.items()))
+  return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _thaw(v):
+  return {k: _thaw(x) for k, x in v} if isinstance(v, _Frozen) else v
 
 
 def _ops():
@@ -687,8 +702,7 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
       inv_freq=tuple(float(f) for f in inv_freq), attn_factor=float(attn_factor),
       max_len=max_len, cache_len=cache_len, impl=impl, layers=layers,
       interpret=resolve_interpret(interpret) if impl == "pallas" else None,
-      options=tuple(sorted((op, tuple(sorted(dict(o).items())))
-                           for op, o in (kernel_options or {}).items())),
+      options=tuple(sorted((op, _freeze(dict(o))) for op, o in (kernel_options or {}).items())),
       kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg,
       share_layers=bool(share_layers))
   return _step_fn(spec), cache_len
