@@ -50,27 +50,29 @@ def _kernel_jaxprs(jaxpr):
   return out
 
 
+def _eqns(jaxpr):
+  """Every equation of a kernel body, nested ones included, in program order."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      for q in (p if isinstance(p, (tuple, list)) else (p,)):
+        sub = getattr(q, "jaxpr", q)
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+
+
 def _events(kernel):
   """The kernel's GMEM reads and griddepcontrol calls in program order: ("read", aval
   of the GMEM ref read), ("wait",), ("launch",)."""
   ev = []
-
-  def walk(j):
-    for e in j.eqns:
-      name = e.primitive.name
-      if name == "griddepcontrol_wait":
-        ev.append(("wait",))
-      elif name == "griddepcontrol_launch_dependents":
-        ev.append(("launch",))
-      elif name in ("copy_gmem_to_smem", "get") and "gmem" in str(e.invars[0].aval):
-        ev.append(("read", e.invars[0].aval))
-      for p in e.params.values():
-        for q in (p if isinstance(p, (tuple, list)) else (p,)):
-          sub = getattr(q, "jaxpr", q)
-          if hasattr(sub, "eqns"):
-            walk(sub)
-
-  walk(kernel)
+  for e in _eqns(kernel):
+    name = e.primitive.name
+    if name == "griddepcontrol_wait":
+      ev.append(("wait",))
+    elif name == "griddepcontrol_launch_dependents":
+      ev.append(("launch",))
+    elif name in ("copy_gmem_to_smem", "get") and "gmem" in str(e.invars[0].aval):
+      ev.append(("read", e.invars[0].aval))
   return ev
 
 
@@ -137,22 +139,9 @@ def test_step_kernels_wait_before_reading(name, quantize, mlp, pdl):
 def _stores(kernel):
   """The kernel's TMA stores and store waits in program order: ("store",) and
   ("wait", wait_read_only)."""
-  ev = []
-
-  def walk(j):
-    for e in j.eqns:
-      if e.primitive.name == "copy_smem_to_gmem":
-        ev.append(("store",))
-      elif e.primitive.name == "wait_smem_to_gmem":
-        ev.append(("wait", bool(e.params["wait_read_only"])))
-      for p in e.params.values():
-        for q in (p if isinstance(p, (tuple, list)) else (p,)):
-          sub = getattr(q, "jaxpr", q)
-          if hasattr(sub, "eqns"):
-            walk(sub)
-
-  walk(kernel)
-  return ev
+  return [("store",) if e.primitive.name == "copy_smem_to_gmem"
+          else ("wait", bool(e.params["wait_read_only"])) for e in _eqns(kernel)
+          if e.primitive.name in ("copy_smem_to_gmem", "wait_smem_to_gmem")]
 
 
 @pytest.mark.parametrize("name,mlp", [("llama-1b-bench", "1k"), ("llama-1b-bench", "2k"),

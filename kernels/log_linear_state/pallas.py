@@ -25,11 +25,9 @@ from jax.experimental import pallas as pl
 from kernels import _common as C
 
 
-def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, L, dk, BV,
-          gdn, stages, accumulate):
-  h = ctx.axis("h")
-  j = ctx.axis("j")
-  f32 = jnp.float32
+def _setup(z_g, q_g, k_g, v_g, ld_g, b_g, *, ctx: C.Ctx, h, j, dk, BV, gdn, accumulate):
+  """Begin the kernel and read this CTA's inputs: (z, commit, q as [dk, BV], update), where
+  update(S1, lvl) is a (merged) level tile after the transition and the insert."""
   ctx.begin()
   z = z_g[0]
   commit = z_g[1] != 0
@@ -40,51 +38,50 @@ def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx,
   v = C.bcast_rows(ctx.load(v_g.at[h, pl.ds(j * BV, BV)], lambda s: ctx.ld(s, C.COL)), (dk, BV))
   ins = k * v * beta if gdn else k * v
 
+  def update(S1, lvl):
+    if gdn:
+      S2 = a * (S1 - beta * k * C.bcast_rows(jnp.sum(k * S1, axis=0), (dk, BV)))
+    else:
+      S2 = a * S1
+    return S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
+
+  return z, commit, q, update
+
+
+def _body(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, L, dk, BV,
+          gdn, stages, accumulate):
+  h, j = ctx.axis("h"), ctx.axis("j")
+  z, commit, q, update = _setup(z_g, q_g, k_g, v_g, ld_g, b_g, ctx=ctx, h=h, j=j, dk=dk, BV=BV,
+                                gdn=gdn, accumulate=accumulate)
+  tr = C.tile_transforms(BV, jnp.float32)
+
   def step(idx, s_s, carry):
     merged, o = carry
     lvl = idx[0]
     S = s_s[...]
     below = lvl <= z
-    S1 = jnp.where(below, 0.0, S) + jnp.where(lvl == z + 1, merged, 0.0)
+    S3 = update(jnp.where(below, 0.0, S) + jnp.where(lvl == z + 1, merged, 0.0), lvl)
     merged = merged + jnp.where(below, S, 0.0)
-    S2 = _transition(S1, k, beta, a, gdn)
-    S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
     o = o + lam_g[h, lvl] * jnp.sum(S3 * q, axis=0)
     ctx.store(jnp.where(commit, S3, S), new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
-              transforms=C.tile_transforms(BV, jnp.float32))
+              transforms=tr)
     return merged, o
 
   carry0 = (ctx.zeros((dk, BV), C.WGMMA), ctx.zeros((BV,), C.COL))
   _, o = ctx.pipeline(
       step, grid=(L,),
-      in_specs=[C.plgpu.BlockSpec((dk, BV), lambda l: (l, j),
-                                  transforms=C.tile_transforms(BV, jnp.float32))],
+      in_specs=[C.plgpu.BlockSpec((dk, BV), lambda l: (l, j), transforms=tr)],
       stages=stages, init_carry=carry0)(st_g.at[h])
   ctx.store(o, o_g.at[h, pl.ds(j * BV, BV)])
-
-
-def _transition(S1, k, beta, a, gdn):
-  if gdn:
-    kS = C.bcast_rows(jnp.sum(k * S1, axis=0), S1.shape)
-    return a * (S1 - beta * k * kS)
-  return a * S1
 
 
 def _body_levels(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx: C.Ctx, dk,
                  BV, gdn, accumulate):
   h, j, lvl = ctx.axis("h"), ctx.axis("j"), ctx.axis("l")
-  f32 = jnp.float32
-  ctx.begin()
-  z = z_g[0]
-  commit = z_g[1] != 0
-  a = jnp.exp(ld_g[h])
-  beta = b_g[h]
-  q = C.bcast_cols(ctx.load(q_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
-  k = C.bcast_cols(ctx.load(k_g.at[h], lambda s: ctx.ld(s, C.ROW)), (dk, BV))
-  v = C.bcast_rows(ctx.load(v_g.at[h, pl.ds(j * BV, BV)], lambda s: ctx.ld(s, C.COL)), (dk, BV))
-  tr = C.tile_transforms(BV, f32)
-  tile = lambda l: st_g.at[h, pl.ds(l * dk, dk), pl.ds(j * BV, BV)]
-  S = ctx.load(tile(lvl), lambda s: s[...], tr)
+  z, commit, q, update = _setup(z_g, q_g, k_g, v_g, ld_g, b_g, ctx=ctx, h=h, j=j, dk=dk, BV=BV,
+                                gdn=gdn, accumulate=accumulate)
+  tr = C.tile_transforms(BV, jnp.float32)
+  S = ctx.load(st_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)], lambda s: s[...], tr)
   # Level z + 1 takes the sum of levels 0..z (z + 1 more tiles, streamed two at a time,
   # in one CTA); the others read none.
   n_merge = jnp.where(lvl == z + 1, z + 1, 0)
@@ -92,10 +89,7 @@ def _body_levels(z_g, q_g, k_g, v_g, lam_g, ld_g, b_g, st_g, o_g, new_g, *, ctx:
       lambda idx, s_s, acc: acc + s_s[...], grid=(n_merge,),
       in_specs=[C.plgpu.BlockSpec((dk, BV), lambda l: (l, j), transforms=tr)], stages=2,
       init_carry=ctx.zeros((dk, BV), C.WGMMA))(st_g.at[h])
-  S1 = jnp.where(lvl <= z, 0.0, S) + merged
-  S2 = _transition(S1, k, beta, a, gdn)
-  ins = k * v * beta if gdn else k * v
-  S3 = S2 + jnp.where(lvl == 0, ins, 0.0) if accumulate else jnp.where(lvl == 0, ins, S2)
+  S3 = update(jnp.where(lvl <= z, 0.0, S) + merged, lvl)
   ctx.store(lam_g[h, lvl] * jnp.sum(S3 * q, axis=0), o_g.at[lvl, h, pl.ds(j * BV, BV)])
   ctx.store(jnp.where(commit, S3, S), new_g.at[h, pl.ds(lvl * dk, dk), pl.ds(j * BV, BV)],
             transforms=tr)
