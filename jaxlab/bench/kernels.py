@@ -7,7 +7,16 @@ on one SM by shared memory and threads, and how many the grid puts on each SM. A
 memory-bound GEMV needs several warps per SM to keep enough loads in flight; the
 sixth session's figures (docs/kernels.md) had the LM head (500 CTAs) at 80% of the GEMV
 bandwidth and the MLP (128 CTAs, one warpgroup per SM) at 64%. Registers are not
-counted: they are known only after ptxas, on the GPU.
+counted unless `--compile` is given.
+
+`--compile` compiles the step for an H100 with no GPU present (XLA's deviceless
+ahead-of-time compilation through the CUDA PJRT plugin: Mosaic GPU runs its whole
+pipeline, LLVM and ptxas included). Each kernel then also gets its registers per thread
+and spill bytes from ptxas, and "fit / SM" counts registers too. A kernel that fails to
+compile fails here, before any GPU time is spent on it. It needs the CUDA plugin of the
+installed jaxlib (`pip install --no-deps jax-cuda13-plugin==V jax-cuda13-pjrt==V`, V =
+jaxlib's version; `scripts/cuda_aot_venv.sh` makes such a venv beside the dev one) and
+ptxas on PATH.
 """
 
 from __future__ import annotations
@@ -15,13 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import pathlib
 import re
+import tempfile
 
 SMS = 132                     # H100 SXM and H200
 SMEM_PER_SM = 228 * 1024      # bytes of shared memory per SM (227 KB usable by one CTA)
 SMEM_RESERVED_PER_CTA = 1024  # the runtime's own shared memory per resident CTA
 THREADS_PER_SM = 2048
 CTAS_PER_SM = 32
+REGS_PER_SM = 65536
+REG_ALLOC_PER_WARP = 256      # registers are handed to warps in blocks of 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +45,19 @@ class Launch:
   grid: int
   threads: int
   smem: int
+  regs: int | None = None    # registers per thread (ptxas; --compile only)
+  spill: int | None = None   # spill store + load bytes per thread (ptxas)
 
   @property
   def fit_per_sm(self) -> int:
-    """CTAs of this kernel that can be resident on one SM at once."""
+    """CTAs of this kernel that can be resident on one SM at once (by SMEM, threads
+    and, when known, registers)."""
     by_smem = SMEM_PER_SM // (self.smem + SMEM_RESERVED_PER_CTA)
-    return min(by_smem, THREADS_PER_SM // self.threads, CTAS_PER_SM)
+    fit = min(by_smem, THREADS_PER_SM // self.threads, CTAS_PER_SM)
+    if self.regs is not None:
+      per_warp = -(-self.regs * 32 // REG_ALLOC_PER_WARP) * REG_ALLOC_PER_WARP
+      fit = min(fit, REGS_PER_SM // (per_warp * -(-self.threads // 32)))
+    return fit
 
   @property
   def per_sm(self) -> float:
@@ -54,9 +75,12 @@ class Launch:
     return -(-self.grid // (SMS * self.fit_per_sm))
 
   def row(self) -> dict:
-    return dict(name=self.name, grid=self.grid, threads=self.threads, smem_kb=self.smem / 1024,
-                fit_per_sm=self.fit_per_sm, per_sm=round(self.per_sm, 2),
-                warps_per_sm=round(self.warps_per_sm, 1), waves=self.waves)
+    out = dict(name=self.name, grid=self.grid, threads=self.threads, smem_kb=self.smem / 1024,
+               fit_per_sm=self.fit_per_sm, per_sm=round(self.per_sm, 2),
+               warps_per_sm=round(self.warps_per_sm, 1), waves=self.waves)
+    if self.regs is not None:
+      out.update(regs=self.regs, spill_bytes=self.spill)
+    return out
 
 
 _NAME = re.compile(r"/(\w+)/(?:mpmd_map|pallas_call)")
@@ -103,10 +127,8 @@ def launches(lowered) -> list[Launch]:
   return out
 
 
-def step_launches(config: str, variant: str = "pallas", *, kernel_options=None,
-                  kv_len: int = 1024) -> list[Launch]:
-  """The launches of one layer cycle (plus the LM head) of a `bench decode` Pallas
-  variant at a `bench decode` config, lowered for CUDA on any machine."""
+def _step_avals(config: str, variant: str, kernel_options, kv_len: int):
+  """(step, (weights, state, token) avals) of a `bench decode` Pallas variant's layer cycle."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -133,17 +155,129 @@ def step_launches(config: str, variant: str = "pallas", *, kernel_options=None,
   step, cache_len = step_function(cfg, "pallas", kv_len + 64, interpret=False, layers=layers,
                                   kernel_options=options, share_layers=share)
   state = jax.eval_shape(lambda: init_state(cfg, cache_len))
-  token = jax.ShapeDtypeStruct((), jnp.int32)
-  return launches(step.trace(weights, state, token).lower(lowering_platforms=("cuda",)))
+  return step, (weights, state, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def step_launches(config: str, variant: str = "pallas", *, kernel_options=None,
+                  kv_len: int = 1024) -> list[Launch]:
+  """The launches of one layer cycle (plus the LM head) of a `bench decode` Pallas
+  variant at a `bench decode` config, lowered for CUDA on any machine."""
+  step, args = _step_avals(config, variant, kernel_options, kv_len)
+  return launches(step.trace(*args).lower(lowering_platforms=("cuda",)))
+
+
+# An H100 SXM as XLA's GPU compiler sees it, for deviceless compilation (the figures of
+# NVIDIA's H100 80GB HBM3 device query).
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 13 minor: 0 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_LAUNCH = re.compile(r"gpu\.launch .*?blocks\(.*?\) in \((.*?)\) threads\(.*?\) in \((.*?)\) "
+                     r"dynamic_shared_memory_size %c(\d+)")
+_CONST = re.compile(r"= %c(\d+)")
+
+
+def ptxas_usage(text: str) -> tuple[int, int]:
+  """(registers per thread, spill store + load bytes) from one kernel's `ptxas -v` log."""
+  regs = _REGS.search(text)
+  if regs is None:
+    raise ValueError("no register count in the ptxas log")
+  spill = _SPILL.search(text)
+  return int(regs.group(1)), (int(spill.group(1)) + int(spill.group(2)) if spill else 0)
+
+
+def dumped_launch(name: str, mlir_head: str, ptxas: str) -> Launch:
+  """One kernel as Mosaic GPU dumped it when compiling: the launch from the first
+  gpu.launch of its pass log (grid, threads, dynamic SMEM) and ptxas's register count."""
+  m = _LAUNCH.search(mlir_head)
+  if m is None:
+    raise ValueError(f"kernel {name}: no gpu.launch in its Mosaic pass log")
+  dims = lambda text: [int(c) for c in _CONST.findall(text)]
+  (gx, gy, gz), (bx, by, bz) = dims(m.group(1)), dims(m.group(2))
+  regs, spill = ptxas_usage(ptxas)
+  return Launch(name, gx * gy * gz, bx * by * bz, int(m.group(3)), regs, spill)
+
+
+def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
+  """Subprocess body of compiled_launches: compile the step for H100_TARGET (Mosaic GPU
+  dumps each kernel's ptxas log into $MOSAIC_GPU_DUMP_TO)."""
+  import jax
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
+                                        topology="1x1x1")
+  except Exception as e:  # noqa: BLE001 - any failure here means: no usable CUDA plugin
+    raise SystemExit(f"no deviceless CUDA compilation here ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); install the CUDA plugin of "
+                     "this jaxlib: pip install --no-deps jax-cuda13-plugin==V jax-cuda13-pjrt==V")
+  rep = jax.sharding.NamedSharding(topologies.make_mesh(topo, (1,), ("x",)),
+                                   jax.sharding.PartitionSpec())
+  step, args = _step_avals(config, variant, json.loads(options_json), kv_len)
+  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
+  step.trace(*args).lower().compile()
+
+
+def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=None,
+                      kv_len: int = 1024) -> list[Launch]:
+  """step_launches' kernels with ptxas's registers and spills, from compiling the step
+  for an H100 in a fresh process (deviceless; needs the jaxlib's CUDA plugin, not a GPU).
+  A kernel that does not compile raises RuntimeError with the compiler's last line."""
+  import subprocess
+  import sys
+  expected = step_launches(config, variant, kernel_options=kernel_options, kv_len=kv_len)
+  with tempfile.TemporaryDirectory() as d:
+    env = {**os.environ, "MOSAIC_GPU_DUMP_TO": d, "MOSAIC_GPU_DUMP_PTXAS": "1",
+           "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "JAX_PLATFORMS": ""}
+    code = ("import sys; from jaxlab.bench.kernels import _compile_worker; "
+            "_compile_worker(*sys.argv[1:4], int(sys.argv[4]))")
+    r = subprocess.run([sys.executable, "-c", code, config, variant,
+                        json.dumps(kernel_options or {}), str(kv_len)],
+                       env=env, capture_output=True, text=True)
+    if r.returncode:
+      lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+      raise RuntimeError(f"{config} {variant}: compiling for the H100 failed: "
+                         f"{lines[-1] if lines else f'exit {r.returncode}'}")
+    dumped = []
+    for log in sorted(pathlib.Path(d).glob("*.ptxas")):
+      base = log.name[:-len(".ptxas")]
+      with open(log.with_name(base + ".mlir-passes.log")) as f:
+        head = f.read(1 << 20)
+      dumped.append(dumped_launch(re.sub(r"_\d+$", "", base), head, log.read_text()))
+  out = []
+  for e in expected:
+    # (a kernel inside a loop of shared layers has no name in the lowered module: "?")
+    match = [k for k in dumped if (k.grid, k.threads, k.smem) == (e.grid, e.threads, e.smem)
+             and e.name in (k.name, "?")]
+    if not match:
+      raise RuntimeError(f"kernel {e.name}: lowered but no compiled twin in Mosaic's dumps")
+    out.append(match[0])
+  return out
 
 
 def table(rows: list[Launch]) -> str:
-  head = (f"{'kernel':24s} {'grid':>5s} {'thr':>4s} {'SMEM KB':>8s} {'fit/SM':>6s} "
-          f"{'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}")
+  regs = any(r.regs is not None for r in rows)
+  head = (f"{'kernel':24s} {'grid':>5s} {'thr':>4s} {'SMEM KB':>8s} "
+          + (f"{'regs':>4s} {'spill':>5s} " if regs else "")
+          + f"{'fit/SM':>6s} {'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}")
   lines = [head]
   for r in rows:
     lines.append(f"{r.name:24s} {r.grid:5d} {r.threads:4d} {r.smem / 1024:8.1f} "
-                 f"{r.fit_per_sm:6d} {r.per_sm:7.2f} {r.warps_per_sm:8.1f} {r.waves:5d}")
+                 + (f"{r.regs:4d} {r.spill:5d} " if regs else "")
+                 + f"{r.fit_per_sm:6d} {r.per_sm:7.2f} {r.warps_per_sm:8.1f} {r.waves:5d}")
   return "\n".join(lines)
 
 
@@ -156,6 +290,10 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--kernel-options", default=None,
                  help="JSON kernel options added to each variant's own")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  p.add_argument("--compile", action="store_true",
+                 help="also compile the step for an H100 (no GPU needed; needs the CUDA plugin "
+                      "of the installed jaxlib and ptxas): adds registers and spills per "
+                      "kernel, and fails on a kernel that does not compile")
 
 
 def main(args) -> int:
@@ -164,15 +302,25 @@ def main(args) -> int:
     options = json.loads(args.kernel_options) if args.kernel_options else None
   except json.JSONDecodeError as e:
     raise UserError(f"--kernel-options: not JSON ({e})") from None
+  if args.compile:
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():
+      # this process only lowers; the compiling child finds the CUDA plugin itself (here
+      # it would log its failed start on a machine without a GPU)
+      jax.config.update("jax_platforms", "cpu")
   out = {}
   for variant in [v for v in args.variants.split(",") if v]:
+    find = compiled_launches if args.compile else step_launches
     try:
-      rows = step_launches(args.config, variant, kernel_options=options)
-    except ValueError as e:
+      rows = find(args.config, variant, kernel_options=options)
+    except (ValueError, RuntimeError) as e:
       raise UserError(str(e).splitlines()[0]) from None
-    print(f"== {args.config} {variant}: kernels of one layer cycle + LM head, as lowered for "
-          f"CUDA ({SMS} SMs, {SMEM_PER_SM // 1024} KB SMEM and {THREADS_PER_SM} threads per SM; "
-          f"registers not counted)")
+    how = ("compiled for an H100 (registers from ptxas)" if args.compile else
+           "lowered for CUDA (registers not counted)")
+    print(f"== {args.config} {variant}: kernels of one layer cycle + LM head, {how}; {SMS} SMs, "
+          f"{SMEM_PER_SM // 1024} KB SMEM, {THREADS_PER_SM} threads and {REGS_PER_SM} "
+          "registers per SM")
     print(table(rows))
     out[variant] = [r.row() for r in rows]
   if args.json:
