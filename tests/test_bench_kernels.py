@@ -64,23 +64,40 @@ ptxas info    : Function properties for mlp_mosaic_gpu_kernel
     0 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads
 ptxas info    : Used 151 registers, used 2 barriers, 1 bytes smem
 """
-PASS_LOG_HEAD = """// -----// IR Dump Before ResolveTrivialLocationsPass //----- //
-    %235 = gpu.launch async [%0] blocks(%arg2, %arg3, %arg4) in (%arg8 = %c256, %arg9 = %c2, \
-%arg10 = %c1_0) threads(%arg5, %arg6, %arg7) in (%arg11 = %c128_1, %arg12 = %c1_2, \
-%arg13 = %c1_3) dynamic_shared_memory_size %c73760_i32 {
-"""
 
 
 def test_compiled_kernel_reports():
-  """ptxas's registers and spills, and the launch from Mosaic's pass log, as dumped."""
-  from jaxlab.bench.kernels import dumped_launch, ptxas_usage
+  """ptxas's registers and spills; a kernel's launch read back from a Mosaic pass log
+  equals the one read from the lowered step."""
+  from jax._src.interpreters import mlir as jax_mlir
+  from jax._src.lib.mlir import ir
+  from jax.experimental.mosaic.gpu import core as mgpu_core
+  from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
+
+  from jaxlab.bench.kernels import _step_avals, _walk, dumped_launch, launches, ptxas_usage
   assert ptxas_usage(PTXAS_LOG) == (151, 24)
-  k = dumped_launch("mlp", PASS_LOG_HEAD, PTXAS_LOG)
-  assert (k.name, k.grid, k.threads, k.smem, k.regs, k.spill) == ("mlp", 512, 128, 73760, 151, 24)
   with pytest.raises(ValueError, match="register"):
     ptxas_usage("ptxas info    : Compile time = 48 ms")
-  with pytest.raises(ValueError, match="gpu.launch"):
-    dumped_launch("mlp", "module {}", PTXAS_LOG)
+  step, args = _step_avals("tiny", "pallas", None, 64)
+  lowered = step.trace(*args).lower(lowering_platforms=("cuda",))
+  call = next(op for op in _walk(lowered.compiler_ir("stablehlo").operation)
+              if op.name == "stablehlo.custom_call"
+              and "mosaic_gpu" in str(op.attributes["call_target_name"]))
+  data = bytes(ir.StringAttr(call.attributes["mhlo.backend_config"]["module"]).value_bytes)
+  with jax_mlir.make_ir_context() as ctx:
+    mgpu_dialect.register_dialect(ctx)
+    ctx.allow_unregistered_dialects = True
+    # the pass log holds the module after deserialization (func.func, gpu.launch, ...)
+    text = str(mgpu_core._run_serde_pass(ir.Module.parse(data), serialize=False))
+  assert "gpu.launch" in text and "stable_mosaic_gpu" not in text
+  log = (f"// -----// IR Dump Before A: a //----- //\n{text}\n"
+         f"// -----// IR Dump Before B: b //----- //\nmodule {{}}\n")
+  want = launches(lowered)[0]
+  got = dumped_launch(want.name, log.splitlines(keepends=True), PTXAS_LOG)
+  assert (got.grid, got.threads, got.smem, got.regs, got.spill) == (
+      want.grid, want.threads, want.smem, 151, 24)
+  with pytest.raises(ValueError, match="IR dump"):
+    dumped_launch("k", ["module {}\n"], PTXAS_LOG)
 
 
 def test_registers_limit_the_fit():

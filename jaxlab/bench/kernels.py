@@ -101,9 +101,7 @@ def _const(value) -> int:
 def launches(lowered) -> list[Launch]:
   """Every Mosaic GPU kernel launch in a `jax.stages.Lowered` (lowered for CUDA), in
   program order."""
-  from jax._src.interpreters import mlir as jax_mlir
   from jax._src.lib.mlir import ir
-  from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
 
   out = []
   for op in _walk(lowered.compiler_ir("stablehlo").operation):
@@ -111,20 +109,39 @@ def launches(lowered) -> list[Launch]:
         op.attributes["call_target_name"]):
       continue
     m = _NAME.search(str(op.location))
-    name = m.group(1) if m else "?"
     data = bytes(ir.StringAttr(op.attributes["mhlo.backend_config"]["module"]).value_bytes)
-    with jax_mlir.make_ir_context() as ctx, ir.Location.unknown():
-      mgpu_dialect.register_dialect(ctx)
-      ctx.allow_unregistered_dialects = True
-      module = ir.Module.parse(data)
-      found = [k for k in _walk(module.operation) if k.name.endswith("gpu.launch")]
-      if len(found) != 1:
-        raise ValueError(f"kernel {name}: expected one gpu.launch in its Mosaic module, "
-                         f"found {len(found)}")
-      # gpu.launch operands: async token, grid x/y/z, block x/y/z, dynamic SMEM bytes
-      gx, gy, gz, bx, by, bz, smem = (_const(v) for v in list(found[0].operands)[1:8])
-    out.append(Launch(name, gx * gy * gz, bx * by * bz, smem))
+    out.append(mosaic_launch(m.group(1) if m else "?", data))
   return out
+
+
+def mosaic_launch(name: str, module) -> Launch:
+  """The launch of one Mosaic GPU module (bytes, or its text as Mosaic dumps it): grid,
+  threads and dynamic SMEM from its single gpu.launch."""
+  from jax._src.interpreters import mlir as jax_mlir
+  from jax._src.lib.mlir import ir
+  from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
+
+  with jax_mlir.make_ir_context() as ctx, ir.Location.unknown():
+    mgpu_dialect.register_dialect(ctx)
+    ctx.allow_unregistered_dialects = True
+    parsed = ir.Module.parse(module)
+    found = [k for k in _walk(parsed.operation) if k.operation.name.endswith("gpu.launch")]
+    if len(found) != 1:
+      raise ValueError(f"kernel {name}: expected one gpu.launch in its Mosaic module, "
+                       f"found {len(found)}")
+    # gpu.launch operands: async token, grid x/y/z, block x/y/z, dynamic SMEM bytes
+    gx, gy, gz, bx, by, bz, smem = (_const(v) for v in list(found[0].operands)[1:8])
+  return Launch(name, gx * gy * gz, bx * by * bz, smem)
+
+
+def _check_variant(config: str, variant: str):
+  from jaxlab.bench.decode import _DECODER_VARIANTS, CONFIGS
+  if config not in CONFIGS:
+    raise ValueError(f"--config: unknown config {config!r} (known: {', '.join(CONFIGS)})")
+  if _DECODER_VARIANTS.get(variant, ("",))[0] != "pallas":
+    known = [v for v, spec in _DECODER_VARIANTS.items() if spec[0] == "pallas"]
+    raise ValueError(f"--variants: {variant!r} is not a Pallas variant (known: "
+                     f"{', '.join(known)})")
 
 
 def _step_avals(config: str, variant: str, kernel_options, kv_len: int):
@@ -137,12 +154,7 @@ def _step_avals(config: str, variant: str, kernel_options, kv_len: int):
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
 
-  if config not in CONFIGS:
-    raise ValueError(f"--config: unknown config {config!r} (known: {', '.join(CONFIGS)})")
-  if _DECODER_VARIANTS.get(variant, ("",))[0] != "pallas":
-    known = [v for v, spec in _DECODER_VARIANTS.items() if spec[0] == "pallas"]
-    raise ValueError(f"--variants: {variant!r} is not a Pallas variant (known: "
-                     f"{', '.join(known)})")
+  _check_variant(config, variant)
   _, layers, quantize, share = _DECODER_VARIANTS[variant]
   options = {**dict(kernel_options or {}), **_VARIANT_OPTIONS.get(variant, {})}  # as bench decode
   kwargs = dict(CONFIGS[config][0])
@@ -186,9 +198,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_LAUNCH = re.compile(r"gpu\.launch .*?blocks\(.*?\) in \((.*?)\) threads\(.*?\) in \((.*?)\) "
-                     r"dynamic_shared_memory_size %c(\d+)")
-_CONST = re.compile(r"= %c(\d+)")
+_DUMP_HEADER = "// -----// IR Dump"
 
 
 def ptxas_usage(text: str) -> tuple[int, int]:
@@ -200,21 +210,34 @@ def ptxas_usage(text: str) -> tuple[int, int]:
   return int(regs.group(1)), (int(spill.group(1)) + int(spill.group(2)) if spill else 0)
 
 
-def dumped_launch(name: str, mlir_head: str, ptxas: str) -> Launch:
-  """One kernel as Mosaic GPU dumped it when compiling: the launch from the first
-  gpu.launch of its pass log (grid, threads, dynamic SMEM) and ptxas's register count."""
-  m = _LAUNCH.search(mlir_head)
-  if m is None:
-    raise ValueError(f"kernel {name}: no gpu.launch in its Mosaic pass log")
-  dims = lambda text: [int(c) for c in _CONST.findall(text)]
-  (gx, gy, gz), (bx, by, bz) = dims(m.group(1)), dims(m.group(2))
+def first_dumped_module(lines) -> str:
+  """The module before Mosaic's first pass, from its pass log (`*.mlir-passes.log`: one
+  "// -----// IR Dump Before ..." header per pass, the module after each)."""
+  body, seen = [], 0
+  for line in lines:
+    if line.startswith(_DUMP_HEADER):
+      seen += 1
+      if seen == 2:
+        break
+    elif seen == 1:
+      body.append(line)
+  if not body:
+    raise ValueError("no IR dump in the Mosaic pass log")
+  return "".join(body)
+
+
+def dumped_launch(name: str, pass_log_lines, ptxas: str) -> Launch:
+  """One kernel as Mosaic GPU dumped it when compiling: its launch (read from the module
+  in its pass log, as `launches` reads the lowered one) and ptxas's registers."""
   regs, spill = ptxas_usage(ptxas)
-  return Launch(name, gx * gy * gz, bx * by * bz, int(m.group(3)), regs, spill)
+  launch = mosaic_launch(name, first_dumped_module(pass_log_lines))
+  return dataclasses.replace(launch, regs=regs, spill=spill)
 
 
 def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
   """Subprocess body of compiled_launches: compile the step for H100_TARGET (Mosaic GPU
-  dumps each kernel's ptxas log into $MOSAIC_GPU_DUMP_TO)."""
+  dumps each kernel's pass log and ptxas log into $MOSAIC_GPU_DUMP_TO) and print the
+  lowered launches as one JSON line."""
   import jax
   from jax.experimental import topologies
   try:
@@ -228,7 +251,10 @@ def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
                                    jax.sharding.PartitionSpec())
   step, args = _step_avals(config, variant, json.loads(options_json), kv_len)
   args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
-  step.trace(*args).lower().compile()
+  lowered = step.trace(*args).lower()
+  rows = launches(lowered)
+  lowered.compile()
+  print(json.dumps([dataclasses.asdict(r) for r in rows]))
 
 
 def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=None,
@@ -238,10 +264,11 @@ def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=No
   A kernel that does not compile raises RuntimeError with the compiler's last line."""
   import subprocess
   import sys
-  expected = step_launches(config, variant, kernel_options=kernel_options, kv_len=kv_len)
+  _check_variant(config, variant)
   with tempfile.TemporaryDirectory() as d:
     env = {**os.environ, "MOSAIC_GPU_DUMP_TO": d, "MOSAIC_GPU_DUMP_PTXAS": "1",
-           "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "JAX_PLATFORMS": ""}
+           "MOSAIC_GPU_DUMP_MLIR_PASSES": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+           "JAX_PLATFORMS": ""}
     code = ("import sys; from jaxlab.bench.kernels import _compile_worker; "
             "_compile_worker(*sys.argv[1:4], int(sys.argv[4]))")
     r = subprocess.run([sys.executable, "-c", code, config, variant,
@@ -251,12 +278,12 @@ def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=No
       lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
       raise RuntimeError(f"{config} {variant}: compiling for the H100 failed: "
                          f"{lines[-1] if lines else f'exit {r.returncode}'}")
+    expected = [Launch(**row) for row in json.loads(r.stdout.strip().splitlines()[-1])]
     dumped = []
     for log in sorted(pathlib.Path(d).glob("*.ptxas")):
       base = log.name[:-len(".ptxas")]
       with open(log.with_name(base + ".mlir-passes.log")) as f:
-        head = f.read(1 << 20)
-      dumped.append(dumped_launch(re.sub(r"_\d+$", "", base), head, log.read_text()))
+        dumped.append(dumped_launch(re.sub(r"_\d+$", "", base), f, log.read_text()))
   out = []
   for e in expected:
     # (a kernel inside a loop of shared layers has no name in the lowered module: "?")
@@ -302,13 +329,6 @@ def main(args) -> int:
     options = json.loads(args.kernel_options) if args.kernel_options else None
   except json.JSONDecodeError as e:
     raise UserError(f"--kernel-options: not JSON ({e})") from None
-  if args.compile:
-    import jax
-    from jax._src import xla_bridge
-    if not xla_bridge.backends_are_initialized():
-      # this process only lowers; the compiling child finds the CUDA plugin itself (here
-      # it would log its failed start on a machine without a GPU)
-      jax.config.update("jax_platforms", "cpu")
   out = {}
   for variant in [v for v in args.variants.split(",") if v]:
     find = compiled_launches if args.compile else step_launches
