@@ -83,7 +83,6 @@ class Launch:
     return out
 
 
-_NAME = re.compile(r"/(\w+)/(?:mpmd_map|pallas_call)")
 
 
 def _walk(op):
@@ -108,15 +107,15 @@ def launches(lowered) -> list[Launch]:
     if op.name != "stablehlo.custom_call" or "mosaic_gpu" not in str(
         op.attributes["call_target_name"]):
       continue
-    m = _NAME.search(str(op.location))
     data = bytes(ir.StringAttr(op.attributes["mhlo.backend_config"]["module"]).value_bytes)
-    out.append(mosaic_launch(m.group(1) if m else "?", data))
+    out.append(mosaic_launch(data))
   return out
 
 
-def mosaic_launch(name: str, module) -> Launch:
-  """The launch of one Mosaic GPU module (bytes, or its text as Mosaic dumps it): grid,
-  threads and dynamic SMEM from its single gpu.launch."""
+def mosaic_launch(module) -> Launch:
+  """The launch of one Mosaic GPU module (bytes, or its text as Mosaic dumps it): the
+  kernel's name (the module's), and grid, threads and dynamic SMEM from its single
+  gpu.launch."""
   from jax._src.interpreters import mlir as jax_mlir
   from jax._src.lib.mlir import ir
   from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
@@ -125,6 +124,7 @@ def mosaic_launch(name: str, module) -> Launch:
     mgpu_dialect.register_dialect(ctx)
     ctx.allow_unregistered_dialects = True
     parsed = ir.Module.parse(module)
+    name = ir.StringAttr(parsed.operation.attributes["sym_name"]).value
     found = [k for k in _walk(parsed.operation) if k.operation.name.endswith("gpu.launch")]
     if len(found) != 1:
       raise ValueError(f"kernel {name}: expected one gpu.launch in its Mosaic module, "
@@ -226,11 +226,11 @@ def first_dumped_module(lines) -> str:
   return "".join(body)
 
 
-def dumped_launch(name: str, pass_log_lines, ptxas: str) -> Launch:
+def dumped_launch(pass_log_lines, ptxas: str) -> Launch:
   """One kernel as Mosaic GPU dumped it when compiling: its launch (read from the module
   in its pass log, as `launches` reads the lowered one) and ptxas's registers."""
   regs, spill = ptxas_usage(ptxas)
-  launch = mosaic_launch(name, first_dumped_module(pass_log_lines))
+  launch = mosaic_launch(first_dumped_module(pass_log_lines))
   return dataclasses.replace(launch, regs=regs, spill=spill)
 
 
@@ -281,14 +281,12 @@ def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=No
     expected = [Launch(**row) for row in json.loads(r.stdout.strip().splitlines()[-1])]
     dumped = []
     for log in sorted(pathlib.Path(d).glob("*.ptxas")):
-      base = log.name[:-len(".ptxas")]
-      with open(log.with_name(base + ".mlir-passes.log")) as f:
-        dumped.append(dumped_launch(re.sub(r"_\d+$", "", base), f, log.read_text()))
+      with open(log.with_suffix(".mlir-passes.log")) as f:
+        dumped.append(dumped_launch(f, log.read_text()))
   out = []
   for e in expected:
-    # (a kernel inside a loop of shared layers has no name in the lowered module: "?")
-    match = [k for k in dumped if (k.grid, k.threads, k.smem) == (e.grid, e.threads, e.smem)
-             and e.name in (k.name, "?")]
+    match = [k for k in dumped if (k.name, k.grid, k.threads, k.smem) ==
+             (e.name, e.grid, e.threads, e.smem)]
     if not match:
       raise RuntimeError(f"kernel {e.name}: lowered but no compiled twin in Mosaic's dumps")
     out.append(match[0])
