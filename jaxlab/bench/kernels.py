@@ -83,8 +83,6 @@ class Launch:
     return out
 
 
-
-
 def _walk(op):
   for region in op.regions:
     for block in region.blocks:
