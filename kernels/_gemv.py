@@ -3,10 +3,21 @@ prologue (RMSNorm scale) and epilogues (bias, residual, block argmax).
 
 W^T is [N, K] (one output per row). Grid: one CTA per BN rows. Each CTA streams
 its [BN, K] slab through SMEM with a TMA pipeline of BK-wide stages, multiplies
-by the matching vector slice broadcast over rows (CUDA-core FMAs in the WGMMA
-register layout) and reduces along the row. Batch-1 decode is bandwidth-bound,
-so no tensor cores are needed; what matters is keeping enough TMA loads in
-flight (`stages`) across enough CTAs.
+by the matching vector slice and reduces along the row. Batch-1 decode is
+bandwidth-bound: what matters is keeping enough TMA loads in flight (`stages`)
+across enough CTAs, and issuing few enough instructions per weight byte that the
+CTAs keep up with them. Two forms of the inner product (`gemv=`, GEMV_FORMS):
+
+  "fma": CUDA-core FMAs in the WGMMA register layout, the vector slice broadcast
+         over rows. Each weight element costs ~7.5 SASS instructions on an H100
+         (mostly widening bf16 to fp32; docs/kernels.md "Compiled without a GPU").
+  "mma": the tensor cores (WGMMA), bf16 weights only. The weight tile is A
+         [BN, BK] as TMA lands it; B [BK, NB] is built in SMEM each step with the
+         vector split into two bf16 parts, hi = bf16(v) in column 0 and lo =
+         bf16(v - hi) in column 1 (zeros elsewhere), so y = acc[:, 0] + acc[:, 1]
+         carries v to ~16 significant bits and every product exactly into the fp32
+         accumulator. NB = mma_swizzle / 2: B's rows must be one swizzle wide, and A
+         takes the same swizzle. No per-element work on the CUDA cores.
 
 RMSNorm fusion: norm(x) = x * g / RMS(x), and 1/RMS(x) is one scalar, so the
 CTA accumulates W^T (x * g) and sum(x^2) in the same pass and scales at the end.
@@ -27,15 +38,16 @@ from kernels.unfinished import Unfinished
 ARGMAX_SENTINEL = 2 ** 30
 
 
-def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
+def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype, layout=C.COL):
   """BK columns of the merged split-K attention output o = sum_p e^{m_p - m} o_p / l
   (kernels/decode_attention/reference.merge_splits), rounded to `dtype` as the unfused
   op returns it; fp32 [BK], COL layout. op_s [P, BK]: the partials' columns; m_s, l_s
   [P, Hs]: the CTA's heads, of which this block holds heads j0, j0 + 1, ... (BK / Dh of
-  them, or one when BK < Dh). An empty split (m = -inf, l = 0, o = 0) weighs 0."""
+  them, or one when BK < Dh). An empty split (m = -inf, l = 0, o = 0) weighs 0.
+  layout: the result's register layout (C.ROW for the "mma" form's B tile)."""
   f32 = jnp.float32
   nh = max(1, BK // Dh)
-  col = ctx.iota((BK,), 0, C.COL)
+  col = ctx.iota((BK,), 0, layout)
   w, L = [], []   # per head: the P weights and the merged denominator
   for t in range(nh):
     m_p = [m_s[p, j0 + t] for p in range(P)]
@@ -53,16 +65,81 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype):
     out = jnp.full((BK,), vals[-1], f32)
     for t in range(nh - 2, -1, -1):
       out = jnp.where(col < (t + 1) * Dh, vals[t], out)
-    return ctx.cast(out, C.COL)
+    return ctx.cast(out, layout)
 
-  o = ctx.ld(op_s, C.COL, 0) * by_column([w[t][0] for t in range(nh)])
+  o = ctx.ld(op_s, layout, 0) * by_column([w[t][0] for t in range(nh)])
   for p in range(1, P):
-    o = o + ctx.ld(op_s, C.COL, p) * by_column([w[t][p] for t in range(nh)])
+    o = o + ctx.ld(op_s, layout, p) * by_column([w[t][p] for t in range(nh)])
   return (o / by_column(L)).astype(dtype).astype(f32)
 
 
+GEMV_FORMS = ("fma", "mma")
+MMA_SWIZZLES = (32, 64, 128)
+# "mma" default: B [BK, 32] (64-byte swizzle). The tensor-core work per weight byte grows
+# with NB (a [64, BK] tile takes BK/16 HGMMA.64xNBx16): NB = 64 is ~40% of an H100 SM's
+# bf16 rate at its share of the bandwidth, NB = 16 ~10% but with 32-byte TMA rows.
+MMA_SWIZZLE = 64
+
+
+def mma_transforms(swizzle: int) -> tuple:
+  """SMEM tiling + swizzle of both WGMMA operands (bf16) in the "mma" form."""
+  return (C.plgpu.TilingTransform((8, swizzle // 2)), C.plgpu.SwizzleTransform(swizzle))
+
+
+def check_form(gemv: str, mma_swizzle: int | None, w_dtype, name: str) -> int | None:
+  """The "mma" form's swizzle (bytes), or None for "fma"; a clear error for a bad choice."""
+  if gemv not in GEMV_FORMS:
+    raise ValueError(f"{name}: unknown gemv={gemv!r} (known: {', '.join(GEMV_FORMS)})")
+  if gemv == "fma":
+    if mma_swizzle is not None:
+      raise ValueError(f"{name}: mma_swizzle={mma_swizzle} needs gemv='mma'")
+    return None
+  swizzle = MMA_SWIZZLE if mma_swizzle is None else mma_swizzle
+  if swizzle not in MMA_SWIZZLES:
+    raise ValueError(f"{name}: mma_swizzle={swizzle} must be one of {MMA_SWIZZLES}")
+  if jnp.dtype(w_dtype) != jnp.bfloat16:
+    raise ValueError(f"{name}: gemv='mma' needs bf16 weights (got {jnp.dtype(w_dtype)}); "
+                     "use gemv='fma'")
+  return swizzle
+
+
+def _mma_step(ctx: C.Ctx, w_s, v, acc, mm, *, BK: int, NB: int):
+  """acc + W_tile [BN, BK] @ B, B [BK, NB] = (hi, lo, 0, ...) columns of v [BK] (ROW
+  layout): one WGMMA into the accumulator mm = (B's SMEM, acc ref), or ("hlo", no
+  tensor cores) the same exact products summed by XLA into the carried acc."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  hi = v.astype(bf16).astype(f32)
+  col = ctx.iota((BK, NB), 1, C.WGMMA)
+  b = jnp.where(col == 0, C.bcast_cols(hi, (BK, NB)),
+                jnp.where(col == 1, C.bcast_cols(v - hi, (BK, NB)), 0.0)).astype(bf16)
+  if not ctx.tma:
+    return acc + jnp.dot(w_s[...].astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
+  b_s, acc_ref = mm
+  b_s[...] = b
+  C.plgpu.commit_smem()   # B visible to the tensor cores (includes the warpgroup barrier)
+  C.plgpu.wgmma(acc_ref, w_s, b_s)
+  C.plgpu.wgmma_wait(0)   # the weight slot and B are free again
+  return acc
+
+
+def _mma_result(ctx: C.Ctx, acc):
+  """y [BN] (ROW layout) from the "mma" accumulator [BN, NB]: acc[:, 0] + acc[:, 1]."""
+  col = ctx.iota(acc.shape, 1, C.WGMMA)
+  return jnp.sum(jnp.where(col < 2, acc, 0.0), axis=1)
+
+
+def _with_mma_scratch(fn, *, BN: int, BK: int, NB: int):
+  """fn((B's SMEM [BK, NB] bf16, WGMMA accumulator [BN, NB] fp32)). Two scopes: register
+  allocations cannot share a run_scoped with SMEM ones."""
+  return pl.run_scoped(
+      lambda b_s: pl.run_scoped(lambda acc_ref: fn((b_s, acc_ref)),
+                                C.plgpu.ACC((BN, NB), jnp.float32)),
+      C.plgpu.SMEM((BK, NB), jnp.bfloat16, transforms=mma_transforms(2 * NB)))
+
+
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
-          argmax, stages, out_f32, raw, merge=None, swiglu=None, xrows=None, prefetch=None):
+          argmax, stages, out_f32, raw, merge=None, swiglu=None, xrows=None, prefetch=None,
+          mma=None):
   """merge = (P, Dh, dtype): the vector is split-K attention output, merged on the fly
   (_merged_block); its refs (o_p [P, K], m_p [P, K / Dh], l_p) replace v.
   swiglu = (S1, D1, nb1, eps1, dtype): the vector is h = silu(gate) * up of an MLP whose
@@ -71,7 +148,8 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   sum(x^2) over D1) replace v.
   xrows = (dtype, (R_1, ...), store): the vector is a kernels.unfinished.Unfinished x,
   finished per block; its refs (base [K], then fp32 [R_i, K] groups) replace v. With
-  store, the n = 0 CTAs also write the finished x (their K slices) to a last output."""
+  store, the n = 0 CTAs also write the finished x (their K slices) to a last output.
+  mma = the swizzle (bytes) of the "mma" form, None for "fma" (module docstring)."""
   refs = list(refs)
   xo_g = refs.pop() if xrows and xrows[2] else None
   if xrows:
@@ -101,7 +179,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   ks = K // S // BK                          # pipeline steps of this CTA's K slice
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
-  tr = C.tile_transforms(BK, w_g.dtype)
+  tr = C.tile_transforms(BK, w_g.dtype) if mma is None else mma_transforms(mma)
+  # the vector's register layout: along the tile's columns (fma), or along B's rows (mma)
+  VL = C.COL if mma is None else C.ROW
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w_g.at[rows, pl.ds((s * ks + j) * BK, BK)], tr)
                       for j in range(min(prefetch or stages, ks))])
@@ -109,27 +189,27 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     r1 = lax.rsqrt(sum(ss1_g[t * nb1] for t in range(S1)) / D1 + eps1)
 
   def vector(idx, vec_s):
-    """This step's [BK] slice of the vector, fp32, column layout."""
+    """This step's [BK] slice of the vector, fp32, in layout VL."""
     if xrows:   # kernels.unfinished.finish, on this block
       base_s, *grp_s = vec_s
-      v = ctx.ld(base_s, C.COL).astype(f32)
+      v = ctx.ld(base_s, VL).astype(f32)
       for R, g_s in zip(Rs, grp_s):
-        y = ctx.ld(g_s, C.COL, 0)
+        y = ctx.ld(g_s, VL, 0)
         for r in range(1, R):
-          y = y + ctx.ld(g_s, C.COL, r)
+          y = y + ctx.ld(g_s, VL, r)
         v = (v + y).astype(rdtype).astype(f32)
       return v
     if swiglu:
       g_s, u_s = vec_s
-      gate = sum(ctx.ld(g_s, C.COL, t) for t in range(S1)) * r1
-      up = sum(ctx.ld(u_s, C.COL, t) for t in range(S1)) * r1
+      gate = sum(ctx.ld(g_s, VL, t) for t in range(S1)) * r1
+      up = sum(ctx.ld(u_s, VL, t) for t in range(S1)) * r1
       return (C.silu(gate) * up).astype(hdtype).astype(f32)
     if not merge:
-      return ctx.ld(vec_s[0], C.COL).astype(f32)
+      return ctx.ld(vec_s[0], VL).astype(f32)
     j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
-    return _merged_block(ctx, *vec_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype)
+    return _merged_block(ctx, *vec_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype, layout=VL)
 
-  def step(idx, *args, xs=None):
+  def step(idx, *args, xs=None, mm=None):
     *vec_s, w_s, (acc, ss) = args
     if has_norm:
       *vec_s, g_s = vec_s
@@ -141,8 +221,11 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
         @pl.when(n == 0)
         def _():
           xo_g[pl.ds((s * ks + idx[0]) * BK, BK)] = v.astype(xo_g.dtype)
-    vg = v * ctx.ld(g_s, C.COL).astype(f32) if has_norm else v
-    acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
+    vg = v * ctx.ld(g_s, VL).astype(f32) if has_norm else v
+    if mma is None:
+      acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
+    else:
+      acc = _mma_step(ctx, w_s, vg, acc, mm, BK=BK, NB=mma // 2)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
@@ -164,9 +247,26 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     ins = [v_g] + ([g_g] if has_norm else [])
   in_specs.append(w_spec)
   ins.append(w_g)
-  carry0 = (ctx.zeros((BN,), C.ROW), ctx.zeros((BK,), C.COL) if has_norm else jnp.float32(0))
-  run = lambda xs=None: ctx.pipeline(functools.partial(step, xs=xs), grid=(ks,),
-                                     in_specs=in_specs, stages=stages, init_carry=carry0)(*ins)
+  ss0 = ctx.zeros((BK,), VL) if has_norm else jnp.float32(0)
+  if mma is None:
+    acc0 = ctx.zeros((BN,), C.ROW)
+  else:   # [BN, NB] in registers ("hlo": carried), or the WGMMA accumulator (in mm)
+    acc0 = jnp.zeros((BN, mma // 2), f32) if not ctx.tma else jnp.float32(0)
+
+  def run(xs=None):
+    def go(mm=None):
+      out = ctx.pipeline(functools.partial(step, xs=xs, mm=mm), grid=(ks,), in_specs=in_specs,
+                         stages=stages, init_carry=(acc0, ss0))(*ins)
+      if mm is not None:
+        out = (mm[1][...], out[1])
+      if mma is not None:
+        out = (_mma_result(ctx, out[0]), out[1])
+      return out
+
+    if mma is None or not ctx.tma:
+      return go()
+    return _with_mma_scratch(go, BN=BN, BK=BK, NB=mma // 2)
+
   if xo_g is not None and ctx.tma:
     # The finished x slice collects in SMEM (every CTA; cheap) and leaves in one TMA
     # store from the n = 0 CTAs, instead of a waited store per pipeline step.
@@ -223,13 +323,16 @@ def pick_split(n_blocks: int, K: int, BK: int) -> int:
   return S
 
 
-def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: bool, name: str):
-  """(BN, BK, S) for a [N, K] GEMV: checked blocks and the split of K."""
+def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: bool, name: str,
+            mma: int | None = None):
+  """(BN, BK, S) for a [N, K] GEMV: checked blocks and the split of K. The "mma" form
+  (mma = its swizzle) needs BK in whole 64-row B tiles (the WGMMA row layout of v)."""
   interp = mode != "compile"
+  kmult = 32 if mma is None else max(64, mma // 2)
   BN = block_n or C.pick_block(N, 256 if interp else 64, 64, "N")
-  BK = block_k or C.pick_block(K, 512 if interp else 128, 32, "K")
+  BK = block_k or C.pick_block(K, 512 if interp else 128, kmult, "K")
   C.check_block(N, BN, 64, "N")
-  C.check_block(K, BK, 32, "K")
+  C.check_block(K, BK, kmult, "K")
   if split_k is None:
     S = 1 if argmax else pick_split(N // BN, K, BK)
   else:
@@ -243,7 +346,8 @@ def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: boo
 
 
 def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags, mode, name,
-            w_dtype, merge=None, swiglu=None, rows=None, pdl=None, prefetch_tiles=None):
+            w_dtype, merge=None, swiglu=None, rows=None, pdl=None, prefetch_tiles=None,
+            mma=None):
   C.check_prefetch(prefetch_tiles, BN * BK * jnp.dtype(w_dtype).itemsize, name, pdl, mode)
   if raw:
     out_type = [jax.ShapeDtypeStruct((S * N,), jnp.float32)]
@@ -262,7 +366,7 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
       lambda *r, ctx: _body(*r, ctx=ctx, N=N, K=K, BN=BN, BK=BK, S=S, eps=eps, argmax=argmax,
                             stages=stages, out_f32=out_dtype == jnp.float32, raw=raw,
                             merge=merge, swiglu=swiglu, xrows=rows, prefetch=prefetch_tiles,
-                            **flags),
+                            mma=mma, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name, pdl=pdl)
 
@@ -281,20 +385,22 @@ def _rows(v_K, store: bool = False):
 def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None = None,
                   block_k: int | None = None, stages: int = 2, split_k: int | None = None,
                   name: str = "gemv", pdl: str | None = None,
-                  prefetch_tiles: int | None = None, store_x: bool = False):
+                  prefetch_tiles: int | None = None, store_x: bool = False,
+                  gemv: str = "fma", mma_swizzle: int | None = None):
   """The GEMV kernel without its epilogue, for a next kernel to finish (e.g. the fused
   QKV + RoPE + append): (part f32 [S, N], the unscaled partial dot products W^T (v * g)
   over S slices of K; ss f32 [S * N/BN] or None, block (s, n)'s slice of sum(v^2), the
   same for every n). Finish: y = sum_s part[s] * rsqrt(sum_s ss[s * N/BN] / K + eps).
 
   v_K may be Unfinished (finished block by block as it streams); with store_x the
-  finished v [K] is a third result (written by the n = 0 CTAs)."""
+  finished v [K] is a third result (written by the n = 0 CTAs). gemv / mma_swizzle: the
+  inner product's form (module docstring)."""
   N, K = w_t_NK.shape
   rows, vec = _rows(v_K, store_x)
   kern, S = _partials_kernel(N, K, w_t_NK.dtype, has_norm=scale_K is not None, rows=rows,
                              mode=mode, name=name, block_n=block_n, block_k=block_k,
                              split_k=split_k, stages=stages, pdl=pdl,
-                             prefetch_tiles=prefetch_tiles)
+                             prefetch_tiles=prefetch_tiles, gemv=gemv, mma_swizzle=mma_swizzle)
   outs = kern(*vec, *([scale_K] if scale_K is not None else []), w_t_NK)
   outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
   x = outs.pop() if store_x else None
@@ -303,27 +409,31 @@ def gemv_partials(v_K, w_t_NK, *, scale_K=None, mode: str, block_n: int | None =
 
 
 def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, rows=None,
-                     mode, name, block_n, block_k, split_k, stages, pdl, prefetch_tiles):
+                     mode, name, block_n, block_k, split_k, stages, pdl, prefetch_tiles,
+                     gemv="fma", mma_swizzle=None):
   """(the raw GEMV kernel over a [N, K] weight, its split S): the partials' form shared
   by gemv_partials, gemv_partials_merged and gemv_partials_swiglu."""
+  mma = check_form(gemv, mma_swizzle, w_dtype, name)
   BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                      argmax=False, name=name)
+                      argmax=False, name=name, mma=mma)
   flags = dict(has_norm=has_norm, has_wscale=False, has_bias=False, has_resid=False)
   return _kernel(N, K, BN, BK, S, raw=True, eps=0.0, argmax=False, stages=stages,
                  out_dtype=jnp.float32, flags=flags, mode=mode, name=name, w_dtype=w_dtype,
                  merge=merge, swiglu=swiglu, rows=rows, pdl=pdl,
-                 prefetch_tiles=prefetch_tiles), S
+                 prefetch_tiles=prefetch_tiles, mma=mma), S
 
 
 def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
              block_n: int | None = None, block_k: int | None = None,
-             split_k: int | None = None) -> bool:
+             split_k: int | None = None, gemv: str = "fma",
+             mma_swizzle: int | None = None) -> bool:
   """Whether gemv_partials_merged compiles at these shapes: every CTA's K slice holds
   whole heads, a block holds whole heads (or lies inside one), and on GPU the slice's
   per-head (m, l) rows are a whole TMA box (>= 4 fp32, i.e. 16 bytes)."""
   try:
+    mma = check_form(gemv, mma_swizzle, jnp.bfloat16, "merge")
     BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                        argmax=False, name="merge")
+                        argmax=False, name="merge", mma=mma)
   except ValueError:
     return False
   Hs, rem = divmod(K // S, head_dim)
@@ -334,7 +444,8 @@ def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
 def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
                          block_n: int | None = None, block_k: int | None = None,
                          stages: int = 2, split_k: int | None = None, name: str = "gemv",
-                         pdl: str | None = None, prefetch_tiles: int | None = None):
+                         pdl: str | None = None, prefetch_tiles: int | None = None,
+                         gemv: str = "fma", mma_swizzle: int | None = None):
   """gemv_partials of W^T o, where o [Hq * Dh] is the merge of split-K attention partials
   (o_p [P, Hq, Dh], m_p / l_p [P, Hq]; kernels/decode_attention/pallas.partials, split
   axis first) rounded to `dtype`: the merge runs inside the GEMV, on each block of
@@ -344,13 +455,15 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
   if K != Hq * Dh or m_PH.shape != (P, Hq) or l_PH.shape != (P, Hq):
     raise ValueError(f"{name}: attention partials o {o_PHD.shape}, m {m_PH.shape}, l "
                      f"{l_PH.shape} do not fit W^T {w_t_NK.shape}")
-  if not merge_ok(Hq, Dh, N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k):
+  if not merge_ok(Hq, Dh, N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
+                  gemv=gemv, mma_swizzle=mma_swizzle):
     raise ValueError(f"{name}: the merged attention output ({Hq} heads x {Dh}) does not fit "
                      f"the GEMV's blocks (K slices and blocks of whole heads; on GPU >= 4 "
                      "heads per K slice)")
   kern, S = _partials_kernel(N, K, w_t_NK.dtype, merge=(P, Dh, jnp.dtype(dtype)), mode=mode,
                              name=name, block_n=block_n, block_k=block_k, split_k=split_k,
-                             stages=stages, pdl=pdl, prefetch_tiles=prefetch_tiles)
+                             stages=stages, pdl=pdl, prefetch_tiles=prefetch_tiles,
+                             gemv=gemv, mma_swizzle=mma_swizzle)
   part = kern(o_PHD.reshape(P, K), m_PH, l_PH, w_t_NK)
   return part.reshape(S, N)
 
@@ -358,7 +471,8 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
 def gemv_partials_swiglu(part_S2F, ss, w_t_DF, *, norm_size: int, eps: float, dtype, mode: str,
                          block_n: int | None = None, block_k: int | None = None,
                          stages: int = 2, split_k: int | None = None, name: str = "gemv",
-                         pdl: str | None = None, prefetch_tiles: int | None = None):
+                         pdl: str | None = None, prefetch_tiles: int | None = None,
+                         gemv: str = "fma", mma_swizzle: int | None = None):
   """gemv_partials of W_down^T h, where h = silu(gate) * up [F] (rounded to `dtype`, as
   the MLP kernel rounds it) is finished from the gate / up GEMV's unfinished partials:
   part_S2F [S1, 2F] (gemv_partials of [W_gate^T; W_up^T] with the norm scale) and its
@@ -373,7 +487,7 @@ def gemv_partials_swiglu(part_S2F, ss, w_t_DF, *, norm_size: int, eps: float, dt
                              swiglu=(S1, norm_size, ss.shape[0] // S1, eps, jnp.dtype(dtype)),
                              mode=mode, name=name, block_n=block_n, block_k=block_k,
                              split_k=split_k, stages=stages, pdl=pdl,
-                             prefetch_tiles=prefetch_tiles)
+                             prefetch_tiles=prefetch_tiles, gemv=gemv, mma_swizzle=mma_swizzle)
   return kern(part_S2F, ss, w_t_DF).reshape(S, N)
 
 
@@ -381,7 +495,7 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
          eps: float = 0.0, argmax: bool = False, out_dtype=None, mode: str,
          block_n: int | None = None, block_k: int | None = None, stages: int = 2,
          split_k: int | None = None, name: str = "gemv", pdl: str | None = None,
-         prefetch_tiles: int | None = None):
+         prefetch_tiles: int | None = None, gemv: str = "fma", mma_swizzle: int | None = None):
   """y = W^T (norm(v) or v) (* w_scale) (+ bias) (+ resid), and optionally per-block
   (max, argmax). int8 W^T streams as int8 (half the bytes of bf16) and is converted in
   registers; its fp32 per-row scale w_scale_N multiplies each finished dot product.
@@ -389,18 +503,20 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
   Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
   block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
   never with argmax) splits the reduction over that many CTAs per row block. v_K may
-  be Unfinished (finished block by block as it streams).
+  be Unfinished (finished block by block as it streams). gemv: "fma" (CUDA cores) or
+  "mma" (tensor cores, bf16 W; mma_swizzle) (module docstring).
   """
   N, K = w_t_NK.shape
   rows, vec = _rows(v_K)
+  mma = check_form(gemv, mma_swizzle, w_t_NK.dtype, name)
   BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                      argmax=argmax, name=name)
+                      argmax=argmax, name=name, mma=mma)
   out_dtype = jnp.dtype(v_K.dtype if out_dtype is None else out_dtype)
   flags = dict(has_norm=scale_K is not None, has_wscale=w_scale_N is not None,
                has_bias=bias_N is not None, has_resid=resid_N is not None)
   kern = _kernel(N, K, BN, BK, S, raw=S > 1, eps=eps, argmax=argmax, stages=stages,
                  out_dtype=out_dtype, flags=flags, mode=mode, name=name, pdl=pdl,
-                 w_dtype=w_t_NK.dtype, rows=rows, prefetch_tiles=prefetch_tiles)
+                 w_dtype=w_t_NK.dtype, rows=rows, prefetch_tiles=prefetch_tiles, mma=mma)
   args = vec + ([scale_K] if flags["has_norm"] else []) + [w_t_NK]
   if S == 1:
     args += [a for a in (w_scale_N, bias_N, resid_N) if a is not None]

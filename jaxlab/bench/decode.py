@@ -25,6 +25,9 @@ Variants (each decodes the same greedy continuation from the same cache):
                 the same without the chain (split-K sums in XLA, the O-projection unfused),
                 with PDL prefetch (a chain of Mosaic kernels, each starting early), and
                 with fuller MLP grids (gate/up split 2, down split 8: 512 / 256 CTAs at 1B)
+  pallas-mma    pallas-mlp2k with every GEMV kernel's inner product on the tensor cores
+                (kernel_options gemv form "mma", kernels/_gemv.py): QKV, O-projection, both
+                MLP kernels and the LM head
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -83,7 +86,7 @@ CONFIGS["gated-tiny"] = (dict(
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
-            "pallas-mlp2k-prefetch", "pallas-mlp2k-fill")
+            "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -101,12 +104,14 @@ _DECODER_VARIANTS = {
     "pallas-mlp2k": ("pallas", "unrolled", None, False),
     "pallas-mlp2k-nochain": ("pallas", "unrolled", None, False),
     "pallas-mlp2k-prefetch": ("pallas", "unrolled", None, False),
-    "pallas-mlp2k-fill": ("pallas", "unrolled", None, False)}
+    "pallas-mlp2k-fill": ("pallas", "unrolled", None, False),
+    "pallas-mma": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
-# docs/kernels.md "Launch shapes")
-SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill")
+# docs/kernels.md "Launch shapes"); mma: each GEMV op with its inner product on the
+# tensor cores, per B width (swizzle), and with the fill grids
+SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill", "mma")
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
                                                  "attn_out": False}},
@@ -118,7 +123,8 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-mlp2k-prefetch": {"layout": {"mlp": "2k"},
                                               "launch": {"pdl": "prefetch"}},
                     "pallas-mlp2k-fill": {"layout": {"mlp": "2k"}, "rmsnorm_swiglu_2k": {
-                        "gate_up_block": {"split_k": 2}, "down_block": {"split_k": 8}}}}
+                        "gate_up_block": {"split_k": 2}, "down_block": {"split_k": 8}}},
+                    "pallas-mma": {"layout": {"mlp": "2k"}, "gemv": {"form": "mma"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -730,6 +736,23 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       # (attention already runs 16 splits at a 1K cache, one per 64-slot block)
       fill += [(f"out_proj_residual split_k={sk}", "out_proj_residual",
                 dict(split_k=sk, block_k=128)) for sk in (8, 16)]
+    if "mma" in groups:
+      # The GEMV on the tensor cores (kernels/_gemv.py "mma"), per B width; the MLP also
+      # with the fill grids (the tensor cores leave the CTAs less per-element work).
+      both = lambda **k: dict(gate_up_block=dict(k), down_block=dict(k))
+      for sz in (32, 64, 128):
+        mma = dict(gemv="mma", mma_swizzle=sz)
+        tag = f"gemv=mma swizzle={sz}"
+        fill += [(f"{op} {tag}", op, mma) for op in ("rmsnorm_qkv", "out_proj_residual",
+                                                     "lm_head_argmax")]
+        fill += [(f"{op} {tag}", op, both(**mma))
+                 for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
+        fill += [(f"attention_out_proj {tag}", "attention_out_proj",
+                  dict(pallas_opts("attention_out_proj"), o_block=mma))]
+      mma = dict(gemv="mma", block_k=128)
+      fill += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
+                "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
+                                          down_block=dict(mma, split_k=8)))]
     for name, op, kw in fill:
       if name in sw:   # also in another selected group
         continue

@@ -229,7 +229,26 @@ class _Spec:
   share_layers: bool = False
 
   def opts(self, op: str) -> dict:
-    return _thaw(dict(self.options).get(op, _Frozen(())))
+    """kernel_options[op], with the "gemv" group's form filled in for the GEMV kernels
+    (an op that names its own `gemv` keeps its options as they are)."""
+    o = _thaw(dict(self.options).get(op, _Frozen(())))
+    group = _thaw(dict(self.options).get("gemv", _Frozen(())))
+    if op not in GEMV_OPS or not group or self.impl != "pallas":
+      return o
+    kw = {"gemv": group["form"]}
+    if "swizzle" in group:
+      kw["mma_swizzle"] = group["swizzle"]
+    fill = lambda d: d if "gemv" in d else {**kw, **d}   # the op's own form, as a whole
+    if not GEMV_OPS[op]:
+      return fill(o)
+    return dict(o, **{k: fill(dict(o.get(k) or {})) for k in GEMV_OPS[op]})
+
+
+# The ops built on kernels/_gemv.py, which kernel_options {"gemv": {...}} reaches: op ->
+# its GEMVs' option dicts (() : the op's own options). The one-kernel MLP
+# (rmsnorm_swiglu) has its own CUDA-core inner loops and is not among them.
+GEMV_OPS = {"rmsnorm_qkv": (), "out_proj_residual": (), "lm_head_argmax": (),
+            "rmsnorm_swiglu_2k": ("gate_up_block", "down_block")}
 
 
 class _Frozen(tuple):
@@ -362,7 +381,8 @@ def _merge_ok(spec: _Spec, lw) -> bool:
   D, M = lw["w_o_t"].shape
   o = spec.opts("out_proj_residual")
   return merge_ok(spec.n_heads, spec.head_dim, D, M, mode=spec.interpret,
-                  **{k: o.get(k) for k in ("block_n", "block_k", "split_k")})
+                  **{k: o[k] for k in ("block_n", "block_k", "split_k", "gemv", "mma_swizzle")
+                     if k in o})
 
 
 def _out_mlp(spec: _Spec, lw, o, x, kw):
@@ -639,7 +659,9 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   DOWN_LAYOUTS); {"layout": {"mlp": "2k"}} (the MLP as two GEMV kernels, MLP_LAYOUTS;
   float weights, unrolled layers); {"launch": {"pdl": "wait" | "prefetch"}}
   (Programmatic Dependent Launch of every Pallas kernel, kernels/_common.PDL_MODES; needs
-  JAX >= 0.11 to take effect, not yet timed, off by default).
+  JAX >= 0.11 to take effect, not yet timed, off by default); {"gemv": {"form": "mma"}}
+  (the GEMV kernels' inner product on the tensor cores, bf16 weights, GEMV_OPS;
+  "swizzle": 32 | 64 | 128 sets B's width; not yet timed, "fma" by default).
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest
@@ -687,6 +709,7 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
   if set(launch) - {"pdl"} or launch.get("pdl") not in (None, *PDL_MODES):
     raise ValueError(f"kernel_options['launch']: {launch} (known: pdl in "
                      f"{', '.join(PDL_MODES)})")
+  _check_gemv_group(dict((kernel_options or {}).get("gemv", {})))
   kinds = layer_kinds(cfg)
   if layers == "scan" and set(kinds) != {"attention"}:
     raise ValueError("make_decoder: layers='scan' supports attention layers only "
@@ -706,6 +729,18 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
       kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg,
       share_layers=bool(share_layers))
   return _step_fn(spec), cache_len
+
+
+def _check_gemv_group(group: dict):
+  """kernel_options["gemv"]: {"form": "fma" | "mma", "swizzle": 32 | 64 | 128 (mma)}."""
+  from kernels._gemv import GEMV_FORMS, MMA_SWIZZLES
+  if not group:
+    return
+  if (set(group) - {"form", "swizzle"} or group.get("form") not in GEMV_FORMS
+          or ("swizzle" in group and (group["form"] != "mma"
+                                      or group["swizzle"] not in MMA_SWIZZLES))):
+    raise ValueError(f"kernel_options['gemv']: {group} (known: form in "
+                     f"{', '.join(GEMV_FORMS)}; swizzle in {MMA_SWIZZLES}, with form 'mma')")
 
 
 def _check_capacity(cfg: ModelConfig, kinds, max_len: int):
