@@ -153,7 +153,7 @@ def _tiny_bf16():
   return LM(cfg, rngs=nnx.Rngs(3))
 
 
-@pytest.mark.parametrize("mlp", ["1k", "2k"])
+@pytest.mark.parametrize("mlp", [pytest.param("1k", marks=pytest.mark.slow), "2k"])
 def test_decoder_with_mma_gemvs_matches_xla(mlp):
   """kernel_options {"gemv": {"form": "mma"}} reaches every _gemv kernel of the step (the
   one-kernel MLP keeps its own loops): a tiny bf16 LM decodes 32 greedy tokens as the
@@ -196,3 +196,41 @@ def test_gemv_group_fills_the_gemv_ops_only():
                                          "down_block": dict(mma, split_k=8)}
   assert s.opts("decode_attention") == {} and s.opts("rmsnorm_swiglu") == {}
   assert spec("xla").opts("lm_head_argmax") == {}
+
+
+def _kernels_with_wgmma(lowered) -> dict[str, bool]:
+  """{kernel name: whether its Mosaic module issues wgmma.mma_async} of a lowered step."""
+  from jax._src.lib.mlir import ir
+
+  from jaxlab.bench.kernels import _walk, mosaic_launch
+  out = {}
+  for op in _walk(lowered.compiler_ir("stablehlo").operation):
+    if op.name == "stablehlo.custom_call" and "mosaic_gpu" in str(
+        op.attributes["call_target_name"]):
+      data = bytes(ir.StringAttr(op.attributes["mhlo.backend_config"]["module"]).value_bytes)
+      name = mosaic_launch(data).name
+      out[name] = out.get(name, False) or b"wgmma.mma_async" in data
+  return out
+
+
+@pytest.mark.slow   # ~15 s each: a whole 1B layer lowered
+@pytest.mark.parametrize("form", ["fma", "mma"])
+def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form):
+  """One llama-1b-bench layer (two-kernel MLP, chained) lowered for CUDA: with the gemv
+  group's "mma" form every GEMV kernel (QKV, O-projection, both MLP kernels, LM head)
+  issues WGMMA and the attention kernels do not; with "fma" none does."""
+  from jaxlab.bench.decode import CONFIGS
+  from jaxlab.models import LM, ModelConfig
+  from jaxlab.models.decode import init_state, prepare_weights, step_function
+  SD = jax.ShapeDtypeStruct
+  cfg = ModelConfig(**dict(CONFIGS["llama-1b-bench"][0], n_layers=1))
+  opts = {"layout": {"mlp": "2k"}, "gemv": {"form": form}}
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), None,
+                                                   w_down="DF", mlp="2k"))
+  step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
+  state = jax.eval_shape(lambda: init_state(cfg, S))
+  lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))
+  kernels = _kernels_with_wgmma(lowered)
+  gemvs = {"rmsnorm_qkv", "out_proj_residual", "mlp_gate_up", "mlp_down", "lm_head_argmax"}
+  assert gemvs < set(kernels), sorted(kernels)
+  assert {k for k, mma in kernels.items() if mma} == (gemvs if form == "mma" else set())
