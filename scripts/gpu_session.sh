@@ -4,13 +4,15 @@
 # clipped to what is left, and a stage with under 30 s left is skipped), so the call stays
 # under the device tool's 600 s limit; a session has 15 minutes of device time, machine
 # start included (~35 s on 2026-11-26):
-#   1. compiled Mosaic-GPU kernels vs their references (bf16 and int8 weights, the fused
-#      ops) + 64 greedy tokens pallas == xla, also with PDL (tests/test_kernels_pdl.py,
-#      the pdl decode test: a kernel reading before its wait would show there)
+#   1. compiled Mosaic-GPU kernels vs their references (the tensor-core GEMV first, then
+#      bf16 and int8 weights, the fused ops) + 64 greedy tokens pallas == xla, also with
+#      PDL (tests/test_kernels_pdl.py, the pdl decode test: a kernel reading before its
+#      wait would show there)
 #   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) the per-op table
 #      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
-#      fill,down-t,pdl (B1_SWEEP; "all" adds split/tile/stage rows, ~1.5 min) with
-#      xla-unrolled and pallas (B1_VARIANTS); (b) pallas-prefetch, pallas-mlp2k (chained),
+#      mma,fill (B1_SWEEP; the tensor-core GEMV per op and B width, then the fuller
+#      grids; "all" adds split/tile/stage/PDL/down-t rows, ~2.5 min) with xla-unrolled and
+#      pallas (B1_VARIANTS); (b) pallas-mma, pallas-mlp2k (chained), pallas-prefetch,
 #      pallas-mlp2k-prefetch, pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
 #      (B1B_VARIANTS, in that order: the budget may cut the last ones; pallas-down-t,
 #      pallas-int8, pallas-shared ~1 min each), xla-unrolled again as this run's
@@ -61,9 +63,11 @@ room() { [ "$(cap "$1")" -ge 30 ] || { stamp "skipped: $2 (budget)"; false; }; }
 } > "$OUT/env.txt" 2>&1
 stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
-# newest first (a timeout cuts the tail): the chain, PDL, the two-kernel MLP, the decode tests (their
-# PDL and two-kernel cases first), then the fused ops, every op, int8
-timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_chain.py \
+# newest first (a timeout cuts the tail): the tensor-core GEMV (its "compile" cases run
+# WGMMA for real), the chain, PDL, the two-kernel MLP, the decode tests (their PDL and
+# two-kernel cases first), then the fused ops, every op, int8
+timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_mma.py \
+  tests/test_kernels_chain.py \
   tests/test_kernels_pdl.py \
   tests/test_kernels_mlp2k.py tests/test_kernels_decode.py tests/test_kernels_fused.py \
   tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short \
@@ -74,7 +78,7 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 # with the baseline and the default Pallas step
 PROF=$(mktemp -d)
 timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
-  --sweep ${B1_SWEEP:-fill,down-t,pdl} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
+  --sweep ${B1_SWEEP:-mma,fill} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
 # 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
@@ -82,7 +86,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma,pallas-mlp2k,pallas-prefetch,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

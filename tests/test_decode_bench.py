@@ -179,6 +179,24 @@ def test_op_table_fill_sweep_rows_run():
   assert not bad, bad
 
 
+@pytest.mark.slow   # ~1 min: 19 rows, interpreted
+def test_op_table_mma_sweep_rows_run():
+  """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B
+  width, and the two-kernel MLP with the fill grids, at a bf16 shape (the form needs bf16
+  weights), interpreted."""
+  from jaxlab.models import ModelConfig
+  cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
+                           head_dim=64, ffn_dim=1024, param_dtype="bfloat16"))
+  out = decode.op_table(cfg, 128, None, None, 1, iters=1, sweep="mma")
+  sw = out.pop("sweep")
+  ops = ("rmsnorm_qkv", "out_proj_residual", "lm_head_argmax", "rmsnorm_swiglu_2k",
+         "rmsnorm_swiglu_2k chained", "attention_out_proj")
+  assert set(sw) == ({f"{op} gemv=mma swizzle={z}" for op in ops for z in (32, 64, 128)}
+                     | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8"})
+  bad = {k: r["error"] for k, r in sw.items() if "error" in r}
+  assert not bad, bad
+
+
 def test_op_table_pdl_sweep_rows_run():
   """`--ops --sweep pdl`: every per-op row and the PDL rows of the fused and plain ops
   run (interpreted here; failures would be recorded as {"error": ...}); an unknown sweep

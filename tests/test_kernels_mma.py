@@ -8,8 +8,8 @@ representation (a form that dropped lo would be off by ~2^-9).
 
 Checked against the CUDA-core form and the reference in the HLO interpreter (where XLA
 computes the same products), in the Mosaic-GPU interpreter (the real kernel: B built in
-SMEM, plgpu.wgmma into the accumulator), lowered for CUDA, and in the decode driver
-(kernel_options {"gemv": {"form": "mma"}}).
+SMEM, plgpu.wgmma into the accumulator), compiled on a GPU when there is one, lowered
+for CUDA, and in the decode driver (kernel_options {"gemv": {"form": "mma"}}).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from kernels.unfinished import Unfinished
 F32, BF16 = jnp.float32, jnp.bfloat16
 MMA_V = 2.0 ** -16
 EPS = 1e-6
+# the interpreters everywhere; on a GPU also the compiled kernel (real WGMMA)
+MODES = ["hlo", "mosaic"] + (["compile"] if jax.default_backend() == "gpu" else [])
 
 
 def _r(seed, *shape, dtype=BF16, scale=1.0):
@@ -52,7 +54,7 @@ def _ref_gemv(v, w, g=None, bias=None, resid=None):
   return y
 
 
-@pytest.mark.parametrize("mode", ["hlo", "mosaic"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("swizzle", [32, 64, 128])
 def test_norm_bias_argmax_matches_the_reference(mode, swizzle):
   """RMSNorm prologue, bias epilogue, block argmax (the QKV / LM-head forms); two row
@@ -67,7 +69,7 @@ def test_norm_bias_argmax_matches_the_reference(mode, swizzle):
   assert int(barg[jnp.argmax(bmax)]) == int(jnp.argmax(y))
 
 
-@pytest.mark.parametrize("mode", ["hlo", "mosaic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_split_k_with_residual_matches_the_fma_form(mode):
   """split_k = 2 (the raw partials and the XLA epilogue) with a residual: the same
   result as the CUDA-core form within the representation error of v."""
@@ -80,7 +82,7 @@ def test_split_k_with_residual_matches_the_fma_form(mode):
   assert_rel_close(_f64(mma), _f64(_ref_gemv(v, w, resid=res)), rtol=_rtol(K), name="ref")
 
 
-@pytest.mark.parametrize("mode", ["hlo", "mosaic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_unfinished_vector_and_store_match_the_fma_form(mode):
   """The chained form: v = bf16(base + sum of fp32 rows), finished block by block in the
   ROW layout the mma form reads it in, and stored by the n = 0 CTAs."""
@@ -95,11 +97,11 @@ def test_unfinished_vector_and_store_match_the_fma_form(mode):
   assert_rel_close(_f64(part_m), _f64(part_f), rtol=_rtol(K), name=f"partials {mode}")
 
 
-@pytest.mark.parametrize("mode", ["hlo", "mosaic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_merged_attention_vector_matches_the_fma_form(mode):
   """The O-projection form: v is the merge of split-K attention partials, computed in
   the ROW layout (one empty split included: m = -inf, l = 0 weighs nothing)."""
-  P, Hq, Dh, N = 3, 4, 64, 128
+  P, Hq, Dh, N = 3, 8, 64, 128   # 4 heads per K slice: a whole TMA box of (m, l) on GPU
   o = _r(11, P, Hq, Dh, dtype=F32)
   m = _r(12, P, Hq, dtype=F32).at[2].set(-jnp.inf)
   l = jnp.abs(_r(13, P, Hq, dtype=F32)) + 1.0
@@ -111,7 +113,7 @@ def test_merged_attention_vector_matches_the_fma_form(mode):
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(Hq * Dh), name=f"merged {mode}")
 
 
-@pytest.mark.parametrize("mode", ["hlo", "mosaic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_swiglu_vector_matches_the_fma_form(mode):
   """The MLP's down GEMV: v = bf16(silu(gate) * up), finished from the gate / up GEMV's
   unfinished partials."""
