@@ -76,8 +76,9 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype, layout=C.
 GEMV_FORMS = ("fma", "mma")
 MMA_SWIZZLES = (32, 64, 128)
 # "mma" default: B [BK, 32] (64-byte swizzle). The tensor-core work per weight byte grows
-# with NB (a [64, BK] tile takes BK/16 HGMMA.64xNBx16): NB = 64 is ~40% of an H100 SM's
-# bf16 rate at its share of the bandwidth, NB = 16 ~10% but with 32-byte TMA rows.
+# with NB (a [64, BK] tile takes BK/16 HGMMA.64xNBx16): at an H100 SM's share of the
+# bandwidth, ~22% of its bf16 rate at NB = 64, ~5% at NB = 16, whose weight tiles then
+# arrive in 32-byte TMA rows; registers grow with NB (docs/kernels.md). Not yet timed.
 MMA_SWIZZLE = 64
 
 
