@@ -35,6 +35,12 @@ separate XLA kernel before it.
 Masking: scores of slots >= length are -inf and their V rows are zeroed before
 the product (0 * NaN would be NaN), so NaN garbage in unused slots (keys, values,
 bias) is harmless.
+
+Head-dim chunks (block_d, default min(Dh, 64)): the K and V tiles are read and widened
+BD columns at a time, and q is read from SMEM per chunk, so the registers hold one
+[BS, BD] fp32 chunk besides the G accumulators instead of the whole K and V tiles and
+every head's q. At Dh = 128 with four heads per CTA (llama-8b-bench) the whole-tile form
+needed far more than 255 registers and spilled 1428 bytes per thread (ptxas, H100).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
+def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gate):
   refs = list(refs)
   len_g, q_g, k_g, v_g = refs[:4]
   del refs[:4]
@@ -77,46 +83,67 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
   # q (and PaTH's w) ride in the pipeline with K and V (a constant block, re-fetched each
   # step: G * Dh elements), so their load overlaps the first K/V load instead of costing
   # one more TMA round trip before it.
+  nc = Dh // BD
+  cols = lambda c: pl.ds(c * BD, BD)
+
   def step(idx, k_s, v_s, q_s, *rest):
     *extra_s, carry = rest
-    q = [ctx.ld(q_s.at[g], C.COL).astype(f32) * scale for g in range(G)]
+    q = lambda g, c: ctx.ld(q_s.at[g, cols(c)], C.COL).astype(f32) * scale
     if path:
-      w2 = C.bcast_rows(ctx.ld(extra_s[0], C.COL).astype(f32), (BS, Dh))
+      w2 = lambda c: C.bcast_rows(ctx.ld(extra_s[0].at[cols(c)], C.COL).astype(f32), (BS, BD))
     bias_s = extra_s[1:] if path else extra_s
     slot = ctx.iota((BS,), 0, C.ROW) + (start + idx[0]) * BS
     valid = slot < length
-    k = k_s[...].astype(f32)
+    k = lambda c: k_s[:, cols(c)].astype(f32)
     if path:   # slots < length - 1 hold older keys; slot length - 1 is the new key
-      kw = jnp.sum(k * w2, axis=1)                                        # [BS], ROW
-      older = C.bcast_cols((slot < length - 1) & commit, (BS, Dh))
-      k = jnp.where(older, k - C.bcast_cols(kw * beta, (BS, Dh)) * w2, k)
-      ctx.store(k, knew_g.at[h, pl.ds((start + idx[0]) * BS, BS)],
-                transforms=C.tile_transforms(Dh, knew_g.dtype))
-    v = jnp.where(C.bcast_cols(valid, (BS, Dh)), v_s[...].astype(f32), 0.0)
-    out, gate_rows = [], []
-    for g, (acc, m, l) in enumerate(carry):
-      s = jnp.sum(k * C.bcast_rows(q[g], (BS, Dh)), axis=1)
+      kw = sum(jnp.sum(k(c) * w2(c), axis=1) for c in range(nc))            # [BS], ROW
+      older = C.bcast_cols((slot < length - 1) & commit, (BS, BD))
+      k_old = k
+
+      def k(c):
+        kc = k_old(c)
+        return jnp.where(older, kc - C.bcast_cols(kw * beta, (BS, BD)) * w2(c), kc)
+
+      for c in range(nc):
+        ctx.store(k(c), knew_g.at[h, pl.ds((start + idx[0]) * BS, BS), cols(c)],
+                  transforms=C.tile_transforms(BD, knew_g.dtype))
+    # scores, one head-dim chunk of K at a time
+    s = [None] * G
+    for c in range(nc):
+      kc = k(c)
+      for g in range(G):
+        sc = jnp.sum(kc * C.bcast_rows(q(g, c), (BS, BD)), axis=1)
+        s[g] = sc if s[g] is None else s[g] + sc
+    gate_rows, pr, alpha, ml = [], [], [], []
+    for g, (_, m, l) in enumerate(carry):
+      sg = s[g]
       if bias:
         b = ctx.ld(bias_s[0].at[g], C.ROW)
         if gate:   # older slots += g_t; the new slot (and the masked tail) 0
           b = jnp.where(commit, jnp.where(slot < length - 1, b + gstep[g], 0.0), b)
           gate_rows.append(b)
           b = b * scale
-        s = s + b
-      s = jnp.where(valid, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s))
-      alpha = jnp.exp(m - m_new)
-      pr = jnp.exp(s - m_new)
-      acc = acc * alpha + jnp.sum(v * C.bcast_cols(pr, (BS, Dh)), axis=0)
-      out.append((acc, m_new, l * alpha + jnp.sum(pr)))
+        sg = sg + b
+      sg = jnp.where(valid, sg, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(sg))
+      alpha.append(jnp.exp(m - m_new))
+      pr.append(jnp.exp(sg - m_new))
+      ml.append((m_new, l * alpha[g] + jnp.sum(pr[g])))
+    # o += p V, one head-dim chunk of V at a time (masked rows zeroed: 0 * NaN = NaN)
+    accs = [list(acc) for acc, _, _ in carry]
+    for c in range(nc):
+      v = jnp.where(C.bcast_cols(valid, (BS, BD)), v_s[:, cols(c)].astype(f32), 0.0)
+      for g in range(G):
+        accs[g][c] = accs[g][c] * alpha[g] + jnp.sum(v * C.bcast_cols(pr[g], (BS, BD)), axis=0)
     if gate:
       ctx.store_rows(gate_rows, gnew_g.at[h, :, pl.ds((start + idx[0]) * BS, BS)])
-    return tuple(out)
+    return tuple((tuple(accs[g]), *ml[g]) for g in range(G))
 
   # K and V may differ in dtype (PaTH layers keep fp32 keys next to model-dtype values).
   spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
                                       transforms=C.tile_transforms(Dh, dt))
-  carry0 = tuple((ctx.zeros((Dh,), C.COL), f32(-jnp.inf), f32(0.0)) for _ in range(G))
+  carry0 = tuple((tuple(ctx.zeros((BD,), C.COL) for _ in range(nc)), f32(-jnp.inf), f32(0.0))
+                 for _ in range(G))
   in_specs = [spec(k_g.dtype), spec(v_g.dtype), C.plgpu.BlockSpec((G, Dh), lambda i: (0, 0))]
   operands = [k_g.at[h], v_g.at[h], q_g.at[h]]
   if path:
@@ -127,23 +154,25 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, P, scale, stages, path, bias, gate):
     operands.append(bias_g.at[h])
   res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
                      init_carry=carry0)(*operands)
-  # The G partial rows leave with one TMA store and one wait (not one per head).
-  ctx.store_rows([acc for acc, _, _ in res], o_g.at[p, h])
+  # The G partial rows leave with one TMA store per chunk (not one per head).
+  for c in range(nc):
+    ctx.store_rows([acc[c] for acc, _, _ in res], o_g.at[p, h, :, cols(c)])
   for g, (_, m, l) in enumerate(res):
     m_g[p, h, g] = m
     l_g[p, h, g] = l
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, stages=2, path_wb=None, bias_HS=None, gate_g=None, pdl=None,
-             commit=True):
+             block_s=None, block_d=None, stages=2, path_wb=None, bias_HS=None, gate_g=None,
+             pdl=None, commit=True):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores; with gate_g = (gate [Hq, S], g [Hq]) the
   gate row is updated (older slots + g, slot length - 1 zero), scale * it added to the
   scores, and the updated gate [Hq, S] returned last (live blocks written). commit (bool,
   may be traced) False: every block of K and the gate written back unchanged (the
-  outputs = the inputs; o meaningless)."""
+  outputs = the inputs; o meaningless). block_d: head-dim columns per chunk (module
+  docstring; default min(Dh, 64))."""
   if gate_g is not None and bias_HS is not None:
     raise ValueError("decode attention: bias_HS and a gate update exclude each other")
   Hq, Dh = q_HD.shape
@@ -152,6 +181,8 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   interp = mode != "compile"
   BS = block_s or C.pick_block(S, 64, 64, "S (cache length)")
   C.check_block(S, BS, 64, "S (cache length)")   # WGMMA row tiles: 64-row blocks
+  BD = block_d or min(Dh, 64)
+  C.check_block(Dh, BD, 8 if interp else 32, "Dh (head dim)")
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
@@ -168,7 +199,7 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   if gate:
     out_type += (jax.ShapeDtypeStruct((Hkv, G, S), jnp.float32),)
   kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, P=P, scale=scale,
+      lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, BD=BD, P=P, scale=scale,
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
