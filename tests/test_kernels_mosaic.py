@@ -281,3 +281,27 @@ def test_path_and_log_linear_mosaic():
   # commit=False (a step past the end of the cache): the old tiles written back
   _, kept = f(S0, 6, *args, impl="pallas", interpret=M, block_v=32, commit=jnp.bool_(False))
   np.testing.assert_array_equal(np.asarray(kept), np.asarray(S0))
+
+
+def test_attention_head_chunks_and_groups_mosaic():
+  """Head-dim chunks and query-head groups exactly as written: Dh 128 with four heads per
+  KV head (the llama-8b-bench CTA: 2 chunks of 64 columns, 2 heads per CTA by default),
+  and at Dh 64 one head per CTA with 32-column chunks, with the gate update (each CTA
+  stores its own heads' gate rows); NaN past the live length."""
+  Hq, Hkv, S, L = 8, 2, 192, 130
+  tail = jnp.arange(S)[None, :, None] >= L
+  for Dh, opts in ((128, {}), (64, dict(block_d=32, block_g=1))):
+    kc = jnp.where(tail, jnp.nan, _r(50, Hkv, S, Dh))
+    vc = jnp.where(tail, jnp.nan, _r(51, Hkv, S, Dh))
+    q = _r(52, Hq, Dh)
+    kw = dict(scale=Dh ** -0.5, block_s=64, num_splits=2)
+    o = decode_attention(q, kc, vc, L, impl="pallas", interpret=M, **kw, **opts)
+    _close(o, decode_attention(q, kc, vc, L, impl="xla", scale=Dh ** -0.5), L * Dh,
+           f"Dh={Dh} {opts}")
+  gate = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(53, Hq, S)), jnp.nan)
+  gkw = dict(scale=0.125, gate_HS=gate, g_H=-jnp.abs(_r(54, Hq)))
+  o, g = decode_attention(q, kc, vc, L, impl="pallas", interpret=M, block_s=64, num_splits=2,
+                          block_d=32, block_g=1, **gkw)
+  o_r, g_r = decode_attention(q, kc, vc, L, impl="xla", **gkw)
+  _close(o, o_r, L * 64, "gate update, one head per CTA")
+  np.testing.assert_array_equal(np.asarray(g)[:, :L], np.asarray(g_r)[:, :L])

@@ -231,6 +231,35 @@ def test_decode_attention(Hq, Hkv, Dh):
     np.testing.assert_array_equal(np.asarray(r(q, kn, vn, jnp.int32(L))), np.asarray(ref))
 
 
+@pytest.mark.parametrize("Dh,block_d,block_g", [(128, 32, 4), (128, 128, 1), (64, 16, 2)])
+def test_decode_attention_chunks_and_head_groups(Dh, block_d, block_g):
+  """Head-dim chunks (block_d) and query heads per CTA (block_g) change only the order of
+  the work: the reference's output, NaN past the live length harmless."""
+  Hq, Hkv, S, L = 8, 2, 192, 150
+  k = _keys(9, 3)
+  q = jax.random.normal(k[0], (Hq, Dh))
+  tail = jnp.arange(S)[None, :, None] >= L
+  kc = jax.random.normal(k[1], (Hkv, S, Dh))
+  vc = jax.random.normal(k[2], (Hkv, S, Dh))
+  out = decode_attention(q, jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.nan, vc), L,
+                         scale=Dh ** -0.5, impl="pallas", block_s=64, num_splits=2,
+                         block_d=block_d, block_g=block_g)
+  _close(out, decode_attention(q, kc, vc, L, scale=Dh ** -0.5, impl="xla"), L * Dh,
+         f"block_d={block_d} block_g={block_g}")
+
+
+def test_decode_attention_blocks_are_checked():
+  from kernels.path_decode_attention import path_decode_attention
+  q, kc = jnp.zeros((8, 64)), jnp.zeros((2, 64, 64))
+  with pytest.raises(ValueError, match="block_g=3 must divide the 4 query heads"):
+    decode_attention(q, kc, kc, 5, scale=1.0, impl="pallas", block_g=3)
+  with pytest.raises(ValueError, match="with PaTH's key update, be all of them"):
+    path_decode_attention(q, kc, kc, jnp.ones((2, 64)), jnp.ones(2), 5, scale=1.0,
+                          impl="pallas", block_g=2)
+  with pytest.raises(ValueError, match="block for Dh .head dim.: 12"):
+    decode_attention(q, kc, kc, 5, scale=1.0, impl="pallas", block_d=12)
+
+
 def test_decode_attention_partials_and_merge():
   """The kernel's (m, l, o) partials against direct per-split sums; empty splits."""
   Hq, Hkv, Dh, S, BS, P, L = 8, 2, 64, 256, 64, 4, 150   # 3 live blocks over 4 splits

@@ -1,6 +1,7 @@
 """Mosaic-GPU kernel: GQA decode attention over the KV cache, split-K over length.
 
-Grid (Hkv, P). CTA (h, p) owns the G = Hq/Hkv query heads of KV head h and a
+Grid (Hkv * G/BG, P). CTA (h, p) owns BG of the G = Hq/Hkv query heads of KV head h
+(block_g; all G unless their accumulators would crowd the registers) and a
 contiguous share of the live cache blocks: with nb = ceil(length / BS) blocks,
 split p reads blocks [p*ceil(nb/P), ...) — a *dynamic* number, so cache slots
 past `length` are never read (only the tail of the last live block, which is
@@ -53,7 +54,8 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gate):
+def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate):
+  """G query heads per KV head, BG of them per CTA (grid axis h = KV head * G/BG + group)."""
   refs = list(refs)
   len_g, q_g, k_g, v_g = refs[:4]
   del refs[:4]
@@ -64,7 +66,10 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gat
   o_g, m_g, l_g = refs[:3]
   knew_g = refs[3] if path else None
   gnew_g = refs[-1] if gate else None
-  h = ctx.axis("h")
+  NG = G // BG
+  hg = ctx.axis("h")
+  h, g0 = hg // NG, (hg % NG) * BG   # this CTA's KV head and its first query head in it
+  heads = pl.ds(g0, BG)
   p = ctx.axis("p")
   f32 = jnp.float32
   ctx.begin()   # everything here (the caches' new row, q, length) is the step's own
@@ -78,7 +83,7 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gat
   if path:
     beta = b_g[h].astype(f32)
   if gate:
-    gstep = [gstep_g[h * G + g] for g in range(G)]
+    gstep = [gstep_g[h * G + g0 + g] for g in range(BG)]
 
   # q (and PaTH's w) ride in the pipeline with K and V (a constant block, re-fetched each
   # step: G * Dh elements), so their load overlaps the first K/V load instead of costing
@@ -108,10 +113,10 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gat
         ctx.store(k(c), knew_g.at[h, pl.ds((start + idx[0]) * BS, BS), cols(c)],
                   transforms=C.tile_transforms(BD, knew_g.dtype))
     # scores, one head-dim chunk of K at a time
-    s = [None] * G
+    s = [None] * BG
     for c in range(nc):
       kc = k(c)
-      for g in range(G):
+      for g in range(BG):
         sc = jnp.sum(kc * C.bcast_rows(q(g, c), (BS, BD)), axis=1)
         s[g] = sc if s[g] is None else s[g] + sc
     gate_rows, pr, alpha, ml = [], [], [], []
@@ -133,38 +138,49 @@ def _body(*refs, ctx: C.Ctx, S, G, Dh, BS, BD, P, scale, stages, path, bias, gat
     accs = [list(acc) for acc, _, _ in carry]
     for c in range(nc):
       v = jnp.where(C.bcast_cols(valid, (BS, BD)), v_s[:, cols(c)].astype(f32), 0.0)
-      for g in range(G):
+      for g in range(BG):
         accs[g][c] = accs[g][c] * alpha[g] + jnp.sum(v * C.bcast_cols(pr[g], (BS, BD)), axis=0)
     if gate:
-      ctx.store_rows(gate_rows, gnew_g.at[h, :, pl.ds((start + idx[0]) * BS, BS)])
-    return tuple((tuple(accs[g]), *ml[g]) for g in range(G))
+      ctx.store_rows(gate_rows, gnew_g.at[h, heads, pl.ds((start + idx[0]) * BS, BS)])
+    return tuple((tuple(accs[g]), *ml[g]) for g in range(BG))
 
   # K and V may differ in dtype (PaTH layers keep fp32 keys next to model-dtype values).
   spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
                                       transforms=C.tile_transforms(Dh, dt))
   carry0 = tuple((tuple(ctx.zeros((BD,), C.COL) for _ in range(nc)), f32(-jnp.inf), f32(0.0))
-                 for _ in range(G))
-  in_specs = [spec(k_g.dtype), spec(v_g.dtype), C.plgpu.BlockSpec((G, Dh), lambda i: (0, 0))]
-  operands = [k_g.at[h], v_g.at[h], q_g.at[h]]
+                 for _ in range(BG))
+  in_specs = [spec(k_g.dtype), spec(v_g.dtype), C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
+  operands = [k_g.at[h], v_g.at[h], q_g.at[h, heads]]
   if path:
     in_specs.append(C.plgpu.BlockSpec((Dh,), lambda i: (0,)))
     operands.append(w_g.at[h])
-  if bias:   # [G, BS] of bias_g[h] per cache block
-    in_specs.append(C.plgpu.BlockSpec((G, BS), lambda i: (0, start + i)))
-    operands.append(bias_g.at[h])
+  if bias:   # [BG, BS] of this CTA's rows of bias_g[h] per cache block
+    in_specs.append(C.plgpu.BlockSpec((BG, BS), lambda i: (0, start + i)))
+    operands.append(bias_g.at[h, heads])
   res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
                      init_carry=carry0)(*operands)
   # The G partial rows leave with one TMA store per chunk (not one per head).
   for c in range(nc):
-    ctx.store_rows([acc[c] for acc, _, _ in res], o_g.at[p, h, :, cols(c)])
+    ctx.store_rows([acc[c] for acc, _, _ in res], o_g.at[p, h, heads, cols(c)])
   for g, (_, m, l) in enumerate(res):
-    m_g[p, h, g] = m
-    l_g[p, h, g] = l
+    m_g[p, h, g0 + g] = m
+    l_g[p, h, g0 + g] = l
+
+
+def _heads_per_cta(G: int, Dh: int) -> int:
+  """The most query heads per CTA whose accumulators fit ACC_COLUMNS columns."""
+  return max(b for b in range(1, G + 1) if G % b == 0 and (b == 1 or b * Dh <= ACC_COLUMNS))
+
+
+# A [Dh] fp32 accumulator in the WGMMA column layout costs Dh / 4 registers per thread;
+# 256 columns (64 registers) leave room for a [64, 64] fp32 chunk and the temporaries
+# (llama-1b-bench: 4 heads x 64; llama-8b-bench: 2 of its 4 heads x 128 per CTA).
+ACC_COLUMNS = 256
 
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
-             block_s=None, block_d=None, stages=2, path_wb=None, bias_HS=None, gate_g=None,
-             pdl=None, commit=True):
+             block_s=None, block_d=None, block_g=None, stages=2, path_wb=None, bias_HS=None,
+             gate_g=None, pdl=None, commit=True):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores; with gate_g = (gate [Hq, S], g [Hq]) the
@@ -172,7 +188,8 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   scores, and the updated gate [Hq, S] returned last (live blocks written). commit (bool,
   may be traced) False: every block of K and the gate written back unchanged (the
   outputs = the inputs; o meaningless). block_d: head-dim columns per chunk (module
-  docstring; default min(Dh, 64))."""
+  docstring; default min(Dh, 64)). block_g: query heads per CTA (default: as many of the
+  G per KV head as keep G * Dh <= ACC_COLUMNS; PaTH: all G, which share one key update)."""
   if gate_g is not None and bias_HS is not None:
     raise ValueError("decode attention: bias_HS and a gate update exclude each other")
   Hq, Dh = q_HD.shape
@@ -183,6 +200,11 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   C.check_block(S, BS, 64, "S (cache length)")   # WGMMA row tiles: 64-row blocks
   BD = block_d or min(Dh, 64)
   C.check_block(Dh, BD, 8 if interp else 32, "Dh (head dim)")
+  BG = block_g or (G if path_wb is not None else _heads_per_cta(G, Dh))
+  if BG < 1 or G % BG or (path_wb is not None and BG != G):
+    raise ValueError(f"block_g={BG} must divide the {G} query heads per KV head"
+                     + (" and, with PaTH's key update, be all of them" if path_wb is not None
+                        else ""))
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
@@ -199,9 +221,10 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   if gate:
     out_type += (jax.ShapeDtypeStruct((Hkv, G, S), jnp.float32),)
   kern = C.mosaic_kernel(
-      lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, Dh=Dh, BS=BS, BD=BD, P=P, scale=scale,
+      lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, BG=BG, Dh=Dh, BS=BS, BD=BD, P=P,
+                            scale=scale,
                             stages=stages, path=path, bias=bias, gate=gate),
-      out_type=out_type, grid=(Hkv, P), grid_names=("h", "p"), mode=mode,
+      out_type=out_type, grid=(Hkv * (G // BG), P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
   length = jnp.asarray(length, jnp.int32)
   if path or gate:   # [length, commit]; no commit: every block, written back unchanged
