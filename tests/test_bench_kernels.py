@@ -147,3 +147,18 @@ def test_compiled_launches_tiny():
   assert [(r.name, r.grid, r.smem) for r in rows] == [(r.name, r.grid, r.smem) for r in lowered]
   for r in rows:
     assert 0 < r.regs <= 255 and r.spill == 0, r
+
+
+@pytest.mark.slow   # ~45 s each
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the jaxlib's CUDA plugin "
+                    "(scripts/cuda_aot_venv.sh); no GPU needed")
+@pytest.mark.parametrize("config,variant", [("llama-8b-bench", "pallas"),
+                                            ("llama-1b-bench", "pallas-mma"),
+                                            ("gated-1b-bench", "pallas")])
+def test_bench_steps_compile_without_spills(config, variant):
+  """The attention kernels at Dh 128 / four heads per KV head (8B; 1428 spilled bytes per
+  thread before head-dim chunks and head groups), the gate-update and PaTH attention
+  (gated), and the tensor-core GEMVs (1B) compile with no spills."""
+  from jaxlab.bench.kernels import compiled_launches
+  for r in compiled_launches(config, variant):
+    assert 0 < r.regs <= 255 and r.spill == 0, r
