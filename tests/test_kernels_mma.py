@@ -236,3 +236,45 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form):
   gemvs = {"rmsnorm_qkv", "out_proj_residual", "mlp_gate_up", "mlp_down", "lm_head_argmax"}
   assert gemvs < set(kernels), sorted(kernels)
   assert {k for k, mma in kernels.items() if mma} == (gemvs if form == "mma" else set())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("Dh,extra", [(64, "bias"), (128, None), (64, "gate")])
+def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
+  """decode attention with scores="mma" (K tile @ B [Dh, 16], the CTA's q heads as B's
+  columns) gives the CUDA-core form's split partials (m, l, o, fp32) within fp32 rounding
+  (q . K is scaled after the sum instead of q before it); NaN past the live length, a
+  score bias and the in-kernel gate update included. Dh 128: two query heads per CTA."""
+  from kernels.decode_attention import pallas as attn
+  Hq, Hkv, S, L = 8, 2, 192, 130
+  tail = jnp.arange(S)[None, :, None] >= L
+  q = _r(20, Hq, Dh)
+  kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
+  vc = jnp.where(tail, jnp.nan, _r(22, Hkv, S, Dh))
+  kw = dict(scale=Dh ** -0.5, mode=mode, block_s=64, num_splits=2)
+  row = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(23, Hq, S, dtype=F32)), jnp.nan)
+  if extra == "bias":
+    kw["bias_HS"] = row
+  elif extra == "gate":
+    kw["gate_g"] = (row, -jnp.abs(_r(24, Hq, dtype=F32)))
+  fma = attn.partials(q, kc, vc, L, **kw)
+  mma = attn.partials(q, kc, vc, L, scores="mma", **kw)
+  for name, a, b in zip(("o", "m", "l"), mma[:3], fma[:3]):
+    assert_rel_close(_f64(a), _f64(b), rtol=tol(F32, L * Dh), name=f"{name} {mode}")
+  if extra == "gate":
+    np.testing.assert_array_equal(np.asarray(mma[3])[:, :L], np.asarray(fma[3])[:, :L])
+
+
+def test_attention_score_choices_are_checked():
+  from kernels.decode_attention import decode_attention
+  from kernels.path_decode_attention import path_decode_attention
+  q, kc = _r(0, 8, 64), _r(1, 2, 64, 64)
+  kw = dict(scale=1.0, impl="pallas", interpret="hlo")
+  with pytest.raises(ValueError, match="unknown scores='tc'"):
+    decode_attention(q, kc, kc, 5, scores="tc", **kw)
+  with pytest.raises(ValueError, match="scores='mma' needs bf16 q and K .got float32"):
+    decode_attention(q.astype(F32), kc.astype(F32), kc, 5, scores="mma", **kw)
+  with pytest.raises(ValueError, match="scores='mma' needs"):
+    path_decode_attention(q, kc, kc, jnp.ones((2, 64)), jnp.ones(2), 5, scores="mma", **kw)
+  with pytest.raises(ValueError, match="head dim in multiples of 64 .got 32"):
+    decode_attention(_r(0, 8, 32), _r(1, 2, 64, 32), _r(1, 2, 64, 32), 5, scores="mma", **kw)

@@ -37,6 +37,12 @@ Masking: scores of slots >= length are -inf and their V rows are zeroed before
 the product (0 * NaN would be NaN), so NaN garbage in unused slots (keys, values,
 bias) is harmless.
 
+Scores on the tensor cores (scores="mma", bf16 q and K): the K tile is WGMMA's A
+operand and the CTA's query heads are the columns of B [Dh, 16] (built in SMEM each
+step; q is bf16, so exact), giving every head's scores [BS, 16] in one WGMMA; only p·V
+stays on the CUDA cores. Products are exact and sums fp32, as in the FMA form (q·K is
+scaled after the sum instead of q before it).
+
 Head-dim chunks (block_d, default min(Dh, 64)): the K and V tiles are read and widened
 BD columns at a time, and q is read from SMEM per chunk, so the registers hold one
 [BS, BD] fp32 chunk besides the G accumulators instead of the whole K and V tiles and
@@ -54,7 +60,45 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate):
+SCORE_FORMS = ("fma", "mma")
+MMA_HEADS = 16   # B's columns in the "mma" scores: up to 16 query heads per CTA
+MMA_SWIZZLE = 32  # B's rows are 16 bf16 = 32 bytes wide; the K tile takes the same swizzle
+
+
+def _mma_transforms():
+  return (C.plgpu.TilingTransform((8, MMA_SWIZZLE // 2)), C.plgpu.SwizzleTransform(MMA_SWIZZLE))
+
+
+def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
+  """[BS] unscaled scores q_g . K per head g (ROW layout): K tile [BS, Dh] @ B [Dh, 16],
+  column g of B = q_g (bf16), on the tensor cores (or, "hlo", the same exact products
+  summed by XLA)."""
+  f32, NB = jnp.float32, MMA_HEADS
+  col = ctx.iota((Dh, NB), 1, C.WGMMA)
+  b = ctx.zeros((Dh, NB), C.WGMMA)
+  for g in range(BG):
+    b = jnp.where(col == g, C.bcast_cols(ctx.ld(q_s.at[g], C.ROW).astype(f32), (Dh, NB)), b)
+  b = b.astype(jnp.bfloat16)
+  if not ctx.tma:
+    s = jnp.dot(k_s[...].astype(f32), b.astype(f32), precision=jax.lax.Precision.HIGHEST)
+  else:
+    def scoped(b_s):
+      b_s[...] = b
+      C.plgpu.commit_smem()   # B visible to the tensor cores (and the warpgroup barrier)
+
+      def mm(acc_ref):
+        C.plgpu.wgmma(acc_ref, k_s, b_s)
+        return acc_ref[...]   # waits for the WGMMA
+
+      return pl.run_scoped(mm, C.plgpu.ACC((BS, NB), f32))
+
+    s = pl.run_scoped(scoped, C.plgpu.SMEM((Dh, NB), jnp.bfloat16, transforms=_mma_transforms()))
+  cs = ctx.iota((BS, NB), 1, C.WGMMA)
+  return [jnp.sum(jnp.where(cs == g, s, 0.0), axis=1) for g in range(BG)]
+
+
+def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate,
+          mma=False):
   """G query heads per KV head, BG of them per CTA (grid axis h = KV head * G/BG + group)."""
   refs = list(refs)
   len_g, q_g, k_g, v_g = refs[:4]
@@ -112,13 +156,15 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
       for c in range(nc):
         ctx.store(k(c), knew_g.at[h, pl.ds((start + idx[0]) * BS, BS), cols(c)],
                   transforms=C.tile_transforms(BD, knew_g.dtype))
-    # scores, one head-dim chunk of K at a time
-    s = [None] * BG
-    for c in range(nc):
-      kc = k(c)
-      for g in range(BG):
-        sc = jnp.sum(kc * C.bcast_rows(q(g, c), (BS, BD)), axis=1)
-        s[g] = sc if s[g] is None else s[g] + sc
+    if mma:   # every head's scores in one WGMMA
+      s = [sg * scale for sg in _mma_scores(ctx, k_s, q_s, BG=BG, Dh=Dh, BS=BS)]
+    else:     # one head-dim chunk of K at a time
+      s = [None] * BG
+      for c in range(nc):
+        kc = k(c)
+        for g in range(BG):
+          sc = jnp.sum(kc * C.bcast_rows(q(g, c), (BS, BD)), axis=1)
+          s[g] = sc if s[g] is None else s[g] + sc
     gate_rows, pr, alpha, ml = [], [], [], []
     for g, (_, m, l) in enumerate(carry):
       sg = s[g]
@@ -145,11 +191,11 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
     return tuple((tuple(accs[g]), *ml[g]) for g in range(BG))
 
   # K and V may differ in dtype (PaTH layers keep fp32 keys next to model-dtype values).
-  spec = lambda dt: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
-                                      transforms=C.tile_transforms(Dh, dt))
+  spec = lambda dt, tr=None: C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0),
+                                               transforms=tr or C.tile_transforms(Dh, dt))
   carry0 = tuple((tuple(ctx.zeros((BD,), C.COL) for _ in range(nc)), f32(-jnp.inf), f32(0.0))
                  for _ in range(BG))
-  in_specs = [spec(k_g.dtype), spec(v_g.dtype), C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
+  in_specs = [spec(k_g.dtype, _mma_transforms() if mma else None), spec(v_g.dtype), C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
   operands = [k_g.at[h], v_g.at[h], q_g.at[h, heads]]
   if path:
     in_specs.append(C.plgpu.BlockSpec((Dh,), lambda i: (0,)))
@@ -180,7 +226,7 @@ ACC_COLUMNS = 256
 
 def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=None,
              block_s=None, block_d=None, block_g=None, stages=2, path_wb=None, bias_HS=None,
-             gate_g=None, pdl=None, commit=True):
+             gate_g=None, pdl=None, commit=True, scores="fma"):
   """The kernel alone: (o_p [P, Hkv, G, Dh], m_p [P, Hkv, G], l_p [P, Hkv, G]), fp32;
   with path_wb = (w [Hkv, Dh], beta [Hkv]) also the updated K (live blocks written);
   bias_HS [Hq, S] is added to the scaled scores; with gate_g = (gate [Hq, S], g [Hq]) the
@@ -189,7 +235,9 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   may be traced) False: every block of K and the gate written back unchanged (the
   outputs = the inputs; o meaningless). block_d: head-dim columns per chunk (module
   docstring; default min(Dh, 64)). block_g: query heads per CTA (default: as many of the
-  G per KV head as keep G * Dh <= ACC_COLUMNS; PaTH: all G, which share one key update)."""
+  G per KV head as keep G * Dh <= ACC_COLUMNS; PaTH: all G, which share one key update).
+  scores: "fma" (CUDA cores) or "mma" (tensor cores; bf16 q and K, no PaTH; module
+  docstring)."""
   if gate_g is not None and bias_HS is not None:
     raise ValueError("decode attention: bias_HS and a gate update exclude each other")
   Hq, Dh = q_HD.shape
@@ -205,6 +253,15 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     raise ValueError(f"block_g={BG} must divide the {G} query heads per KV head"
                      + (" and, with PaTH's key update, be all of them" if path_wb is not None
                         else ""))
+  if scores not in SCORE_FORMS:
+    raise ValueError(f"decode attention: unknown scores={scores!r} (known: "
+                     f"{', '.join(SCORE_FORMS)})")
+  mma = scores == "mma"
+  if mma and (q_HD.dtype != jnp.bfloat16 or k_cache_KSD.dtype != jnp.bfloat16
+              or path_wb is not None or BG > MMA_HEADS or Dh % 64):
+    raise ValueError(f"decode attention: scores='mma' needs bf16 q and K (got {q_HD.dtype}, "
+                     f"{k_cache_KSD.dtype}), no PaTH key update, at most {MMA_HEADS} query "
+                     f"heads per CTA (got {BG}) and a head dim in multiples of 64 (got {Dh})")
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
@@ -222,7 +279,7 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     out_type += (jax.ShapeDtypeStruct((Hkv, G, S), jnp.float32),)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, BG=BG, Dh=Dh, BS=BS, BD=BD, P=P,
-                            scale=scale,
+                            scale=scale, mma=mma,
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv * (G // BG), P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl)
