@@ -179,11 +179,11 @@ def test_op_table_fill_sweep_rows_run():
   assert not bad, bad
 
 
-@pytest.mark.slow   # ~1 min: 19 rows, interpreted
+@pytest.mark.slow   # ~1.5 min: 21 rows, interpreted
 def test_op_table_mma_sweep_rows_run():
   """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B
-  width, and the two-kernel MLP with the fill grids, at a bf16 shape (the form needs bf16
-  weights), interpreted."""
+  width, the two-kernel MLP with the fill grids, and attention with its scores on the
+  tensor cores, at a bf16 shape (the forms need bf16 weights), interpreted."""
   from jaxlab.models import ModelConfig
   cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
                            head_dim=64, ffn_dim=1024, param_dtype="bfloat16"))
@@ -192,7 +192,8 @@ def test_op_table_mma_sweep_rows_run():
   ops = ("rmsnorm_qkv", "out_proj_residual", "lm_head_argmax", "rmsnorm_swiglu_2k",
          "rmsnorm_swiglu_2k chained", "attention_out_proj")
   assert set(sw) == ({f"{op} gemv=mma swizzle={z}" for op in ops for z in (32, 64, 128)}
-                     | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8"})
+                     | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
+                        "decode_attention scores=mma", "attention_out_proj scores=mma"})
   bad = {k: r["error"] for k, r in sw.items() if "error" in r}
   assert not bad, bad
 

@@ -110,7 +110,7 @@ _DECODER_VARIANTS = {
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
 # docs/kernels.md "Launch shapes"); mma: each GEMV op with its inner product on the
-# tensor cores, per B width (swizzle), and with the fill grids
+# tensor cores, per B width (swizzle), and with the fill grids; attention's scores on them
 SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill", "mma")
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
@@ -749,6 +749,12 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                  for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
         fill += [(f"attention_out_proj {tag}", "attention_out_proj",
                   dict(pallas_opts("attention_out_proj"), o_block=mma))]
+      # attention's scores on the tensor cores (p.V stays on the CUDA cores)
+      fill += [("decode_attention scores=mma", "decode_attention", dict(scores="mma")),
+               ("attention_out_proj scores=mma", "attention_out_proj",
+                dict(pallas_opts("attention_out_proj"),
+                     attn_block=dict(pallas_opts("attention_out_proj")["attn_block"] or {},
+                                     scores="mma")))]
       mma = dict(gemv="mma", block_k=128)
       fill += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                 "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
