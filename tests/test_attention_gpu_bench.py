@@ -3,10 +3,12 @@
 import json
 
 import jax.numpy as jnp
+import pytest
 
 from jaxlab.bench import attention_gpu
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_rows_are_measured_and_appended(tmp_path):
   out = tmp_path / "rows.jsonl"
   rows = attention_gpu.bench([32, 64], tokens=64, heads=1, head_dim=16, dtype=jnp.bfloat16,

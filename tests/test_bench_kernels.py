@@ -23,6 +23,7 @@ def test_launch_arithmetic():
   assert Launch("t", grid=1, threads=1024, smem=0).fit_per_sm == 2   # by threads
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_llama_1b_launches():
   """The fused 1B layer and the two-kernel MLP: grids follow the weight shapes (64 rows
   per CTA), and every kernel fits an SM."""
@@ -36,6 +37,7 @@ def test_llama_1b_launches():
   assert "rmsnorm_swiglu" not in two and "mlp_down" in two
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_fill_variant_launches():
   """`pallas-mlp2k-fill` (the bench variant) splits the two MLP GEMVs: 512 and 256 CTAs."""
   rows = {r.name: r for r in step_launches("llama-1b-bench", "pallas-mlp2k-fill")}

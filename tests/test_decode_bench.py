@@ -73,6 +73,7 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   assert r8["bytes_per_token"] == res["bytes_per_token"] - 3 * weights + 4 * scales
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_cpu_smoke_run_hybrid_config(tmp_path):
   """PaTH / log-linear layers in the bench: pallas agrees with xla; bytes per token count
   the weights once plus each layer kind's cache traffic; unsupported variants say why."""
@@ -99,6 +100,7 @@ def test_cpu_smoke_run_hybrid_config(tmp_path):
   assert decode._cache_bytes(cfg, st, n) == want
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_hybrid_op_cases_run_and_agree():
   """The per-op rows added for PaTH / log-linear configs call their ops correctly."""
   from jaxlab.models import ModelConfig
@@ -123,6 +125,7 @@ def test_hybrid_op_cases_run_and_agree():
       assert_rel_close(y, x, rtol=tol(jnp.float32, reduction.get(op, 12 * 64)), name=op)
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_cpu_smoke_run_gated_config(tmp_path):
   """PaTH-FoX / FoX layers in the bench: pallas agrees with xla; the cache bytes count the
   gate row (read + rewritten) of each gated layer; the per-op rows for the biased
@@ -198,6 +201,7 @@ def test_op_table_mma_sweep_rows_run():
   assert not bad, bad
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_op_table_pdl_sweep_rows_run():
   """`--ops --sweep pdl`: every per-op row and the PDL rows of the fused and plain ops
   run (interpreted here; failures would be recorded as {"error": ...}); an unknown sweep

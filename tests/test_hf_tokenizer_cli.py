@@ -180,6 +180,7 @@ def test_save_carries_tokenizer(ckpt, tmp_path):
   assert load_tokenizer(str(out)).encode(TEXT) == load_tokenizer(ckpt).encode(TEXT)
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_generate_command_with_adapter(ckpt, tmp_path, capsys):
   """--adapter merges a PEFT adapter: the output is transformers + peft's greedy text."""
   import peft  # in the test extra: a missing install must fail, not skip

@@ -46,6 +46,7 @@ def test_greedy_64_tokens_identical(model, reference_tokens, impl, layers):
 
 # On CPU both modes run the same interpreted kernels ("prefetch" also checks the plumbing
 # of "wait"); on a GPU they differ, and both run.
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 @pytest.mark.parametrize("pdl", ["prefetch"] + (["wait"] if jax.default_backend() == "gpu" else []))
 def test_pdl_pallas_step_decodes_the_same(hybrid, hybrid_tokens, pdl):
   """kernel_options={"launch": {"pdl": ...}}: every Pallas kernel of the hybrid model
@@ -211,7 +212,7 @@ def _lockstep(model, impl, steps=6):
     tok = int(jnp.argmax(logits))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_hybrid_logits_match_the_model(hybrid, impl):
   """Logits (not just argmax) of each step equal the model's own extend, to fp32 tolerance."""
   from jaxlab.testing import assert_rel_close, tol
@@ -273,7 +274,7 @@ def test_gated_greedy_64_tokens_identical(gated, gated_tokens, impl):
   np.testing.assert_array_equal(toks, gated_tokens)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_gated_logits_and_gates_match_the_model(gated, impl):
   """Per-step logits equal the model's extend, and the decoder's gate rows equal the
   model's PathCache gates (G_t - G_j) on the live slots."""
@@ -303,7 +304,7 @@ def test_gated_nan_tails_and_end_of_cache(gated, impl):
   _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_scatter_row_write_decodes_the_same(model, reference_tokens, gated, gated_tokens, impl):
   """kernel_options={"rope_append": {"write": "scatter"}} (the cache row written by one
   scatter that drops an out-of-range slot) gives the same tokens as generate() for
@@ -316,7 +317,8 @@ def test_scatter_row_write_decodes_the_same(model, reference_tokens, gated, gate
     _full_cache_is_refused(dec, dec.prefill(PROMPT)[1])
 
 
-@pytest.mark.parametrize("fuse", [dict(qkv_rope=False, out_mlp=False, attn_out=False),
+@pytest.mark.parametrize("fuse", [pytest.param(dict(qkv_rope=False, out_mlp=False, attn_out=False),
+                                               marks=pytest.mark.slow),
                                   dict(attn_out=False)])
 def test_unfused_pallas_step_decodes_the_same(model, reference_tokens, gated, gated_tokens,
                                               fuse):
@@ -338,7 +340,8 @@ def test_unfused_pallas_step_decodes_the_same(model, reference_tokens, gated, ga
 
 @pytest.mark.parametrize("impl,layers,quantize", [("pallas", "unrolled", None),
                                                   ("xla", "scan", None),
-                                                  ("pallas", "unrolled", "int8")])
+                                                  pytest.param("pallas", "unrolled", "int8",
+                                                               marks=pytest.mark.slow)])
 def test_transposed_down_weight_decodes_the_same(model, reference_tokens, impl, layers,
                                                  quantize):
   """kernel_options={"layout": {"w_down": "DF"}}: the decode weights hold W_down^T [D, F]

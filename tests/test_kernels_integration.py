@@ -171,7 +171,7 @@ def test_plain_recurrence_matches_jaxlab_ops(variant):
 
 @pytest.mark.parametrize("mixer", ["log_linear_mamba2", "log_linear_gated_deltanet", "mamba2",
                                    "gated_deltanet"])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_mixer_extend_with_level_kernel_matches_recurrent(mixer, impl):
   """A Mamba-2 / GDN mixer's one-token extend through kernels/log_linear_state (log-linear:
   the Fenwick levels; plain: its one state, fenwick=False) equals its own recurrent step:

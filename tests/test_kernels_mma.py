@@ -239,7 +239,9 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("Dh,extra", [(64, "bias"), (128, None), (64, "gate")])
+@pytest.mark.parametrize("Dh,extra", [(64, "bias"),
+                                      pytest.param(128, None, marks=pytest.mark.slow),
+                                      pytest.param(64, "gate", marks=pytest.mark.slow)])
 def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
   """decode attention with scores="mma" (K tile @ B [Dh, 16], the CTA's q heads as B's
   columns) gives the CUDA-core form's split partials (m, l, o, fp32) within fp32 rounding

@@ -153,6 +153,7 @@ def test_lm_decode_reproduces_full_logits():
   assert_rel_close(jnp.concatenate(outs, 1), full, rtol=RTOL, name=f"LM {name} decode")
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_mqar_report_and_accuracy_by_query(tmp_path):
   """The experiment's report helpers read real `jaxlab train lm` run directories."""
   from jaxlab.bench.log_linear import mqar_accuracy_by_query, mqar_report

@@ -29,6 +29,7 @@ def _torch_logits(model, toks):
     return model(torch.tensor(toks)).logits.numpy()
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_peft_loads_jaxlab_adapters(tmp_path):
   base_dir = str(tmp_path / "base")
   ref = T.save_tiny_checkpoint(base_dir, "qwen2", with_tokenizer=False)  # q/k/v bias, tied

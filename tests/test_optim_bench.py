@@ -7,6 +7,7 @@ import pytest
 from jaxlab.bench.optim import bench, memory
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_bench_runs():
   rows = bench((4,), steps=2, d_model=32, n_layers=1, batch_size=2, seq_len=8, vocab_size=64,
                methods=("lora",))  # update_every defaults to steps: one merge, one refresh step

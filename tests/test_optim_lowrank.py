@@ -158,6 +158,7 @@ def test_apply_adapters_to_lm():
     apply_adapters(_tiny_lm(), rank=41)
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_projected_lm_equals_merged_adapter_lm():
   """Whole-LM duality: AdamW-free Adam on all params, with every Linear kernel's gradient
   randomly projected (refresh every 3 steps)  ==  Adam on the one-sided adapters (plus the

@@ -89,7 +89,7 @@ def ones_mask(x):
 SMALL = dict(B=2, T=11, H=2, HQ=4, K=8, V=6)   # brute-force size
 
 
-@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("gate", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_reference_and_forms_match_householder_products(gate):
   # T=11 with block 4 (3 blocks: odd count, partial last) and block 16 (one partial block).
   x = make_inputs(0, **SMALL, gate=gate, beta_range=(0.0, 2.0))
@@ -194,6 +194,7 @@ def test_beta_zero_is_causal_attention(case):
     assert_rel_close(o, ref, rtol=tol(F32, T), name=impl)
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_blockwise_backward_memory_is_linear_in_t():
   # Compile only: XLA's buffer assignment for fwd+bwd at T and 4T. Linear memory gives a
   # ratio near 4; keeping any T x T (or per-step key copies, as naive does) gives ~16.
@@ -309,6 +310,7 @@ def test_cache_overflow_raises_or_poisons():
     path_decode_step(cache, *t[:5])
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_bench_rows_and_table():
   """`jaxlab bench attention --op path` rows: timed, memory-measured, skips say why."""
   from jaxlab.bench import path as bench_path

@@ -166,6 +166,7 @@ SMOKE = dict(
     eval_size=16, eval_batch_size=16, eval_every=2, checkpoint_every=2)
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_job_smoke_and_resume(tmp_path):
   logs = []
   job = build_job(SMOKE)

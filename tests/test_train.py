@@ -60,6 +60,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
   assert np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_sigkill_and_resume_is_bit_for_bit(tmp_path):
   args = TINY + ["--steps", "24", "--checkpoint-every", "5", "--seed", "3"]
   a, b = tmp_path / "a", tmp_path / "b"

@@ -42,6 +42,7 @@ def test_flag_is_set_on_the_verified_jaxlib():
   assert jaxlab.CPU_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "")
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_log_linear_gdn_extend_runs_repeatedly():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"

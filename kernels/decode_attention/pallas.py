@@ -195,7 +195,8 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
                                                transforms=tr or C.tile_transforms(Dh, dt))
   carry0 = tuple((tuple(ctx.zeros((BD,), C.COL) for _ in range(nc)), f32(-jnp.inf), f32(0.0))
                  for _ in range(BG))
-  in_specs = [spec(k_g.dtype, _mma_transforms() if mma else None), spec(v_g.dtype), C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
+  in_specs = [spec(k_g.dtype, _mma_transforms() if mma else None), spec(v_g.dtype),
+              C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
   operands = [k_g.at[h], v_g.at[h], q_g.at[h, heads]]
   if path:
     in_specs.append(C.plgpu.BlockSpec((Dh,), lambda i: (0,)))
