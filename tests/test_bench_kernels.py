@@ -50,6 +50,7 @@ def test_not_a_pallas_variant():
     step_launches("tiny", "xla-unrolled")
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_cli(tmp_path, capsys):
   out = tmp_path / "k.json"
   assert main(["bench", "kernels", "--config", "tiny", "--variants", "pallas",

@@ -41,6 +41,7 @@ def test_summarize_trace_without_gpu_events_says_so():
   assert s["note"].startswith("no GPU stream events")
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_cpu_smoke_run_records_every_variant(tmp_path):
   p = argparse.ArgumentParser()
   decode.add_arguments(p)

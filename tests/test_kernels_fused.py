@@ -235,6 +235,7 @@ def test_attention_out_mlp(Hq, Hkv, Dh, o_block, splits, bias):
     _close(out_t, ref, L + Hq * Dh + F, "attention_out_mlp w_down_t_DF")
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_attention_out_mlp_in_bf16_matches_the_unfused_kernels():
   """bf16: fused vs decode_attention + out_proj_mlp (both Pallas). The merged attention
   output is rounded to bf16 by both; merge sums run in another order (kernel vs XLA), so

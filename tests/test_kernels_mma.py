@@ -155,7 +155,8 @@ def _tiny_bf16():
   return LM(cfg, rngs=nnx.Rngs(3))
 
 
-@pytest.mark.parametrize("mlp", [pytest.param("1k", marks=pytest.mark.slow), "2k"])
+@pytest.mark.slow   # ~13 s each: a tiny LM decoding through every GEMV kernel, interpreted
+@pytest.mark.parametrize("mlp", ["1k", "2k"])
 def test_decoder_with_mma_gemvs_matches_xla(mlp):
   """kernel_options {"gemv": {"form": "mma"}} reaches every _gemv kernel of the step (the
   one-kernel MLP keeps its own loops): a tiny bf16 LM decodes 32 greedy tokens as the

@@ -150,7 +150,7 @@ def test_small_chunks_many_levels(variant):
     close(s.levels, ref_s.levels, f"chunk 4 state parallel={parallel}")
 
 
-@pytest.mark.parametrize("chunk,T", [(4, 100), (2, 150)])
+@pytest.mark.parametrize("chunk,T", [pytest.param(4, 100, marks=pytest.mark.slow), (2, 150)])
 def test_streamed_training_form_many_blocks(chunk, T):
   assert ll._STREAM_BLOCK == 8
   """Log-linear Mamba-2 without states runs as a scan over blocks of 8 chunks with

@@ -161,6 +161,7 @@ def test_only_adapters_train():
   assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_merge_unmerge_remove(tmp_path):
   m = _model(cfg=CFG1)
   base_q = np.asarray(m.layers[0].mixer.q_proj.kernel[...])
@@ -209,6 +210,7 @@ def test_dropout_only_in_train_mode():
 
 # --------------------------------------------------------------------------- batched adapters
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_batched_adapters_vmap_and_per_row():
   m = _model(cfg=CFG1)
   lora.apply_lora(m, lora.LoRAConfig(rank=2, alpha=2.0, targets=SOME), rngs=nnx.Rngs(1))

@@ -122,7 +122,8 @@ def test_masked_tokens_are_invisible():
 CASES = [(2, 100, 2, 4, 16, 16, True, 16), (1, 150, 1, 1, 32, 24, False, 64)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["gqa-gate-b16", "mha-nogate-b64"])
+@pytest.mark.parametrize("case", [pytest.param(CASES[0], id="gqa-gate-b16", marks=pytest.mark.slow),
+                                  pytest.param(CASES[1], id="mha-nogate-b64")])
 def test_blockwise_fp32_output_and_grads_match_naive(case):
   B, T, H, HQ, K, V, gate, block = case
   x = make_inputs(1, B, T, H, HQ, K, V, gate=gate,

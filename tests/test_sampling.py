@@ -63,6 +63,7 @@ def _model():
                         init_std=0.3), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_generate_left_padded_batch_matches_single_prompts_and_streamer():
   m = _model()
   prompts = [[1, 2, 3, 4], [5, 6]]

@@ -83,6 +83,7 @@ def test_sigkill_and_resume_is_bit_for_bit(tmp_path):
   assert any((a / "tb").iterdir())
 
 
+@pytest.mark.slow   # default run under 15 min on the 2-core VM; CI runs it
 def test_resume_with_incompatible_config_names_the_field(tmp_path, capsys):
   args = TINY + ["--steps", "2", "--run-dir", str(tmp_path)]
   assert cli_main(args) == 0
