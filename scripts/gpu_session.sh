@@ -65,12 +65,13 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 
 # newest first (a timeout cuts the tail): the tensor-core GEMV (its "compile" cases run
 # WGMMA for real), the chain, PDL, the two-kernel MLP, the decode tests (their PDL and
-# two-kernel cases first), then the fused ops, every op, int8
+# two-kernel cases first), then the fused ops, every op, int8; the `slow` ones too (fast
+# when compiled; the interpreter-only tests skip themselves on a GPU)
 timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_mma.py \
   tests/test_kernels_chain.py \
   tests/test_kernels_pdl.py \
   tests/test_kernels_mlp2k.py tests/test_kernels_decode.py tests/test_kernels_fused.py \
-  tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short \
+  tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short -m "slow or not slow" \
   -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
