@@ -281,8 +281,16 @@ _MULTI = textwrap.dedent("""
     # One AdamW step: sharding changes only the fp32 summation order of the gradients, and
     # Adam divides by |g|, so entries with small |g| amplify that rounding; measured max
     # |diff| 6e-7 on weights up to 0.08 (2026-11-26). Allowance ~1.8e-6 at |w| = 0.08.
+    # An entry whose gradient is at the summation-noise level can move by anything up to
+    # the step's bound, lr * |g| / (|g| + eps) <= lr, either way (one entry of 3072 moved
+    # by 3.4e-6 on a 2-core AMD EPYC VM, 2026-11-27): every entry within 2 lr, and at most
+    # 0.1% of each leaf beyond the tight tolerance.
+    lr_bound = 2 * GRPOConfig().learning_rate
     for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+      d = np.abs(x - y)
+      assert d.max() <= lr_bound, d.max()
+      loose = d > 1e-6 + 1e-5 * np.abs(y)
+      assert loose.sum() <= max(1, loose.size // 1000), (loose.sum(), loose.size, d.max())
     print("OK")
 """)
 
