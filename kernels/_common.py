@@ -352,6 +352,12 @@ def tile_transforms(cols: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def mma_transforms(swizzle: int) -> tuple:
+  """SMEM tiling + swizzle of two bf16 WGMMA operands that share a swizzle (A as TMA lands
+  it, B built in registers): rows of swizzle // 2 elements."""
+  return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+
+
 def pick_block(n: int, cap: int, multiple: int, name: str) -> int:
   """Largest multiple of `multiple` that divides n and is <= cap."""
   if n % multiple:

@@ -82,11 +82,6 @@ MMA_SWIZZLES = (32, 64, 128)
 MMA_SWIZZLE = 64
 
 
-def mma_transforms(swizzle: int) -> tuple:
-  """SMEM tiling + swizzle of both WGMMA operands (bf16) in the "mma" form."""
-  return (C.plgpu.TilingTransform((8, swizzle // 2)), C.plgpu.SwizzleTransform(swizzle))
-
-
 def check_form(gemv: str, mma_swizzle: int | None, w_dtype, name: str) -> int | None:
   """The "mma" form's swizzle (bytes), or None for "fma"; a clear error for a bad choice."""
   if gemv not in GEMV_FORMS:
@@ -135,7 +130,7 @@ def _with_mma_scratch(fn, *, BN: int, BK: int, NB: int):
   return pl.run_scoped(
       lambda b_s: pl.run_scoped(lambda acc_ref: fn((b_s, acc_ref)),
                                 C.plgpu.ACC((BN, NB), jnp.float32)),
-      C.plgpu.SMEM((BK, NB), jnp.bfloat16, transforms=mma_transforms(2 * NB)))
+      C.plgpu.SMEM((BK, NB), jnp.bfloat16, transforms=C.mma_transforms(2 * NB)))
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
@@ -180,7 +175,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   ks = K // S // BK                          # pipeline steps of this CTA's K slice
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
-  tr = C.tile_transforms(BK, w_g.dtype) if mma is None else mma_transforms(mma)
+  tr = C.tile_transforms(BK, w_g.dtype) if mma is None else C.mma_transforms(mma)
   # the vector's register layout: along the tile's columns (fma), or along B's rows (mma)
   VL = C.COL if mma is None else C.ROW
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.

@@ -65,10 +65,6 @@ MMA_HEADS = 16   # B's columns in the "mma" scores: up to 16 query heads per CTA
 MMA_SWIZZLE = 32  # B's rows are 16 bf16 = 32 bytes wide; the K tile takes the same swizzle
 
 
-def _mma_transforms():
-  return (C.plgpu.TilingTransform((8, MMA_SWIZZLE // 2)), C.plgpu.SwizzleTransform(MMA_SWIZZLE))
-
-
 def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
   """[BS] unscaled scores q_g . K per head g (ROW layout): K tile [BS, Dh] @ B [Dh, 16],
   column g of B = q_g (bf16), on the tensor cores (or, "hlo", the same exact products
@@ -92,7 +88,8 @@ def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
 
       return pl.run_scoped(mm, C.plgpu.ACC((BS, NB), f32))
 
-    s = pl.run_scoped(scoped, C.plgpu.SMEM((Dh, NB), jnp.bfloat16, transforms=_mma_transforms()))
+    s = pl.run_scoped(scoped, C.plgpu.SMEM((Dh, NB), jnp.bfloat16,
+                                           transforms=C.mma_transforms(MMA_SWIZZLE)))
   cs = ctx.iota((BS, NB), 1, C.WGMMA)
   return [jnp.sum(jnp.where(cs == g, s, 0.0), axis=1) for g in range(BG)]
 
@@ -149,14 +146,14 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
       older = C.bcast_cols((slot < length - 1) & commit, (BS, BD))
       k_old = k
 
-      def k(c):
+      def k(c):   # the updated chunk, stored once, then attended with
         kc = k_old(c)
-        return jnp.where(older, kc - C.bcast_cols(kw * beta, (BS, BD)) * w2(c), kc)
-
-      for c in range(nc):
-        ctx.store(k(c), knew_g.at[h, pl.ds((start + idx[0]) * BS, BS), cols(c)],
+        kc = jnp.where(older, kc - C.bcast_cols(kw * beta, (BS, BD)) * w2(c), kc)
+        ctx.store(kc, knew_g.at[h, pl.ds((start + idx[0]) * BS, BS), cols(c)],
                   transforms=C.tile_transforms(BD, knew_g.dtype))
-    if mma:   # every head's scores in one WGMMA
+        return kc
+
+    if mma:   # every head's scores in one WGMMA (never with PaTH: checked in partials)
       s = [sg * scale for sg in _mma_scores(ctx, k_s, q_s, BG=BG, Dh=Dh, BS=BS)]
     else:     # one head-dim chunk of K at a time
       s = [None] * BG
@@ -195,7 +192,7 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
                                                transforms=tr or C.tile_transforms(Dh, dt))
   carry0 = tuple((tuple(ctx.zeros((BD,), C.COL) for _ in range(nc)), f32(-jnp.inf), f32(0.0))
                  for _ in range(BG))
-  in_specs = [spec(k_g.dtype, _mma_transforms() if mma else None), spec(v_g.dtype),
+  in_specs = [spec(k_g.dtype, C.mma_transforms(MMA_SWIZZLE) if mma else None), spec(v_g.dtype),
               C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
   operands = [k_g.at[h], v_g.at[h], q_g.at[h, heads]]
   if path:
