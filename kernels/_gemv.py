@@ -99,38 +99,53 @@ def check_form(gemv: str, mma_swizzle: int | None, w_dtype, name: str) -> int | 
   return swizzle
 
 
-def _mma_step(ctx: C.Ctx, w_s, v, acc, mm, *, BK: int, NB: int):
-  """acc + W_tile [BN, BK] @ B, B [BK, NB] = (hi, lo, 0, ...) columns of v [BK] (ROW
-  layout): one WGMMA into the accumulator mm = (B's SMEM, acc ref), or ("hlo", no
-  tensor cores) the same exact products summed by XLA into the carried acc."""
-  f32, bf16 = jnp.float32, jnp.bfloat16
-  hi = v.astype(bf16).astype(f32)
+def mma_b(ctx: C.Ctx, v, *, BK: int, NB: int):
+  """B [BK, NB] bf16 (WGMMA layout) for v [BK] (ROW layout): column 0 hi = bf16(v),
+  column 1 lo = bf16(v - hi), zeros elsewhere."""
+  f32 = jnp.float32
+  hi = v.astype(jnp.bfloat16).astype(f32)
   col = ctx.iota((BK, NB), 1, C.WGMMA)
-  b = jnp.where(col == 0, C.bcast_cols(hi, (BK, NB)),
-                jnp.where(col == 1, C.bcast_cols(v - hi, (BK, NB)), 0.0)).astype(bf16)
+  return jnp.where(col == 0, C.bcast_cols(hi, (BK, NB)),
+                   jnp.where(col == 1, C.bcast_cols(v - hi, (BK, NB)), 0.0)).astype(jnp.bfloat16)
+
+
+def mma_step(ctx: C.Ctx, w_s, v, acc, mm, *, BK: int, NB: int):
+  """acc + W_tile [BN, BK] @ B, B = mma_b(v) (v [BK], ROW layout): one WGMMA into the
+  accumulator mm = (B's SMEM, acc ref), or ("hlo", no tensor cores) the same exact
+  products summed by XLA into the carried acc. w_s, acc (and mm's refs) may be tuples:
+  several weight tiles against the same B, one wait."""
+  many = isinstance(w_s, tuple)
+  w_s, acc = (w_s, acc) if many else ((w_s,), (acc,))
+  b = mma_b(ctx, v, BK=BK, NB=NB)
   if not ctx.tma:
-    return acc + jnp.dot(w_s[...].astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
-  b_s, acc_ref = mm
+    f32 = jnp.float32
+    out = tuple(a + jnp.dot(w[...].astype(f32), b.astype(f32),
+                            precision=lax.Precision.HIGHEST) for w, a in zip(w_s, acc))
+    return out if many else out[0]
+  b_s, acc_refs = mm
   b_s[...] = b
   C.plgpu.commit_smem()   # B visible to the tensor cores (includes the warpgroup barrier)
-  C.plgpu.wgmma(acc_ref, w_s, b_s)
-  C.plgpu.wgmma_wait(0)   # the weight slot and B are free again
-  return acc
+  for w, a_ref in zip(w_s, acc_refs if many else (acc_refs,)):
+    C.plgpu.wgmma(a_ref, w, b_s)
+  C.plgpu.wgmma_wait(0)   # the weight slots and B are free again
+  return acc if many else acc[0]
 
 
-def _mma_result(ctx: C.Ctx, acc):
+def mma_result(ctx: C.Ctx, acc):
   """y [BN] (ROW layout) from the "mma" accumulator [BN, NB]: acc[:, 0] + acc[:, 1]."""
   col = ctx.iota(acc.shape, 1, C.WGMMA)
   return jnp.sum(jnp.where(col < 2, acc, 0.0), axis=1)
 
 
-def _with_mma_scratch(fn, *, BN: int, BK: int, NB: int):
-  """fn((B's SMEM [BK, NB] bf16, WGMMA accumulator [BN, NB] fp32)). Two scopes: register
-  allocations cannot share a run_scoped with SMEM ones."""
-  return pl.run_scoped(
-      lambda b_s: pl.run_scoped(lambda acc_ref: fn((b_s, acc_ref)),
-                                C.plgpu.ACC((BN, NB), jnp.float32)),
-      C.plgpu.SMEM((BK, NB), jnp.bfloat16, transforms=C.mma_transforms(2 * NB)))
+def with_mma_scratch(fn, *, BN: int, BK: int, NB: int, n_acc: int = 1):
+  """fn((B's SMEM [BK, NB] bf16, WGMMA accumulator [BN, NB] fp32)); n_acc > 1: a tuple of
+  that many accumulators. Separate scopes: register allocations cannot share a run_scoped
+  with SMEM ones."""
+  acc = C.plgpu.ACC((BN, NB), jnp.float32)
+  inner = (lambda b_s: pl.run_scoped(lambda acc_ref: fn((b_s, acc_ref)), acc)) if n_acc == 1 \
+      else (lambda b_s: pl.run_scoped(lambda *refs: fn((b_s, refs)), *[acc] * n_acc))
+  return pl.run_scoped(inner, C.plgpu.SMEM((BK, NB), jnp.bfloat16,
+                                           transforms=C.mma_transforms(2 * NB)))
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
@@ -221,7 +236,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     if mma is None:
       acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
     else:
-      acc = _mma_step(ctx, w_s, vg, acc, mm, BK=BK, NB=mma // 2)
+      acc = mma_step(ctx, w_s, vg, acc, mm, BK=BK, NB=mma // 2)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
@@ -256,12 +271,12 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
       if mm is not None:
         out = (mm[1][...], out[1])
       if mma is not None:
-        out = (_mma_result(ctx, out[0]), out[1])
+        out = (mma_result(ctx, out[0]), out[1])
       return out
 
     if mma is None or not ctx.tma:
       return go()
-    return _with_mma_scratch(go, BN=BN, BK=BK, NB=mma // 2)
+    return with_mma_scratch(go, BN=BN, BK=BK, NB=mma // 2)
 
   if xo_g is not None and ctx.tma:
     # The finished x slice collects in SMEM (every CTA; cheap) and leaves in one TMA

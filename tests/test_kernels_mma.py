@@ -281,3 +281,56 @@ def test_attention_score_choices_are_checked():
     path_decode_attention(q, kc, kc, jnp.ones((2, 64)), jnp.ones(2), 5, scores="mma", **kw)
   with pytest.raises(ValueError, match="head dim in multiples of 64 .got 32"):
     decode_attention(_r(0, 8, 32), _r(1, 2, 64, 32), _r(1, 2, 64, 32), 5, scores="mma", **kw)
+
+
+def _mlp_case(D, F, seed=30):
+  x, g = _r(seed, D), (1 + _r(seed + 1, D, scale=0.1)).astype(BF16)
+  ws = [_r(seed + 2 + i, F, D, scale=D ** -0.5) for i in range(2)]
+  return x, g, *ws, _r(seed + 4, F, D, scale=F ** -0.5)
+
+
+# The one-kernel MLP rounds h = silu(gate) * up to bf16 before the down projection, in
+# either form; the forms' gate / up sums differ by ~1e-7 (relative), so h may differ by
+# one bf16 step in an element close to a rounding boundary, which moves the CTA's
+# partial row by ~2^-8 |h_i w_i|. MLP_RTOL allows about one such element in BF = 64;
+# a form that dropped x * g's lo column (error 2^-9 in every gate / up sum) moves about
+# half of them and fails it by ~4x.
+MLP_RTOL = 2.0 ** -8 / 8
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("down_t,swizzle,extra", [(False, 64, None), (True, 64, None),
+                                                   (False, 128, "parts"), (True, 32, "once")])
+def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
+  """kernels/rmsnorm_swiglu with gemv="mma": gate and up tiles against one B of x * g per
+  step, and h (exact in bf16) as the down projection's other operand, built once (W_down
+  [F, D]: A's row 0 against the tile as B; W_down^T: B's column 0 against the tile as
+  A). Partial rows against the CUDA-core form; x also finished from the output
+  projection's partials ("parts") and the one-store partial row ("once")."""
+  from kernels.rmsnorm_swiglu import pallas as mlp
+  D, F = 512, 128
+  x, g, wg, wu, wd = _mlp_case(D, F)
+  wd = wd.T if down_t else wd
+  kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128, block_d=128,
+            store_once=extra == "once")
+  if extra == "parts":
+    op = _r(35, 3, D, dtype=F32, scale=0.3)
+    x_in, parts = (x, op), (3, False)
+  else:
+    x_in, parts = (x,), None
+  run = lambda **f: mlp._call(x_in, parts, g, wg, wu, wd, (None, None), **kw, **f)
+  fma, mma = run(), run(gemv="mma", mma_swizzle=swizzle)
+  assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL,
+                   name=f"mlp {mode} down_t={down_t} {extra}")
+
+
+def test_one_kernel_mlp_choices_are_checked():
+  from kernels.rmsnorm_swiglu import rmsnorm_swiglu
+  x, g, wg, wu, wd = _mlp_case(512, 128)
+  kw = dict(eps=EPS, impl="pallas", interpret="hlo", gemv="mma")
+  with pytest.raises(ValueError, match="rmsnorm_swiglu: gemv='mma' needs bf16 weights"):
+    rmsnorm_swiglu(x, g, wg.astype(F32), wu.astype(F32), wd.astype(F32), **kw)
+  with pytest.raises(ValueError, match="block for D: 96 must be a positive multiple of 64"):
+    rmsnorm_swiglu(x[:384], g[:384], wg[:, :384], wu[:, :384], wd[:, :384], block_k=96, **kw)
+  with pytest.raises(ValueError, match="block_d=512 must be at most 256"):
+    rmsnorm_swiglu(x, g, wg, wu, wd, block_d=512, **kw)

@@ -244,11 +244,11 @@ class _Spec:
     return dict(o, **{k: fill(dict(o.get(k) or {})) for k in GEMV_OPS[op]})
 
 
-# The ops built on kernels/_gemv.py, which kernel_options {"gemv": {...}} reaches: op ->
-# its GEMVs' option dicts (() : the op's own options). The one-kernel MLP
-# (rmsnorm_swiglu) has its own CUDA-core inner loops and is not among them.
+# The ops with a GEMV form (kernels/_gemv.py, and the one-kernel MLP's own loops), which
+# kernel_options {"gemv": {...}} reaches: op -> its GEMVs' option dicts (() : the op's
+# own options).
 GEMV_OPS = {"rmsnorm_qkv": (), "out_proj_residual": (), "lm_head_argmax": (),
-            "rmsnorm_swiglu_2k": ("gate_up_block", "down_block")}
+            "rmsnorm_swiglu": (), "rmsnorm_swiglu_2k": ("gate_up_block", "down_block")}
 
 
 class _Frozen(tuple):

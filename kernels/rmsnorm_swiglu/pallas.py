@@ -13,9 +13,18 @@ bytes, ~1% of the MLP weight bytes at Llama sizes).
 int8 weights stream as int8 and convert in registers; the gate/up row scales
 multiply the finished dot products in the CTA, the down projection's column
 scale multiplies the summed partial rows (it is constant along the reduction).
+
+gemv="mma" (bf16 weights) puts both phases on the tensor cores, as kernels/_gemv.py
+does for its GEMVs: the gate and up tiles are WGMMA A operands against one B per
+step built from x * g (hi / lo bf16 columns); the down phase needs one operand built
+once per CTA, since h is rounded to bf16 before it (no lo part): with W_down [F, D]
+the tile [BF, BD] is B and A [64, BF] holds h in row 0; with W_down^T [D, F] the
+tile [BD, BF] is A and B [BF, NB] holds h in column 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import _common as C
+from kernels import _gemv
 
 
 def finish_x(resid, part_SD, w_scale_D=None):
@@ -50,12 +60,28 @@ def _row_to_col(ctx: C.Ctx, v, n: int):
   return pl.run_scoped(body, C.plgpu.SMEM((n,), jnp.float32))
 
 
+def _mma_product(ctx: C.Ctx, a, b, shape, *, refs=(True, True)):
+  """a @ b, fp32 [shape] (WGMMA layout), for bf16 operands: SMEM refs on the tensor
+  cores (a fresh accumulator), or ("hlo") by XLA, where refs says which of a, b are
+  refs (h's operand is an array there)."""
+  if not ctx.tma:
+    a, b = (t[...] if r else t for t, r in zip((a, b), refs))
+    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+
+  def mm(acc_ref):
+    C.plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]   # waits for the WGMMA
+
+  return pl.run_scoped(mm, C.plgpu.ACC(shape, jnp.float32))
+
+
 def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts,
-          down_t=False, prefetch=None):
+          down_t=False, prefetch=None, mma=None):
   """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
   projection's S_o split-K partial rows [S_o, D] (and its int8 row scale), and is
   finished block by block as it streams (finish_x). down_t: the down weight is W_down^T
-  [D, F] (see below)."""
+  [D, F] (see below). mma: the "mma" form's swizzle (bytes), None for "fma"."""
   refs = list(refs)
   if x_parts:
     S_o, has_oscale = x_parts
@@ -70,7 +96,10 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     (part_g,) = refs
   p = ctx.axis("f")
   f32 = jnp.float32
-  tr = C.tile_transforms(BK, wg_g.dtype)
+  tr = C.tile_transforms(BK, wg_g.dtype) if mma is None else C.mma_transforms(mma)
+  # x's register layout: along the tiles' columns (fma), or along B's rows (mma)
+  VL = C.COL if mma is None else C.ROW
+  NB = None if mma is None else mma // 2
   dtype = x_in[0].dtype
   # PDL "prefetch": the first gate and up tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w.at[pl.ds(p * BF, BF), pl.ds(j * BK, BK)], tr)
@@ -78,32 +107,51 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
 
   def x_block(xs):
     if not x_parts:
-      return ctx.ld(xs[0], C.COL).astype(f32)
+      return ctx.ld(xs[0], VL).astype(f32)
     r_s, op_s = xs[:2]
-    y = ctx.ld(op_s, C.COL, 0)
+    y = ctx.ld(op_s, VL, 0)
     for s in range(1, S_o):
-      y = y + ctx.ld(op_s, C.COL, s)
+      y = y + ctx.ld(op_s, VL, s)
     if has_oscale:
-      y = y * ctx.ld(xs[2], C.COL)
-    return (ctx.ld(r_s, C.COL).astype(f32) + y).astype(dtype).astype(f32)
+      y = y * ctx.ld(xs[2], VL)
+    return (ctx.ld(r_s, VL).astype(f32) + y).astype(dtype).astype(f32)
 
-  def up_step(_, *args):
+  def up_step(_, *args, mm=None):
     *xs, g_s, wg_s, wu_s, carry = args
     acc_g, acc_u, ss = carry
     x = x_block(xs)
-    xg = C.bcast_rows(x * ctx.ld(g_s, C.COL).astype(f32), (BF, BK))
-    acc_g = acc_g + jnp.sum(C.widen(wg_s[...]) * xg, axis=1)
-    acc_u = acc_u + jnp.sum(C.widen(wu_s[...]) * xg, axis=1)
+    xg = x * ctx.ld(g_s, VL).astype(f32)
+    if mma is None:
+      xg = C.bcast_rows(xg, (BF, BK))
+      acc_g = acc_g + jnp.sum(C.widen(wg_s[...]) * xg, axis=1)
+      acc_u = acc_u + jnp.sum(C.widen(wu_s[...]) * xg, axis=1)
+    else:   # both tiles against one B
+      acc_g, acc_u = _gemv.mma_step(ctx, (wg_s, wu_s), xg, (acc_g, acc_u), mm, BK=BK, NB=NB)
     return acc_g, acc_u, ss + x * x
 
   vec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
   mat = lambda: C.plgpu.BlockSpec((BF, BK), lambda k: (p, k), transforms=tr)
   x_specs = [vec()] if not x_parts else (
       [vec(), C.plgpu.BlockSpec((S_o, BK), lambda k: (0, k))] + ([vec()] if has_oscale else []))
-  carry0 = (ctx.zeros((BF,), C.ROW), ctx.zeros((BF,), C.ROW), ctx.zeros((BK,), C.COL))
-  acc_g, acc_u, ss = ctx.pipeline(up_step, grid=(D // BK,),
-                                  in_specs=x_specs + [vec(), mat(), mat()], stages=stages,
-                                  init_carry=carry0)(*x_in, g_g, wg_g, wu_g)
+  if mma is None:
+    acc0 = ctx.zeros((BF,), C.ROW)
+  else:   # [BF, NB] in registers ("hlo": carried), or the WGMMA accumulators (in mm)
+    acc0 = jnp.zeros((BF, NB), f32) if not ctx.tma else jnp.float32(0)
+
+  def gate_up(mm=None):
+    out = ctx.pipeline(functools.partial(up_step, mm=mm), grid=(D // BK,),
+                       in_specs=x_specs + [vec(), mat(), mat()], stages=stages,
+                       init_carry=(acc0, acc0, ctx.zeros((BK,), VL)))(*x_in, g_g, wg_g, wu_g)
+    if mm is not None:
+      out = (mm[1][0][...], mm[1][1][...], out[2])
+    if mma is not None:
+      out = (_gemv.mma_result(ctx, out[0]), _gemv.mma_result(ctx, out[1]), out[2])
+    return out
+
+  if mma is None or not ctx.tma:
+    acc_g, acc_u, ss = gate_up()
+  else:
+    acc_g, acc_u, ss = _gemv.with_mma_scratch(gate_up, BN=BF, BK=BK, NB=NB, n_acc=2)
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
   if int8:
     rows = pl.ds(p * BF, BF)
@@ -116,7 +164,26 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if jnp.dtype(op_dtype) != jnp.float32:
     h = h.astype(op_dtype).astype(f32)
 
-  if down_t:
+  if mma is not None:
+    # h is exact in bf16 (rounded above): one operand, built once, holds it whole.
+    if down_t:   # A = the [BD, BF] tile, B [BF, NB] = h in column 0
+      col = ctx.iota((BF, NB), 1, C.WGMMA)
+      op = jnp.where(col == 0, C.bcast_cols(h, (BF, NB)), 0.0).astype(jnp.bfloat16)
+      down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p), transforms=tr)
+
+      def down_product(wd_s, op_s):
+        return _gemv.mma_result(ctx, _mma_product(ctx, wd_s, op_s, (BD, NB),
+                                                  refs=(True, ctx.tma)))
+    else:   # A [64, BF] = h in row 0, B = the [BF, BD] tile
+      hc = _row_to_col(ctx, h, BF)
+      row = ctx.iota((64, BF), 0, C.WGMMA)
+      op = jnp.where(row == 0, C.bcast_rows(hc, (64, BF)), 0.0).astype(jnp.bfloat16)
+      down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j), transforms=tr)
+
+      def down_product(wd_s, op_s):
+        acc = _mma_product(ctx, op_s, wd_s, (64, BD), refs=(ctx.tma, True))
+        return jnp.sum(jnp.where(ctx.iota((64, BD), 0, C.WGMMA) == 0, acc, 0.0), axis=0)
+  elif down_t:
     # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
     # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
     # over rows, i.e. across the warpgroup's four warps (through SMEM). h moves from the
@@ -125,52 +192,78 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p),
                                  transforms=C.tile_transforms(BF, wd_g.dtype))
 
-    def down_product(wd_s):
+    def down_product(wd_s, _):
       return jnp.sum(C.widen(wd_s[...]) * C.bcast_rows(hc, (BD, BF)), axis=1)
   else:
     down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
                                  transforms=C.tile_transforms(BD, wd_g.dtype))
 
-    def down_product(wd_s):
+    def down_product(wd_s, _):
       return jnp.sum(C.widen(wd_s[...]) * C.bcast_cols(h, (BF, BD)), axis=0)
 
-  if store_once and ctx.tma:
-    # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
-    # store, instead of one waited store per pipeline step (D/BD waits per CTA).
-    def once(row_s):
-      def down_step(idx, wd_s):
-        row_s[pl.ds(idx[0] * BD, BD)] = down_product(wd_s)
+  def down(op_s=None):
+    if store_once and ctx.tma:
+      # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
+      # store, instead of one waited store per pipeline step (D/BD waits per CTA).
+      def once(row_s):
+        def down_step(idx, wd_s):
+          row_s[pl.ds(idx[0] * BD, BD)] = down_product(wd_s, op_s)
 
-      ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
-      C.plgpu.commit_smem()
-      C.plgpu.copy_smem_to_gmem(row_s, part_g.at[p])
-      C.plgpu.wait_smem_to_gmem(0)
+        ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+        C.plgpu.commit_smem()
+        C.plgpu.copy_smem_to_gmem(row_s, part_g.at[p])
+        C.plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(once, C.plgpu.SMEM((D,), jnp.float32))
+      pl.run_scoped(once, C.plgpu.SMEM((D,), jnp.float32))
+      return
+
+    def down_step(idx, wd_s):
+      ctx.store(down_product(wd_s, op_s), part_g.at[p, pl.ds(idx[0] * BD, BD)])
+
+    # Outputs are stored from the body (the Mosaic-GPU interpreter does not
+    # support emit_pipeline out_specs, whose copies are predicated).
+    ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+
+  if mma is None or not ctx.tma:
+    down(op if mma is not None else None)
     return
 
-  def down_step(idx, wd_s):
-    ctx.store(down_product(wd_s), part_g.at[p, pl.ds(idx[0] * BD, BD)])
+  def with_operand(op_s):   # h's operand in SMEM, for every down step's WGMMA
+    op_s[...] = op
+    C.plgpu.commit_smem()
+    down(op_s)
 
-  # Outputs are stored from the body (the Mosaic-GPU interpreter does not
-  # support emit_pipeline out_specs, whose copies are predicated).
-  ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+  pl.run_scoped(with_operand, C.plgpu.SMEM(op.shape, jnp.bfloat16, transforms=tr))
 
 
 def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps, mode,
           down_t: bool = False, block_f: int | None = None, block_k: int | None = None,
           block_d: int | None = None, stages: int = 2, store_once: bool = False,
-          pdl: str | None = None, prefetch_tiles: int | None = None):
+          pdl: str | None = None, prefetch_tiles: int | None = None, gemv: str = "fma",
+          mma_swizzle: int | None = None):
   """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
-  [F, D], or W_down^T [D, F] with down_t=True."""
+  [F, D], or W_down^T [D, F] with down_t=True. gemv / mma_swizzle: the inner products'
+  form (kernels/_gemv.py; "mma": bf16 weights, BK in whole 64-row B tiles, BD in whole
+  swizzle rows of the down tile, at most 256 columns with W_down [F, D])."""
   F, D = w_gate_t_FD.shape
   interp = mode != "compile"
+  mma = _gemv.check_form(gemv, mma_swizzle, w_gate_t_FD.dtype, "rmsnorm_swiglu")
+  if mma is not None:
+    _gemv.check_form(gemv, mma_swizzle, w_down.dtype, "rmsnorm_swiglu")
+  kmult = 32 if mma is None else max(64, mma // 2)
+  dmult = 32 if mma is None else (64 if down_t else mma // 2)
+  dcap = 512 if interp else 128
+  if mma is not None and not down_t:
+    dcap = min(dcap, 256)   # the WGMMA's N
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
-  BK = block_k or C.pick_block(D, 512 if interp else 128, 32, "D")
-  BD = block_d or C.pick_block(D, 512 if interp else 128, 32, "D")
+  BK = block_k or C.pick_block(D, 512 if interp else 128, kmult, "D")
+  BD = block_d or C.pick_block(D, dcap, dmult, "D")
   C.check_block(F, BF, 64, "F")
-  C.check_block(D, BK, 32, "D")
-  C.check_block(D, BD, 32, "D")
+  C.check_block(D, BK, kmult, "D")
+  C.check_block(D, BD, dmult, "D")
+  if BD > 256 and mma is not None and not down_t:
+    raise ValueError(f"rmsnorm_swiglu: block_d={BD} must be at most 256 with gemv='mma' "
+                     "and W_down [F, D] (the WGMMA's N)")
   int8 = scales[0] is not None
   # one prefetch "tile" is a gate tile and an up tile
   C.check_prefetch(prefetch_tiles, 2 * BF * BK * w_gate_t_FD.dtype.itemsize, "rmsnorm_swiglu",
@@ -178,7 +271,7 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
                             store_once=store_once, int8=int8, x_parts=x_parts,
-                            down_t=down_t, prefetch=prefetch_tiles),
+                            down_t=down_t, prefetch=prefetch_tiles, mma=mma),
       out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
   args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
@@ -195,7 +288,8 @@ def _finish(x, part_PD, w_down_scale_D):
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=None,
                    w_up_scale_F=None, w_down_scale_D=None, *, eps: float, mode: str, **block):
   """w_down: W_down [F, D], or W_down^T [D, F] with down_t=True. block: down_t,
-  block_f, block_k, block_d, stages, store_once, pdl, prefetch_tiles (see _call)."""
+  block_f, block_k, block_d, stages, store_once, pdl, prefetch_tiles, gemv, mma_swizzle
+  (see _call)."""
   part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
                (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
   return _finish(x_D, part, w_down_scale_D)
