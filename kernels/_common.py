@@ -248,13 +248,26 @@ class Ctx:
 
     return run
 
-  def store(self, val, dst_gmem, transforms=()):
+  def store(self, val, dst_gmem, transforms=(), rows: int | None = None):
     """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
-    2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM)."""
+    2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM).
+    rows: only the first `rows` rows of a 2-D val (dst_gmem has that many)."""
+    if rows is None:
+      def fill(ref):
+        ref[...] = val.astype(ref.dtype)
+
+      self._write(fill, dst_gmem, transforms)
+      return
+    if not self.tma:
+      self._check_begun("stores")
+      dst_gmem[...] = val[:rows].astype(dst_gmem.dtype)
+      return
+
     def fill(ref):
       ref[...] = val.astype(ref.dtype)
 
-    self._write(fill, dst_gmem, transforms)
+    self._write(fill, dst_gmem, transforms, smem_shape=val.shape,
+                view=lambda s: s.at[pl.ds(0, rows)])
 
   def store_rows(self, rows, dst_gmem):
     """1-D vectors -> the rows of a [len(rows), n] GMEM slice owned by this CTA, with one
@@ -265,13 +278,14 @@ class Ctx:
 
     self._write(fill, dst_gmem)
 
-  def _write(self, fill, dst_gmem, transforms=()):
+  def _write(self, fill, dst_gmem, transforms=(), smem_shape=None, view=None):
     """fill(ref) on dst_gmem directly ("hlo"), or on an SMEM copy then stored by TMA.
 
     The store waits only until TMA has read the SMEM copy (so the buffer can go), not
     until the write has landed in GMEM: a store inside a loop (a level, a cache block)
     then costs no GMEM round trip per iteration. No kernel reads back what it stores,
-    and mosaic_kernel ends every body that stored with one full wait."""
+    and mosaic_kernel ends every body that stored with one full wait. smem_shape / view:
+    an SMEM copy of another shape, of which view(copy) is stored."""
     self._check_begun("stores")
     if not self.tma:
       fill(dst_gmem)
@@ -281,10 +295,11 @@ class Ctx:
     def body(s):
       fill(s)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s, dst_gmem)
+      plgpu.copy_smem_to_gmem(s if view is None else view(s), dst_gmem)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    pl.run_scoped(body, plgpu.SMEM(dst_gmem.shape, dst_gmem.dtype, transforms=transforms))
+    pl.run_scoped(body, plgpu.SMEM(smem_shape or dst_gmem.shape, dst_gmem.dtype,
+                                   transforms=transforms))
 
   def load(self, src_gmem, fn, transforms=()):
     """fn(ref) on a GMEM slice staged into SMEM by TMA (direct ref in "hlo" mode)."""

@@ -183,19 +183,22 @@ def test_op_table_fill_sweep_rows_run():
   assert not bad, bad
 
 
-@pytest.mark.slow   # ~1.5 min: 21 rows, interpreted
+@pytest.mark.slow   # ~2 min: 29 rows, interpreted
 def test_op_table_mma_sweep_rows_run():
   """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B
-  width, the two-kernel MLP with the fill grids, and attention with its scores on the
-  tensor cores, at a bf16 shape (the forms need bf16 weights), interpreted."""
+  width (the one-kernel MLP also in the fused layer and with W_down^T), the two-kernel
+  MLP with the fill grids, and attention with its scores on the tensor cores, at a bf16
+  shape (the forms need bf16 weights), interpreted."""
   from jaxlab.models import ModelConfig
   cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
                            head_dim=64, ffn_dim=1024, param_dtype="bfloat16"))
   out = decode.op_table(cfg, 128, None, None, 1, iters=1, sweep="mma")
   sw = out.pop("sweep")
   ops = ("rmsnorm_qkv", "out_proj_residual", "lm_head_argmax", "rmsnorm_swiglu_2k",
-         "rmsnorm_swiglu_2k chained", "attention_out_proj")
+         "rmsnorm_swiglu_2k chained", "attention_out_proj", "rmsnorm_swiglu",
+         "attention_out_mlp")
   assert set(sw) == ({f"{op} gemv=mma swizzle={z}" for op in ops for z in (32, 64, 128)}
+                     | {f"rmsnorm_swiglu w_down_t_DF gemv=mma swizzle={z}" for z in (32, 64)}
                      | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                         "decode_attention scores=mma", "attention_out_proj scores=mma"})
   bad = {k: r["error"] for k, r in sw.items() if "error" in r}

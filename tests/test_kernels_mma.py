@@ -158,8 +158,8 @@ def _tiny_bf16():
 @pytest.mark.slow   # ~13 s each: a tiny LM decoding through every GEMV kernel, interpreted
 @pytest.mark.parametrize("mlp", ["1k", "2k"])
 def test_decoder_with_mma_gemvs_matches_xla(mlp):
-  """kernel_options {"gemv": {"form": "mma"}} reaches every _gemv kernel of the step (the
-  one-kernel MLP keeps its own loops): a tiny bf16 LM decodes 32 greedy tokens as the
+  """kernel_options {"gemv": {"form": "mma"}} reaches every GEMV kernel of the step (the
+  _gemv kernels and the one-kernel MLP): a tiny bf16 LM decodes 32 greedy tokens as the
   XLA step does."""
   from jaxlab.models.decode import decode_greedy
   model = _tiny_bf16()
@@ -181,7 +181,7 @@ def test_decoder_gemv_group_is_checked():
 
 
 def test_gemv_group_fills_the_gemv_ops_only():
-  """The group's form goes to the _gemv ops (into both of the two-kernel MLP's blocks),
+  """The group's form goes to the GEMV ops (into both of the two-kernel MLP's blocks),
   an op's own choice wins, and neither the attention ops nor the XLA step see it."""
   from jaxlab.models.decode import _Spec, _freeze
   opts = {"gemv": {"form": "mma", "swizzle": 32}, "rmsnorm_qkv": {"gemv": "fma"},
@@ -197,7 +197,8 @@ def test_gemv_group_fills_the_gemv_ops_only():
   assert s.opts("lm_head_argmax") == mma and s.opts("out_proj_residual") == mma
   assert s.opts("rmsnorm_swiglu_2k") == {"gate_up_block": mma,
                                          "down_block": dict(mma, split_k=8)}
-  assert s.opts("decode_attention") == {} and s.opts("rmsnorm_swiglu") == {}
+  assert s.opts("rmsnorm_swiglu") == mma
+  assert s.opts("decode_attention") == {} and s.opts("rope_append") == {}
   assert spec("xla").opts("lm_head_argmax") == {}
 
 
@@ -217,24 +218,27 @@ def _kernels_with_wgmma(lowered) -> dict[str, bool]:
 
 
 @pytest.mark.slow   # ~15 s each: a whole 1B layer lowered
-@pytest.mark.parametrize("form", ["fma", "mma"])
-def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form):
-  """One llama-1b-bench layer (two-kernel MLP, chained) lowered for CUDA: with the gemv
-  group's "mma" form every GEMV kernel (QKV, O-projection, both MLP kernels, LM head)
-  issues WGMMA and the attention kernels do not; with "fma" none does."""
+@pytest.mark.parametrize("form,mlp", [("fma", "2k"), ("mma", "2k"), ("mma", "1k")])
+def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp):
+  """One llama-1b-bench layer lowered for CUDA (two-kernel MLP, chained; or the default
+  one-kernel MLP, fused with the O-projection): with the gemv group's "mma" form every
+  GEMV kernel (QKV, O-projection, the MLP kernels, LM head) issues WGMMA and the
+  attention kernels do not; with "fma" none does."""
   from jaxlab.bench.decode import CONFIGS
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
   SD = jax.ShapeDtypeStruct
   cfg = ModelConfig(**dict(CONFIGS["llama-1b-bench"][0], n_layers=1))
-  opts = {"layout": {"mlp": "2k"}, "gemv": {"form": form}}
+  opts = {"layout": {"mlp": mlp}, "gemv": {"form": form}}
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), None,
-                                                   w_down="DF", mlp="2k"))
+                                                   w_down="DF" if mlp == "2k" else "FD",
+                                                   mlp=mlp))
   step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))
   kernels = _kernels_with_wgmma(lowered)
-  gemvs = {"rmsnorm_qkv", "out_proj_residual", "mlp_gate_up", "mlp_down", "lm_head_argmax"}
+  gemvs = {"rmsnorm_qkv", "out_proj_residual", "lm_head_argmax"} | (
+      {"mlp_gate_up", "mlp_down"} if mlp == "2k" else {"rmsnorm_swiglu"})
   assert gemvs < set(kernels), sorted(kernels)
   assert {k for k, mma in kernels.items() if mma} == (gemvs if form == "mma" else set())
 
@@ -311,8 +315,10 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
   D, F = 512, 128
   x, g, wg, wu, wd = _mlp_case(D, F)
   wd = wd.T if down_t else wd
-  kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128, block_d=128,
-            store_once=extra == "once")
+  # W_down [F, D]: D / block_d = 8 accumulator rows, one per step (4 with "parts": the
+  # output rows padded to a whole 8-row tile)
+  kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128,
+            block_d=128 if down_t or extra == "parts" else 64, store_once=extra == "once")
   if extra == "parts":
     op = _r(35, 3, D, dtype=F32, scale=0.3)
     x_in, parts = (x, op), (3, False)
@@ -331,6 +337,11 @@ def test_one_kernel_mlp_choices_are_checked():
   with pytest.raises(ValueError, match="rmsnorm_swiglu: gemv='mma' needs bf16 weights"):
     rmsnorm_swiglu(x, g, wg.astype(F32), wu.astype(F32), wd.astype(F32), **kw)
   with pytest.raises(ValueError, match="block for D: 96 must be a positive multiple of 64"):
-    rmsnorm_swiglu(x[:384], g[:384], wg[:, :384], wu[:, :384], wd[:, :384], block_k=96, **kw)
+    rmsnorm_swiglu(x[:384], g[:384], wg[:, :384], wu[:, :384], w_down_t_DF=wd[:, :384].T,
+                   block_k=96, **kw)
   with pytest.raises(ValueError, match="block_d=512 must be at most 256"):
     rmsnorm_swiglu(x, g, wg, wu, wd, block_d=512, **kw)
+  with pytest.raises(ValueError, match=r"at most 64 blocks \(D / block_d = 128\)"):
+    big = lambda w: jnp.tile(w, (1, 16))
+    rmsnorm_swiglu(big(x[None])[0], big(g[None])[0], big(wg), big(wu), big(wd), block_d=64,
+                   **kw)

@@ -28,6 +28,8 @@ Variants (each decodes the same greedy continuation from the same cache):
   pallas-mma    pallas-mlp2k with every GEMV kernel's inner product on the tensor cores
                 (kernel_options gemv form "mma", kernels/_gemv.py): QKV, O-projection, both
                 MLP kernels and the LM head
+  pallas-mma-1k, pallas-mma-down-t
+                pallas (the one-kernel MLP) with the same option, and that with W_down^T
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -86,7 +88,8 @@ CONFIGS["gated-tiny"] = (dict(
 VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-int8",
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
-            "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma")
+            "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
+            "pallas-mma-down-t")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -105,7 +108,9 @@ _DECODER_VARIANTS = {
     "pallas-mlp2k-nochain": ("pallas", "unrolled", None, False),
     "pallas-mlp2k-prefetch": ("pallas", "unrolled", None, False),
     "pallas-mlp2k-fill": ("pallas", "unrolled", None, False),
-    "pallas-mma": ("pallas", "unrolled", None, False)}
+    "pallas-mma": ("pallas", "unrolled", None, False),
+    "pallas-mma-1k": ("pallas", "unrolled", None, False),
+    "pallas-mma-down-t": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
@@ -124,7 +129,9 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                                               "launch": {"pdl": "prefetch"}},
                     "pallas-mlp2k-fill": {"layout": {"mlp": "2k"}, "rmsnorm_swiglu_2k": {
                         "gate_up_block": {"split_k": 2}, "down_block": {"split_k": 8}}},
-                    "pallas-mma": {"layout": {"mlp": "2k"}, "gemv": {"form": "mma"}}}
+                    "pallas-mma": {"layout": {"mlp": "2k"}, "gemv": {"form": "mma"}},
+                    "pallas-mma-1k": {"gemv": {"form": "mma"}},
+                    "pallas-mma-down-t": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -749,6 +756,11 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                  for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
         fill += [(f"attention_out_proj {tag}", "attention_out_proj",
                   dict(pallas_opts("attention_out_proj"), o_block=mma))]
+        # the one-kernel MLP (W_down [F, D]), alone and as the default step's fused layer
+        fill += [(f"rmsnorm_swiglu {tag}", "rmsnorm_swiglu", dict(pallas_opts("rmsnorm_swiglu"),
+                                                                 **mma)),
+                 (f"attention_out_mlp {tag}", "attention_out_mlp",
+                  dict(pallas_opts("attention_out_mlp"), o_block=mma, **mma))]
       # attention's scores on the tensor cores (p.V stays on the CUDA cores)
       fill += [("decode_attention scores=mma", "decode_attention", dict(scores="mma")),
                ("attention_out_proj scores=mma", "attention_out_proj",
@@ -765,9 +777,18 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       make, args, _ = cases[op]
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", interpret=interpret, **kw), args, nbytes[op]))
+    from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
+    if "mma" in groups:   # the one-kernel MLP with W_down^T on the tensor cores
+      xa, ga, wga, wua, wda = cases["rmsnorm_swiglu"][1]
+      for sz in (32, 64):
+        name = f"rmsnorm_swiglu w_down_t_DF gemv=mma swizzle={sz}"
+        fn = functools.partial(mlp_op, eps=1e-6, impl="pallas", interpret=interpret,
+                               gemv="mma", mma_swizzle=sz)
+        sw[name] = _guarded(f"sweep {name}", lambda: timed(
+            lambda x_, g_, wg_, wu_, wdt_: fn(x_, g_, wg_, wu_, w_down_t_DF=wdt_),
+            (xa, ga, wga, wua, jnp.asarray(wda.T)), nbytes["rmsnorm_swiglu"]))
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
-    from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
     for name in ("rmsnorm_swiglu", "rmsnorm_swiglu int8") if "down-t" in groups else ():
       _, a, _ = cases[name]
       xa, ga, wga, wua, wda = a[:5]

@@ -76,6 +76,44 @@ def _mma_product(ctx: C.Ctx, a, b, shape, *, refs=(True, True)):
   return pl.run_scoped(mm, C.plgpu.ACC(shape, jnp.float32))
 
 
+def _mma_down_rows(ctx: C.Ctx, h, wd_g, part_g, *, p, D, BF, BD, tr, stages):
+  """The down projection with W_down [F, D] on the tensor cores. Step j's [BF, BD] tile
+  is B and A [64, BF] holds h in row j only, so row j of one [64, BD] accumulator
+  collects output block j, and the D / BD rows leave in one store at the end (h in a
+  fixed row would cost a 64-row reduction across the warps per step). part_g: the
+  [F/BF, R, BD] partial rows, R = D / BD rounded up to whole 8-row tiles (the rows past
+  D / BD stay zero)."""
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  n, R = D // BD, part_g.shape[1]
+  hrows = C.bcast_rows(_row_to_col(ctx, h, BF), (64, BF))
+  row = ctx.iota((64, BF), 0, C.WGMMA)
+  a_j = lambda j: jnp.where(row == j, hrows, 0.0).astype(bf16)
+  spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j), transforms=tr)
+  if not ctx.tma:   # the same exact products, summed by XLA
+    def step(idx, wd_s, acc):
+      return acc + jnp.dot(a_j(idx[0]).astype(f32), wd_s[...].astype(f32),
+                           precision=lax.Precision.HIGHEST)
+
+    acc = ctx.pipeline(step, grid=(n,), in_specs=[spec], stages=stages,
+                       init_carry=jnp.zeros((64, BD), f32))(wd_g)
+    ctx.store(acc, part_g.at[p], rows=R)
+    return
+
+  def scoped(a_s, acc_ref):
+    def step(idx, wd_s):
+      a_s[...] = a_j(idx[0])
+      C.plgpu.commit_smem()   # A visible to the tensor cores (and the warpgroup barrier)
+      C.plgpu.wgmma(acc_ref, a_s, wd_s)
+      C.plgpu.wgmma_wait(0)   # the weight slot and A are free again
+
+    ctx.pipeline(step, grid=(n,), in_specs=[spec], stages=stages)(wd_g)
+    ctx.store(acc_ref[...], part_g.at[p], C.tile_transforms(BD, f32), rows=R)
+
+  pl.run_scoped(lambda a_s: pl.run_scoped(lambda acc_ref: scoped(a_s, acc_ref),
+                                          C.plgpu.ACC((64, BD), f32)),
+                C.plgpu.SMEM((64, BF), bf16, transforms=tr))
+
+
 def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts,
           down_t=False, prefetch=None, mma=None):
   """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
@@ -164,25 +202,18 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if jnp.dtype(op_dtype) != jnp.float32:
     h = h.astype(op_dtype).astype(f32)
 
-  if mma is not None:
-    # h is exact in bf16 (rounded above): one operand, built once, holds it whole.
-    if down_t:   # A = the [BD, BF] tile, B [BF, NB] = h in column 0
-      col = ctx.iota((BF, NB), 1, C.WGMMA)
-      op = jnp.where(col == 0, C.bcast_cols(h, (BF, NB)), 0.0).astype(jnp.bfloat16)
-      down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p), transforms=tr)
+  # h is exact in bf16 (rounded above), so the "mma" form's h operand needs no lo part.
+  if mma is not None and not down_t:
+    _mma_down_rows(ctx, h, wd_g, part_g, p=p, D=D, BF=BF, BD=BD, tr=tr, stages=stages)
+    return
+  if mma is not None:   # A = the [BD, BF] tile, B [BF, NB] = h in column 0, built once
+    col = ctx.iota((BF, NB), 1, C.WGMMA)
+    op = jnp.where(col == 0, C.bcast_cols(h, (BF, NB)), 0.0).astype(jnp.bfloat16)
+    down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p), transforms=tr)
 
-      def down_product(wd_s, op_s):
-        return _gemv.mma_result(ctx, _mma_product(ctx, wd_s, op_s, (BD, NB),
-                                                  refs=(True, ctx.tma)))
-    else:   # A [64, BF] = h in row 0, B = the [BF, BD] tile
-      hc = _row_to_col(ctx, h, BF)
-      row = ctx.iota((64, BF), 0, C.WGMMA)
-      op = jnp.where(row == 0, C.bcast_rows(hc, (64, BF)), 0.0).astype(jnp.bfloat16)
-      down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j), transforms=tr)
-
-      def down_product(wd_s, op_s):
-        acc = _mma_product(ctx, op_s, wd_s, (64, BD), refs=(ctx.tma, True))
-        return jnp.sum(jnp.where(ctx.iota((64, BD), 0, C.WGMMA) == 0, acc, 0.0), axis=0)
+    def down_product(wd_s, op_s):
+      return _gemv.mma_result(ctx, _mma_product(ctx, wd_s, op_s, (BD, NB),
+                                                refs=(True, ctx.tma)))
   elif down_t:
     # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
     # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
@@ -255,15 +286,21 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   dcap = 512 if interp else 128
   if mma is not None and not down_t:
     dcap = min(dcap, 256)   # the WGMMA's N
+  rows_out = mma is not None and not down_t   # _mma_down_rows
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
   BK = block_k or C.pick_block(D, 512 if interp else 128, kmult, "D")
   BD = block_d or C.pick_block(D, dcap, dmult, "D")
+  if rows_out and not block_d and D // BD > 64:   # wider blocks: at most 64 of them
+    BD = min([b for b in range(BD, 257, dmult) if D % b == 0 and D // b <= 64], default=BD)
   C.check_block(F, BF, 64, "F")
   C.check_block(D, BK, kmult, "D")
   C.check_block(D, BD, dmult, "D")
-  if BD > 256 and mma is not None and not down_t:
-    raise ValueError(f"rmsnorm_swiglu: block_d={BD} must be at most 256 with gemv='mma' "
-                     "and W_down [F, D] (the WGMMA's N)")
+  if rows_out and (BD > 256 or D // BD > 64):
+    raise ValueError(f"rmsnorm_swiglu: block_d={BD} must be at most 256 and give at most "
+                     f"64 blocks (D / block_d = {D // BD}) with gemv='mma' and W_down "
+                     "[F, D] (the WGMMA's N; the accumulator's rows); or use W_down^T "
+                     "(w_down_t_DF)")
+  R = -(-(D // BD) // 8) * 8   # _mma_down_rows' output rows
   int8 = scales[0] is not None
   # one prefetch "tile" is a gate tile and an up tile
   C.check_prefetch(prefetch_tiles, 2 * BF * BK * w_gate_t_FD.dtype.itemsize, "rmsnorm_swiglu",
@@ -272,10 +309,12 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
                             store_once=store_once, int8=int8, x_parts=x_parts,
                             down_t=down_t, prefetch=prefetch_tiles, mma=mma),
-      out_type=jax.ShapeDtypeStruct((F // BF, D), jnp.float32), grid=(F // BF,),
+      out_type=jax.ShapeDtypeStruct((F // BF, R, BD) if rows_out else (F // BF, D),
+                                    jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
   args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
-  return kern(*args, scales[0], scales[1]) if int8 else kern(*args)
+  part = kern(*args, scales[0], scales[1]) if int8 else kern(*args)
+  return part[:, :D // BD].reshape(F // BF, D) if rows_out else part
 
 
 def _finish(x, part_PD, w_down_scale_D):
