@@ -157,11 +157,13 @@ def test_compiled_launches_tiny():
                     "(scripts/cuda_aot_venv.sh); no GPU needed")
 @pytest.mark.parametrize("config,variant", [("llama-8b-bench", "pallas"),
                                             ("llama-1b-bench", "pallas-mma"),
+                                            ("llama-1b-bench", "pallas-mma-1k"),
                                             ("gated-1b-bench", "pallas")])
 def test_bench_steps_compile_without_spills(config, variant):
   """The attention kernels at Dh 128 / four heads per KV head (8B; 1428 spilled bytes per
   thread before head-dim chunks and head groups), the gate-update and PaTH attention
-  (gated), and the tensor-core GEMVs (1B) compile with no spills."""
+  (gated), and the tensor-core GEMVs (1B; also the one-kernel MLP's) compile with no
+  spills."""
   from jaxlab.bench.kernels import compiled_launches
   for r in compiled_launches(config, variant):
     assert 0 < r.regs <= 255 and r.spill == 0, r
