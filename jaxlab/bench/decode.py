@@ -681,6 +681,13 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
     out[op] = row
   if groups:
     sw = {}
+    # sweep-only cases (no op row): the one-kernel MLP with W_down^T [D, F]
+    xa, ga, wga, wua, wda = cases["rmsnorm_swiglu"][1]
+    cases["rmsnorm_swiglu w_down_t_DF"] = (
+        lambda impl, **k: lambda x_, g_, wg_, wu_, wdt_: rmsnorm_swiglu(
+            x_, g_, wg_, wu_, w_down_t_DF=wdt_, eps=1e-6, impl=impl, **k),
+        (xa, ga, wga, wua, jnp.asarray(wda.T)), 3 * F * D)
+    nbytes["rmsnorm_swiglu w_down_t_DF"] = nbytes["rmsnorm_swiglu"]
     make, args, elems = cases["decode_attention"]
     for p in ((1, 2, 4, 8, 16, 32) if "splits" in groups else ()):
       if p * 64 <= S:
@@ -744,49 +751,47 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       fill += [(f"out_proj_residual split_k={sk}", "out_proj_residual",
                 dict(split_k=sk, block_k=128)) for sk in (8, 16)]
     if "mma" in groups:
-      # The GEMV on the tensor cores (kernels/_gemv.py "mma"), per B width; the MLP also
-      # with the fill grids (the tensor cores leave the CTAs less per-element work).
+      # The GEMV on the tensor cores (kernels/_gemv.py "mma"), per B width (the default
+      # first: a timeout cuts the tail); the MLPs first (most of the step's bytes); the
+      # two-kernel MLP also with the fill grids (the tensor cores leave the CTAs less
+      # per-element work). Ahead of the fill rows.
       both = lambda **k: dict(gate_up_block=dict(k), down_block=dict(k))
-      for sz in (32, 64, 128):
+      mma_rows = []
+      for sz in (64, 32, 128):
         mma = dict(gemv="mma", mma_swizzle=sz)
         tag = f"gemv=mma swizzle={sz}"
-        fill += [(f"{op} {tag}", op, mma) for op in ("rmsnorm_qkv", "out_proj_residual",
-                                                     "lm_head_argmax")]
-        fill += [(f"{op} {tag}", op, both(**mma))
-                 for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
-        fill += [(f"attention_out_proj {tag}", "attention_out_proj",
-                  dict(pallas_opts("attention_out_proj"), o_block=mma))]
-        # the one-kernel MLP (W_down [F, D]), alone and as the default step's fused layer
-        fill += [(f"rmsnorm_swiglu {tag}", "rmsnorm_swiglu", dict(pallas_opts("rmsnorm_swiglu"),
-                                                                 **mma)),
-                 (f"attention_out_mlp {tag}", "attention_out_mlp",
-                  dict(pallas_opts("attention_out_mlp"), o_block=mma, **mma))]
-      # attention's scores on the tensor cores (p.V stays on the CUDA cores)
-      fill += [("decode_attention scores=mma", "decode_attention", dict(scores="mma")),
-               ("attention_out_proj scores=mma", "attention_out_proj",
-                dict(pallas_opts("attention_out_proj"),
-                     attn_block=dict(pallas_opts("attention_out_proj")["attn_block"] or {},
-                                     scores="mma")))]
-      mma = dict(gemv="mma", block_k=128)
-      fill += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
-                "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
-                                          down_block=dict(mma, split_k=8)))]
+        # the one-kernel MLP (W_down [F, D]; W_down^T), and the default step's fused layer
+        mma_rows += [(f"rmsnorm_swiglu {tag}", "rmsnorm_swiglu",
+                      dict(pallas_opts("rmsnorm_swiglu"), **mma))]
+        if sz < 128:
+          mma_rows += [(f"rmsnorm_swiglu w_down_t_DF {tag}", "rmsnorm_swiglu w_down_t_DF",
+                        dict(pallas_opts("rmsnorm_swiglu"), **mma))]
+        mma_rows += [(f"attention_out_mlp {tag}", "attention_out_mlp",
+                      dict(pallas_opts("attention_out_mlp"), o_block=mma, **mma))]
+        mma_rows += [(f"{op} {tag}", op, both(**mma))
+                     for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
+        mma_rows += [(f"{op} {tag}", op, mma) for op in ("rmsnorm_qkv", "out_proj_residual",
+                                                         "lm_head_argmax")]
+        mma_rows += [(f"attention_out_proj {tag}", "attention_out_proj",
+                      dict(pallas_opts("attention_out_proj"), o_block=mma))]
+        if sz == 64:
+          mma = dict(gemv="mma", block_k=128)
+          mma_rows += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
+                        "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
+                                                  down_block=dict(mma, split_k=8)))]
+          # attention's scores on the tensor cores (p.V stays on the CUDA cores)
+          mma_rows += [("decode_attention scores=mma", "decode_attention", dict(scores="mma")),
+                       ("attention_out_proj scores=mma", "attention_out_proj",
+                        dict(pallas_opts("attention_out_proj"),
+                             attn_block=dict(pallas_opts("attention_out_proj")["attn_block"]
+                                             or {}, scores="mma")))]
+      fill = mma_rows + fill
     for name, op, kw in fill:
       if name in sw:   # also in another selected group
         continue
       make, args, _ = cases[op]
       sw[name] = _guarded(f"sweep {name}", lambda: timed(
           make("pallas", interpret=interpret, **kw), args, nbytes[op]))
-    from kernels.rmsnorm_swiglu import rmsnorm_swiglu as mlp_op
-    if "mma" in groups:   # the one-kernel MLP with W_down^T on the tensor cores
-      xa, ga, wga, wua, wda = cases["rmsnorm_swiglu"][1]
-      for sz in (32, 64):
-        name = f"rmsnorm_swiglu w_down_t_DF gemv=mma swizzle={sz}"
-        fn = functools.partial(mlp_op, eps=1e-6, impl="pallas", interpret=interpret,
-                               gemv="mma", mma_swizzle=sz)
-        sw[name] = _guarded(f"sweep {name}", lambda: timed(
-            lambda x_, g_, wg_, wu_, wdt_: fn(x_, g_, wg_, wu_, w_down_t_DF=wdt_),
-            (xa, ga, wga, wua, jnp.asarray(wda.T)), nbytes["rmsnorm_swiglu"]))
     # W_down^T [D, F]: the down blocks reduced along rows (within quads of threads) instead
     # of across the warpgroup's warps; bf16 and int8, both stores.
     for name in ("rmsnorm_swiglu", "rmsnorm_swiglu int8") if "down-t" in groups else ():
@@ -796,9 +801,9 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       targs = (xa, ga, wga, wua, jnp.asarray(wda.T), *sc.values())
       for once in (False, True):
         def fn(x_, g_, wg_, wu_, wdt_, *s_, once=once):
-          return mlp_op(x_, g_, wg_, wu_, w_down_t_DF=wdt_, eps=1e-6, impl="pallas",
-                        interpret=interpret, store_once=once, **dict(zip(sc, s_)),
-                        **opts.get("rmsnorm_swiglu", {}))
+          return rmsnorm_swiglu(x_, g_, wg_, wu_, w_down_t_DF=wdt_, eps=1e-6, impl="pallas",
+                                interpret=interpret, store_once=once, **dict(zip(sc, s_)),
+                                **opts.get("rmsnorm_swiglu", {}))
         sw[f"{name} w_down_t_DF store_once={once}"] = _guarded(
             f"sweep {name} w_down_t_DF store_once={once}",
             lambda: timed(fn, targs, nbytes[name]))
