@@ -16,10 +16,11 @@ scale multiplies the summed partial rows (it is constant along the reduction).
 
 gemv="mma" (bf16 weights) puts both phases on the tensor cores, as kernels/_gemv.py
 does for its GEMVs: the gate and up tiles are WGMMA A operands against one B per
-step built from x * g (hi / lo bf16 columns); the down phase needs one operand built
-once per CTA, since h is rounded to bf16 before it (no lo part): with W_down [F, D]
-the tile [BF, BD] is B and A [64, BF] holds h in row 0; with W_down^T [D, F] the
-tile [BD, BF] is A and B [BF, NB] holds h in column 0.
+step built from x * g (hi / lo bf16 columns). The down phase's operand holds h alone
+(h is rounded to bf16 before it, so no lo part): with W_down [F, D] the tile [BF, BD]
+is B and A [64, BF] holds h in row j at step j, so the partial row collects in the
+accumulator's rows and leaves in one store (store_once's form, always); with W_down^T
+[D, F] the tile [BD, BF] is A and B [BF, NB] holds h in column 0, built once.
 """
 
 from __future__ import annotations
