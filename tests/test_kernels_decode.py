@@ -188,7 +188,9 @@ def hybrid_tokens(hybrid):
 
 
 @pytest.mark.parametrize("impl,share_layers", [pytest.param("xla", True, marks=pytest.mark.slow),
-                                               ("pallas", True),
+                                               # ~25 s: shared layers (CI runs it)
+                                               pytest.param("pallas", True,
+                                                            marks=pytest.mark.slow),
                                                ("pallas", False)])
 def test_hybrid_greedy_64_tokens_identical(hybrid, hybrid_tokens, impl, share_layers):
   """The PaTH key update and log-linear level-state kernels inside the decode step, with
