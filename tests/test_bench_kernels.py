@@ -120,6 +120,58 @@ def test_registers_limit_the_fit():
   assert "regs" not in Launch("a", **base).row()
 
 
+def _sass(lines) -> str:
+  """nvdisasm -c style text: labels as given, instructions with addresses."""
+  out, addr = [], 0
+  for ln in lines:
+    if ln.startswith(".L_x_"):
+      out.append(ln)
+    else:
+      out.append(f"        /*{addr:04x}*/                   {ln} ;")
+      addr += 16
+  return "\n".join(out)
+
+
+def test_sass_loops_are_natural_loops():
+  """A main loop whose latch ptxas put out of line (an unconditional branch back), with an
+  inner loop and a barrier wait whose retry path sits at the end of the function and
+  branches back into the loop; a short wait loop; a retry path outside any loop."""
+  body = lambda n, op="FFMA R1, R2, R3, R1": [op] * n
+  sass = _sass(
+      body(3, "MOV R0, R1")
+      + ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2", "@!P1 BRA `(.L_x_9)", ".L_x_8:"]
+      + body(5, "MOV R4, R5")
+      + [".L_x_1:"] + body(10) + ["HGMMA.64x32x16.F32.BF16 R40, gdesc[UR8], R40"]
+      + [".L_x_2:"] + body(30) + ["@P2 BRA `(.L_x_2)"]            # inner loop: 31
+      + ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR5], R2", "@!P1 BRA `(.L_x_5)", ".L_x_6:"]
+      + body(4) + [".L_x_7:"] + body(2) + ["@P3 BRA `(.L_x_7)"]   # 3 instructions: a wait
+      + ["@P0 BRA `(.L_x_3)"] + ["EXIT"]
+      + [".L_x_3:"] + body(2, "IADD3 R6, R6, 0x1, RZ") + ["BRA `(.L_x_1)"]   # the latch
+      + [".L_x_5:", "NANOSLEEP 0x10", "BRA `(.L_x_6)"]            # retry inside the loop
+      + [".L_x_9:", "NANOSLEEP 0x10", "BRA `(.L_x_8)"])           # retry before it
+  from jaxlab.bench.kernels import sass_loops
+  inner = 31
+  outer = 11 + inner + 2 + 4 + 3 + 1 + 3 + 2   # the loop's blocks, its wait retry included
+  loops = sass_loops(sass)
+  # innermost only: the inner loop; the outer loop contains it
+  assert loops == [(inner, 0)], loops
+  # without the inner loop's back edge, the main loop is innermost and counts its latch
+  # and its out-of-line wait retry, not the retry path before the loop
+  flat = sass.replace("@P2 BRA `(.L_x_2)", "NOP")
+  assert sass_loops(flat) == [(outer, 1)], sass_loops(flat)
+  # no loop at all: a wait's retry path branching back is not one
+  straight = _sass(body(30) + ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2",
+                               "@!P1 BRA `(.L_x_9)", ".L_x_8:"] + body(30) + ["EXIT"]
+                   + [".L_x_9:", "NANOSLEEP 0x10", "BRA `(.L_x_8)"])
+  assert sass_loops(straight) == []
+
+
+def test_sass_needs_compile(capsys):
+  assert main(["bench", "kernels", "--config", "tiny", "--variants", "pallas", "--sass"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--sass needs --compile" in err[0], err
+
+
 def _has_cuda_plugin() -> bool:
   import importlib.util
   try:

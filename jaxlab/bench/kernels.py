@@ -17,12 +17,18 @@ compile fails here, before any GPU time is spent on it. It needs the CUDA plugin
 installed jaxlib (`pip install --no-deps jax-cuda13-plugin==V jax-cuda13-pjrt==V`, V =
 jaxlib's version; `scripts/cuda_aot_venv.sh` makes such a venv beside the dev one) and
 ptxas on PATH.
+
+`--sass` (with `--compile`) also disassembles each kernel (Mosaic's PTX dump through
+ptxas for sm_90a, then nvdisasm: on PATH or from the `nvidia-cuda-nvdisasm` wheel) and
+lists its main loops: SASS instructions per trip of each innermost loop, the figure
+docs/kernels.md uses to compare the CUDA-core and tensor-core GEMV forms.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -47,6 +53,8 @@ class Launch:
   smem: int
   regs: int | None = None    # registers per thread (ptxas; --compile only)
   spill: int | None = None   # spill store + load bytes per thread (ptxas)
+  loops: tuple[tuple[int, int], ...] | None = None   # (SASS instructions, HGMMA) per
+  #   innermost loop, in code order (--sass only; sass_loops)
 
   @property
   def fit_per_sm(self) -> int:
@@ -80,6 +88,8 @@ class Launch:
                warps_per_sm=round(self.warps_per_sm, 1), waves=self.waves)
     if self.regs is not None:
       out.update(regs=self.regs, spill_bytes=self.spill)
+    if self.loops is not None:
+      out["loops"] = [dict(instructions=n, hgmma=h) for n, h in self.loops]
     return out
 
 
@@ -208,6 +218,113 @@ def ptxas_usage(text: str) -> tuple[int, int]:
   return int(regs.group(1)), (int(spill.group(1)) + int(spill.group(2)) if spill else 0)
 
 
+MIN_LOOP = 20   # smaller loops are waits on barriers, not a kernel's main loops
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+`?\(?(\.L_x_\d+)")
+_END = re.compile(r"^(EXIT|RET\b)")
+
+
+def sass_loops(sass: str) -> list[tuple[int, int]]:
+  """(instructions per trip, HGMMA instructions) of each innermost natural loop of at
+  least MIN_LOOP instructions in `nvdisasm -c` output, ordered by where the loop starts.
+
+  A natural loop: an edge back to a block that dominates its source (ptxas may put a
+  loop's latch out of line). A barrier wait's out-of-line retry path also branches back
+  into the main code, but its entry does not dominate it, so it is not a loop."""
+  instrs, labels = [], {}
+  for line in sass.splitlines():
+    m = _SASS_LABEL.match(line)
+    if m:
+      labels[m.group(1)] = len(instrs)
+      continue
+    m = _SASS_LINE.match(line)
+    if m:
+      instrs.append(m.group(1))
+  n = len(instrs)
+  # basic blocks: leaders at 0, at branch targets and after branches / ends
+  leaders = {0} | {i for i in labels.values() if i < n}
+  for i, ins in enumerate(instrs):
+    if (_BRANCH.match(ins) or _END.match(ins)) and i + 1 < n:
+      leaders.add(i + 1)
+  starts = sorted(leaders)
+  block_of = {}
+  for b, a in enumerate(starts):
+    for i in range(a, starts[b + 1] if b + 1 < len(starts) else n):
+      block_of[i] = b
+  nb = len(starts)
+  succ = [set() for _ in range(nb)]
+  for b, a in enumerate(starts):
+    last = (starts[b + 1] if b + 1 < nb else n) - 1
+    ins, br = instrs[last], _BRANCH.match(instrs[last])
+    if br and br.group(2) in labels and labels[br.group(2)] < n:
+      succ[b].add(block_of[labels[br.group(2)]])
+    unconditional_end = (br and not br.group(1)) or (_END.match(ins) is not None)
+    if not unconditional_end and b + 1 < nb:
+      succ[b].add(b + 1)
+  pred = [set() for _ in range(nb)]
+  for b in range(nb):
+    for c in succ[b]:
+      pred[c].add(b)
+  # dominators (iterative; entry = block 0; unreachable blocks dominate nothing)
+  full = set(range(nb))
+  dom = [full.copy() for _ in range(nb)]
+  dom[0] = {0}
+  changed = True
+  while changed:
+    changed = False
+    for b in range(1, nb):
+      ps = [dom[p] for p in pred[b]]
+      new = (set.intersection(*ps) if ps else set()) | {b}
+      if new != dom[b]:
+        dom[b], changed = new, True
+  size = lambda b: (starts[b + 1] if b + 1 < nb else n) - starts[b]
+  loops = []
+  for b in range(nb):
+    for h in succ[b]:
+      if h in dom[b]:   # back edge b -> h: the natural loop's blocks
+        body, stack = {h, b}, [b] if b != h else []   # (never past the header)
+        while stack:
+          for p in pred[stack.pop()]:
+            if p not in body:
+              body.add(p)
+              stack.append(p)
+        loops.append(frozenset(body))
+  big = [L for L in set(loops) if sum(size(b) for b in L) >= MIN_LOOP]
+  inner = [L for L in big if not any(M < L for M in big)]
+  out = []
+  for L in sorted(inner, key=min):
+    idx = [i for b in L for i in range(starts[b], starts[b] + size(b))]
+    out.append((len(idx), sum("HGMMA" in instrs[i] for i in idx)))
+  return out
+
+
+def _nvdisasm() -> str:
+  """nvdisasm: on PATH, or from the nvidia-cuda-nvdisasm wheel."""
+  import shutil
+  found = shutil.which("nvdisasm")
+  if found:
+    return found
+  try:
+    import nvidia
+    for root in nvidia.__path__:
+      for cand in sorted(pathlib.Path(root).glob("*/bin/nvdisasm")):
+        return str(cand)
+  except ImportError:
+    pass
+  raise RuntimeError("--sass needs nvdisasm (pip install nvidia-cuda-nvdisasm, or a CUDA "
+                     "toolkit on PATH)")
+
+
+def _disassemble(ptx: pathlib.Path) -> str:
+  import subprocess
+  cubin = ptx.with_suffix(".cubin")
+  subprocess.run(["ptxas", "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True,
+                 capture_output=True)
+  return subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
+                        text=True).stdout
+
+
 def first_dumped_module(lines) -> str:
   """The module before Mosaic's first pass, from its pass log (`*.mlir-passes.log`: one
   "// -----// IR Dump Before ..." header per pass, the module after each)."""
@@ -256,17 +373,22 @@ def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
 
 
 def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=None,
-                      kv_len: int = 1024) -> list[Launch]:
+                      kv_len: int = 1024, sass: bool = False) -> list[Launch]:
   """step_launches' kernels with ptxas's registers and spills, from compiling the step
   for an H100 in a fresh process (deviceless; needs the jaxlib's CUDA plugin, not a GPU).
-  A kernel that does not compile raises RuntimeError with the compiler's last line."""
+  A kernel that does not compile raises RuntimeError with the compiler's last line.
+  sass: also each kernel's main loops (sass_loops)."""
   import subprocess
   import sys
   _check_variant(config, variant)
+  if sass:
+    _nvdisasm()   # fail before the compile, not after
   with tempfile.TemporaryDirectory() as d:
     env = {**os.environ, "MOSAIC_GPU_DUMP_TO": d, "MOSAIC_GPU_DUMP_PTXAS": "1",
            "MOSAIC_GPU_DUMP_MLIR_PASSES": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
            "JAX_PLATFORMS": ""}
+    if sass:
+      env["MOSAIC_GPU_DUMP_PTX"] = "1"
     code = ("import sys; from jaxlab.bench.kernels import _compile_worker; "
             "_compile_worker(*sys.argv[1:4], int(sys.argv[4]))")
     r = subprocess.run([sys.executable, "-c", code, config, variant,
@@ -280,7 +402,11 @@ def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=No
     dumped = []
     for log in sorted(pathlib.Path(d).glob("*.ptxas")):
       with open(log.with_suffix(".mlir-passes.log")) as f:
-        dumped.append(dumped_launch(f, log.read_text()))
+        k = dumped_launch(f, log.read_text())
+      if sass:
+        k = dataclasses.replace(k, loops=tuple(sass_loops(_disassemble(log.with_suffix(
+            ".ptx")))))
+      dumped.append(k)
   out = []
   for e in expected:
     match = [k for k in dumped if (k.name, k.grid, k.threads, k.smem) ==
@@ -293,14 +419,17 @@ def compiled_launches(config: str, variant: str = "pallas", *, kernel_options=No
 
 def table(rows: list[Launch]) -> str:
   regs = any(r.regs is not None for r in rows)
+  loops = any(r.loops is not None for r in rows)
   head = (f"{'kernel':24s} {'grid':>5s} {'thr':>4s} {'SMEM KB':>8s} "
           + (f"{'regs':>4s} {'spill':>5s} " if regs else "")
-          + f"{'fit/SM':>6s} {'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}")
+          + f"{'fit/SM':>6s} {'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}"
+          + ("  main loops: SASS instructions (HGMMA)" if loops else ""))
   lines = [head]
   for r in rows:
     lines.append(f"{r.name:24s} {r.grid:5d} {r.threads:4d} {r.smem / 1024:8.1f} "
                  + (f"{r.regs:4d} {r.spill:5d} " if regs else "")
-                 + f"{r.fit_per_sm:6d} {r.per_sm:7.2f} {r.warps_per_sm:8.1f} {r.waves:5d}")
+                 + f"{r.fit_per_sm:6d} {r.per_sm:7.2f} {r.warps_per_sm:8.1f} {r.waves:5d}"
+                 + ("  " + ", ".join(f"{n} ({h})" for n, h in r.loops) if r.loops else ""))
   return "\n".join(lines)
 
 
@@ -317,6 +446,9 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="also compile the step for an H100 (no GPU needed; needs the CUDA plugin "
                       "of the installed jaxlib and ptxas): adds registers and spills per "
                       "kernel, and fails on a kernel that does not compile")
+  p.add_argument("--sass", action="store_true",
+                 help="with --compile: also each kernel's main loops, SASS instructions per "
+                      "trip (needs nvdisasm: pip install nvidia-cuda-nvdisasm)")
 
 
 def main(args) -> int:
@@ -325,9 +457,12 @@ def main(args) -> int:
     options = json.loads(args.kernel_options) if args.kernel_options else None
   except json.JSONDecodeError as e:
     raise UserError(f"--kernel-options: not JSON ({e})") from None
+  if args.sass and not args.compile:
+    raise UserError("--sass needs --compile (it reads the compiled kernels)")
   out = {}
   for variant in [v for v in args.variants.split(",") if v]:
-    find = compiled_launches if args.compile else step_launches
+    find = (functools.partial(compiled_launches, sass=args.sass) if args.compile
+            else step_launches)
     try:
       rows = find(args.config, variant, kernel_options=options)
     except (ValueError, RuntimeError) as e:
