@@ -219,3 +219,30 @@ def test_bench_steps_compile_without_spills(config, variant):
   from jaxlab.bench.kernels import compiled_launches
   for r in compiled_launches(config, variant):
     assert 0 < r.regs <= 255 and r.spill == 0, r
+
+
+def _has_nvdisasm() -> bool:
+  from jaxlab.bench.kernels import _nvdisasm
+  try:
+    _nvdisasm()
+  except RuntimeError:
+    return False
+  return True
+
+
+@pytest.mark.slow   # ~60 s
+@pytest.mark.skipif(not (_has_cuda_plugin() and _has_nvdisasm()),
+                    reason="needs the jaxlib's CUDA plugin and nvdisasm (scripts/"
+                    "cuda_aot_venv.sh + pip install nvidia-cuda-nvdisasm); no GPU needed")
+def test_sass_loops_of_the_compiled_1b_step():
+  """--sass on the 1B step with the tensor-core GEMVs: the one-kernel MLP's two loops (gate
+  + up: 2 x [64, 128] @ [128, 32] = 16 HGMMA.64x32x16; down: [64, 64] @ [64, 128] = 4
+  HGMMA.64x128x16), one loop of 8 in each GEMV kernel, none in attention's main loop."""
+  from jaxlab.bench.kernels import compiled_launches
+  rows = {r.name: r for r in compiled_launches("llama-1b-bench", "pallas-mma-1k", sass=True)}
+  assert [h for _, h in rows["rmsnorm_swiglu"].loops] == [16, 4]
+  for name in ("rmsnorm_qkv", "out_proj_residual", "lm_head_argmax"):
+    assert [h for _, h in rows[name].loops] == [8], (name, rows[name].loops)
+  assert all(h == 0 for _, h in rows["decode_attention"].loops)
+  # the MLP's CUDA-core loops had 979 and 647 instructions (docs/kernels.md)
+  assert all(n < 400 for n, _ in rows["rmsnorm_swiglu"].loops), rows["rmsnorm_swiglu"].loops
