@@ -252,22 +252,17 @@ class Ctx:
     """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
     2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM).
     rows: only the first `rows` rows of a 2-D val (dst_gmem has that many)."""
-    if rows is None:
-      def fill(ref):
-        ref[...] = val.astype(ref.dtype)
-
-      self._write(fill, dst_gmem, transforms)
-      return
-    if not self.tma:
-      self._check_begun("stores")
-      dst_gmem[...] = val[:rows].astype(dst_gmem.dtype)
-      return
+    if rows is not None and not self.tma:   # "hlo": straight into dst_gmem
+      val, rows = val[:rows], None
 
     def fill(ref):
       ref[...] = val.astype(ref.dtype)
 
-    self._write(fill, dst_gmem, transforms, smem_shape=val.shape,
-                view=lambda s: s.at[pl.ds(0, rows)])
+    if rows is None:
+      self._write(fill, dst_gmem, transforms)
+    else:   # the whole tile to SMEM, its first rows to GMEM
+      self._write(fill, dst_gmem, transforms, smem_shape=val.shape,
+                  view=lambda s: s.at[pl.ds(0, rows)])
 
   def store_rows(self, rows, dst_gmem):
     """1-D vectors -> the rows of a [len(rows), n] GMEM slice owned by this CTA, with one
@@ -371,6 +366,22 @@ def mma_transforms(swizzle: int) -> tuple:
   """SMEM tiling + swizzle of two bf16 WGMMA operands that share a swizzle (A as TMA lands
   it, B built in registers): rows of swizzle // 2 elements."""
   return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+
+
+def mma_product(ctx: Ctx, a, b, shape, *, refs=(True, True)):
+  """a @ b, fp32 [shape] (WGMMA layout), for bf16 operands: SMEM refs on the tensor cores
+  into a fresh accumulator, or ("hlo") the same exact products summed by XLA, where
+  `refs` says which of a, b are refs (an operand built in registers is an array there)."""
+  if not ctx.tma:
+    a, b = (t[...] if r else t for t, r in zip((a, b), refs))
+    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+
+  def mm(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]   # waits for the WGMMA
+
+  return pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32))
 
 
 def pick_block(n: int, cap: int, multiple: int, name: str) -> int:

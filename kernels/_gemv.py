@@ -109,26 +109,23 @@ def mma_b(ctx: C.Ctx, v, *, BK: int, NB: int):
                    jnp.where(col == 1, C.bcast_cols(v - hi, (BK, NB)), 0.0)).astype(jnp.bfloat16)
 
 
-def mma_step(ctx: C.Ctx, w_s, v, acc, mm, *, BK: int, NB: int):
-  """acc + W_tile [BN, BK] @ B, B = mma_b(v) (v [BK], ROW layout): one WGMMA into the
-  accumulator mm = (B's SMEM, acc ref), or ("hlo", no tensor cores) the same exact
-  products summed by XLA into the carried acc. w_s, acc (and mm's refs) may be tuples:
-  several weight tiles against the same B, one wait."""
-  many = isinstance(w_s, tuple)
-  w_s, acc = (w_s, acc) if many else ((w_s,), (acc,))
+def mma_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int, NB: int):
+  """accs[i] + w_tiles[i] [BN, BK] @ B for each weight tile, one B = mma_b(v) (v [BK],
+  ROW layout): WGMMAs into the accumulators of mm = (B's SMEM, acc refs) and one wait,
+  or ("hlo", no tensor cores) the same exact products summed by XLA into the carried
+  accs. Returns the accs."""
   b = mma_b(ctx, v, BK=BK, NB=NB)
   if not ctx.tma:
     f32 = jnp.float32
-    out = tuple(a + jnp.dot(w[...].astype(f32), b.astype(f32),
-                            precision=lax.Precision.HIGHEST) for w, a in zip(w_s, acc))
-    return out if many else out[0]
+    return tuple(a + jnp.dot(w[...].astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
+                 for w, a in zip(w_tiles, accs))
   b_s, acc_refs = mm
   b_s[...] = b
   C.plgpu.commit_smem()   # B visible to the tensor cores (includes the warpgroup barrier)
-  for w, a_ref in zip(w_s, acc_refs if many else (acc_refs,)):
+  for w, a_ref in zip(w_tiles, acc_refs):
     C.plgpu.wgmma(a_ref, w, b_s)
   C.plgpu.wgmma_wait(0)   # the weight slots and B are free again
-  return acc if many else acc[0]
+  return accs
 
 
 def mma_result(ctx: C.Ctx, acc):
@@ -138,14 +135,12 @@ def mma_result(ctx: C.Ctx, acc):
 
 
 def with_mma_scratch(fn, *, BN: int, BK: int, NB: int, n_acc: int = 1):
-  """fn((B's SMEM [BK, NB] bf16, WGMMA accumulator [BN, NB] fp32)); n_acc > 1: a tuple of
-  that many accumulators. Separate scopes: register allocations cannot share a run_scoped
-  with SMEM ones."""
-  acc = C.plgpu.ACC((BN, NB), jnp.float32)
-  inner = (lambda b_s: pl.run_scoped(lambda acc_ref: fn((b_s, acc_ref)), acc)) if n_acc == 1 \
-      else (lambda b_s: pl.run_scoped(lambda *refs: fn((b_s, refs)), *[acc] * n_acc))
-  return pl.run_scoped(inner, C.plgpu.SMEM((BK, NB), jnp.bfloat16,
-                                           transforms=C.mma_transforms(2 * NB)))
+  """fn((B's SMEM [BK, NB] bf16, n_acc WGMMA accumulators [BN, NB] fp32)). Separate
+  scopes: register allocations cannot share a run_scoped with SMEM ones."""
+  accs = [C.plgpu.ACC((BN, NB), jnp.float32)] * n_acc
+  return pl.run_scoped(lambda b_s: pl.run_scoped(lambda *refs: fn((b_s, refs)), *accs),
+                       C.plgpu.SMEM((BK, NB), jnp.bfloat16,
+                                    transforms=C.mma_transforms(2 * NB)))
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
@@ -236,7 +231,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     if mma is None:
       acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
     else:
-      acc = mma_step(ctx, w_s, vg, acc, mm, BK=BK, NB=mma // 2)
+      (acc,) = mma_step(ctx, (w_s,), vg, (acc,), mm, BK=BK, NB=mma // 2)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
@@ -269,7 +264,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
       out = ctx.pipeline(functools.partial(step, xs=xs, mm=mm), grid=(ks,), in_specs=in_specs,
                          stages=stages, init_carry=(acc0, ss0))(*ins)
       if mm is not None:
-        out = (mm[1][...], out[1])
+        out = (mm[1][0][...], out[1])
       if mma is not None:
         out = (mma_result(ctx, out[0]), out[1])
       return out

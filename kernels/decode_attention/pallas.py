@@ -76,17 +76,12 @@ def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
     b = jnp.where(col == g, C.bcast_cols(ctx.ld(q_s.at[g], C.ROW).astype(f32), (Dh, NB)), b)
   b = b.astype(jnp.bfloat16)
   if not ctx.tma:
-    s = jnp.dot(k_s[...].astype(f32), b.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    s = C.mma_product(ctx, k_s, b, (BS, NB), refs=(True, False))
   else:
     def scoped(b_s):
       b_s[...] = b
       C.plgpu.commit_smem()   # B visible to the tensor cores (and the warpgroup barrier)
-
-      def mm(acc_ref):
-        C.plgpu.wgmma(acc_ref, k_s, b_s)
-        return acc_ref[...]   # waits for the WGMMA
-
-      return pl.run_scoped(mm, C.plgpu.ACC((BS, NB), f32))
+      return C.mma_product(ctx, k_s, b_s, (BS, NB))
 
     s = pl.run_scoped(scoped, C.plgpu.SMEM((Dh, NB), jnp.bfloat16,
                                            transforms=C.mma_transforms(MMA_SWIZZLE)))

@@ -61,22 +61,6 @@ def _row_to_col(ctx: C.Ctx, v, n: int):
   return pl.run_scoped(body, C.plgpu.SMEM((n,), jnp.float32))
 
 
-def _mma_product(ctx: C.Ctx, a, b, shape, *, refs=(True, True)):
-  """a @ b, fp32 [shape] (WGMMA layout), for bf16 operands: SMEM refs on the tensor
-  cores (a fresh accumulator), or ("hlo") by XLA, where refs says which of a, b are
-  refs (h's operand is an array there)."""
-  if not ctx.tma:
-    a, b = (t[...] if r else t for t, r in zip((a, b), refs))
-    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST)
-
-  def mm(acc_ref):
-    C.plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]   # waits for the WGMMA
-
-  return pl.run_scoped(mm, C.plgpu.ACC(shape, jnp.float32))
-
-
 def _mma_down_rows(ctx: C.Ctx, h, wd_g, part_g, *, p, D, BF, BD, tr, stages):
   """The down projection with W_down [F, D] on the tensor cores. Step j's [BF, BD] tile
   is B and A [64, BF] holds h in row j only, so row j of one [64, BD] accumulator
@@ -213,8 +197,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p), transforms=tr)
 
     def down_product(wd_s, op_s):
-      return _gemv.mma_result(ctx, _mma_product(ctx, wd_s, op_s, (BD, NB),
-                                                refs=(True, ctx.tma)))
+      return _gemv.mma_result(ctx, C.mma_product(ctx, wd_s, op_s, (BD, NB),
+                                                 refs=(True, ctx.tma)))
   elif down_t:
     # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
     # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
