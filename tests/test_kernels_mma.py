@@ -331,6 +331,13 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
   fma, mma = run(), run(gemv="mma", mma_swizzle=swizzle)
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL,
                    name=f"mlp {mode} down_t={down_t} {extra}")
+  # the finished op against the reference, at bf16 output precision (as the 2k MLP's test)
+  from kernels.rmsnorm_swiglu import reference
+  xf = mlp.finish_x(x, op) if extra == "parts" else x
+  down = dict(w_down_t_DF=wd) if down_t else dict(w_down_FD=wd)
+  ref = reference.rmsnorm_swiglu(xf, g, wg, wu, eps=EPS, **down)
+  assert_rel_close(_f64(mlp._finish(xf, mma, None)), _f64(ref), rtol=2.0 ** -8,
+                   name=f"mlp {mode} vs reference")
 
 
 def test_one_kernel_mlp_choices_are_checked():
