@@ -405,7 +405,7 @@ def check_block(n: int, block: int, multiple: int, name: str):
 
 def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[str, ...],
                   mode: str, name: str, input_output_aliases: dict[int, int] | None = None,
-                  pdl: str | None = None):
+                  pdl: str | None = None, approx_math: bool = False):
   """plgpu.kernel (new argument names, one warpgroup per CTA) when compiling or in
   the Mosaic-GPU interpreter; a whole-array pl.pallas_call over the same grid in
   "hlo" mode (the HLO interpreter does not bind plgpu grid axis names).
@@ -415,7 +415,9 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
   has no such argument, so aliased kernels are a Mosaic-GPU pallas_call over GMEM refs
   (grid axes then read with pl.program_id); this runs in all three modes.
 
-  pdl: PDL_MODES or None; the body must call ctx.begin() (checked when it is traced)."""
+  pdl: PDL_MODES or None; the body must call ctx.begin() (checked when it is traced).
+  approx_math: exp2 and the like as single approximate instructions when compiling
+  (ex2.approx.ftz: 2 ulp, results below 2^-126 flushed to zero)."""
   check_pdl(pdl, name)
   inner = body
 
@@ -433,7 +435,8 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
     return pl.pallas_call(functools.partial(body, ctx=ctx), out_shape=out_type, grid=grid,
                           interpret=True, name=name,
                           input_output_aliases=dict(input_output_aliases or {}))
-  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                approx_math=approx_math)
   if input_output_aliases:
     ctx = Ctx(mode, tuple(grid_names), program_ids=True)
     gmem = lambda: pl.BlockSpec(memory_space=plgpu.GMEM)

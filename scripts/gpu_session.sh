@@ -12,7 +12,7 @@
 #      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
 #      mma,fill (B1_SWEEP; the tensor-core GEMV per op and B width, then the fuller
 #      grids; "all" adds split/tile/stage/PDL/down-t rows, ~2.5 min) with xla-unrolled and
-#      pallas (B1_VARIANTS); (b) pallas-mma, pallas-mma-1k, pallas-mlp2k (chained),
+#      pallas (B1_VARIANTS); (b) pallas-mma, pallas-mma-1k, pallas-mma-attn, pallas-mlp2k (chained),
 #      pallas-mma-down-t, pallas-prefetch,
 #      pallas-mlp2k-prefetch, pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
 #      (B1B_VARIANTS, in that order: the budget may cut the last ones; pallas-down-t,
@@ -88,7 +88,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma,pallas-mma-1k,pallas-mlp2k,pallas-mma-down-t,pallas-prefetch,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma,pallas-mma-1k,pallas-mma-attn,pallas-mlp2k,pallas-mma-down-t,pallas-prefetch,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

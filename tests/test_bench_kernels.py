@@ -154,11 +154,12 @@ def test_sass_loops_are_natural_loops():
   outer = 11 + inner + 2 + 4 + 3 + 1 + 3 + 2   # the loop's blocks, its wait retry included
   loops = sass_loops(sass)
   # innermost only: the inner loop; the outer loop contains it
-  assert loops == [(inner, 0)], loops
+  assert loops == [(inner, 0, inner)], loops
   # without the inner loop's back edge, the main loop is innermost and counts its latch
-  # and its out-of-line wait retry, not the retry path before the loop
+  # and its out-of-line wait retry, not the retry path before the loop; its shortest
+  # trip leaves the retry out
   flat = sass.replace("@P2 BRA `(.L_x_2)", "NOP")
-  assert sass_loops(flat) == [(outer, 1)], sass_loops(flat)
+  assert sass_loops(flat) == [(outer, 1, outer - 2)], sass_loops(flat)
   # no loop at all: a wait's retry path branching back is not one
   straight = _sass(body(30) + ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2",
                                "@!P1 BRA `(.L_x_9)", ".L_x_8:"] + body(30) + ["EXIT"]
@@ -210,12 +211,13 @@ def test_compiled_launches_tiny():
 @pytest.mark.parametrize("config,variant", [("llama-8b-bench", "pallas"),
                                             ("llama-1b-bench", "pallas-mma"),
                                             ("llama-1b-bench", "pallas-mma-1k"),
+                                            ("llama-8b-bench", "pallas-mma-attn"),
                                             ("gated-1b-bench", "pallas")])
 def test_bench_steps_compile_without_spills(config, variant):
   """The attention kernels at Dh 128 / four heads per KV head (8B; 1428 spilled bytes per
-  thread before head-dim chunks and head groups), the gate-update and PaTH attention
-  (gated), and the tensor-core GEMVs (1B; also the one-kernel MLP's) compile with no
-  spills."""
+  thread before head-dim chunks and head groups; also with both products on the tensor
+  cores), the gate-update and PaTH attention (gated), and the tensor-core GEMVs (1B; also
+  the one-kernel MLP's) compile with no spills."""
   from jaxlab.bench.kernels import compiled_launches
   for r in compiled_launches(config, variant):
     assert 0 < r.regs <= 255 and r.spill == 0, r
@@ -240,9 +242,25 @@ def test_sass_loops_of_the_compiled_1b_step():
   HGMMA.64x128x16), one loop of 8 in each GEMV kernel, none in attention's main loop."""
   from jaxlab.bench.kernels import compiled_launches
   rows = {r.name: r for r in compiled_launches("llama-1b-bench", "pallas-mma-1k", sass=True)}
-  assert [h for _, h in rows["rmsnorm_swiglu"].loops] == [16, 4]
+  assert [h for _, h, _ in rows["rmsnorm_swiglu"].loops] == [16, 4]
   for name in ("rmsnorm_qkv", "out_proj_residual", "lm_head_argmax"):
-    assert [h for _, h in rows[name].loops] == [8], (name, rows[name].loops)
-  assert all(h == 0 for _, h in rows["decode_attention"].loops)
+    assert [h for _, h, _ in rows[name].loops] == [8], (name, rows[name].loops)
+  assert all(h == 0 for _, h, _ in rows["decode_attention"].loops)
   # the MLP's CUDA-core loops had 979 and 647 instructions (docs/kernels.md)
-  assert all(n < 400 for n, _ in rows["rmsnorm_swiglu"].loops), rows["rmsnorm_swiglu"].loops
+  assert all(n < 400 for n, _, _ in rows["rmsnorm_swiglu"].loops), rows["rmsnorm_swiglu"].loops
+
+
+@pytest.mark.slow   # ~60 s
+@pytest.mark.skipif(not (_has_cuda_plugin() and _has_nvdisasm()),
+                    reason="needs the jaxlib's CUDA plugin and nvdisasm (scripts/"
+                    "cuda_aot_venv.sh + pip install nvidia-cuda-nvdisasm); no GPU needed")
+def test_sass_loop_of_attention_on_the_tensor_cores():
+  """scores="mma-pv" (pallas-mma-attn, 1B): attention's main loop issues its two products
+  as 8 HGMMA (q.K^T and P.V, 4 each) and its shortest trip is under 600 instructions
+  (1418 with the scores alone on the tensor cores, 1766 with neither), with no spills."""
+  from jaxlab.bench.kernels import compiled_launches
+  rows = {r.name: r for r in compiled_launches("llama-1b-bench", "pallas-mma-attn", sass=True)}
+  attn = rows["decode_attention"]
+  main = [loop for loop in attn.loops if loop[1]]
+  assert [h for _, h, _ in main] == [8], attn.loops
+  assert main[0][2] < 600 and attn.spill == 0, attn

@@ -200,7 +200,8 @@ def test_op_table_mma_sweep_rows_run():
   assert set(sw) == ({f"{op} gemv=mma swizzle={z}" for op in ops for z in (32, 64, 128)}
                      | {f"rmsnorm_swiglu w_down_t_DF gemv=mma swizzle={z}" for z in (32, 64)}
                      | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
-                        "decode_attention scores=mma", "attention_out_proj scores=mma"})
+                        "decode_attention scores=mma", "attention_out_proj scores=mma",
+                        "decode_attention scores=mma-pv", "attention_out_proj scores=mma-pv"})
   bad = {k: r["error"] for k, r in sw.items() if "error" in r}
   assert not bad, bad
 

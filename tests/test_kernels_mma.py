@@ -156,18 +156,21 @@ def _tiny_bf16():
 
 
 @pytest.mark.slow   # ~13 s each: a tiny LM decoding through every GEMV kernel, interpreted
-@pytest.mark.parametrize("mlp", ["1k", "2k"])
-def test_decoder_with_mma_gemvs_matches_xla(mlp):
+@pytest.mark.parametrize("mlp,attn", [("1k", None), ("2k", None), ("2k", "mma-pv")])
+def test_decoder_with_mma_gemvs_matches_xla(mlp, attn):
   """kernel_options {"gemv": {"form": "mma"}} reaches every GEMV kernel of the step (the
-  _gemv kernels and the one-kernel MLP): a tiny bf16 LM decodes 32 greedy tokens as the
-  XLA step does."""
+  _gemv kernels and the one-kernel MLP), and with attention's scores "mma-pv" (the
+  pallas-mma-attn bench variant) every product of the step is on the tensor cores: a
+  tiny bf16 LM decodes 32 greedy tokens as the XLA step does."""
   from jaxlab.models.decode import decode_greedy
   model = _tiny_bf16()
   layout = {"layout": {"mlp": mlp}}
   want = decode_greedy(model, PROMPT, 32, impl="xla", kernel_options=layout)
   assert len(set(np.asarray(want).tolist())) >= 8, "degenerate continuation: test is too weak"
-  got = decode_greedy(model, PROMPT, 32, impl="pallas",
-                      kernel_options=dict(layout, gemv={"form": "mma"}))
+  opts = dict(layout, gemv={"form": "mma"})
+  if attn:
+    opts["decode_attention"] = {"scores": attn}
+  got = decode_greedy(model, PROMPT, 32, impl="pallas", kernel_options=opts)
   np.testing.assert_array_equal(got, want)
 
 
@@ -275,6 +278,41 @@ def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
     np.testing.assert_array_equal(np.asarray(mma[3])[:, :L], np.asarray(fma[3])[:, :L])
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("Dh,extra,splits", [(64, "bias", 4),
+                                             pytest.param(128, None, 2, marks=pytest.mark.slow),
+                                             pytest.param(64, "gate", 2, marks=pytest.mark.slow)])
+def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits):
+  """scores="mma-pv" (S = q rows @ K^T and o += P @ V, both WGMMAs; rows g and g + 32 hold
+  head g, P's in hi and lo bf16) gives the CUDA-core form's split partials: m and l within
+  fp32 rounding, o within that plus MMA_V for p's two-part form. NaN past the live length
+  (V zeroed in SMEM before the product), a score bias, the in-kernel gate update, and an
+  empty split (4 splits of 3 live blocks) included."""
+  from kernels.decode_attention import pallas as attn
+  Hq, Hkv, S, L = 8, 2, 192, 130
+  tail = jnp.arange(S)[None, :, None] >= L
+  q = _r(20, Hq, Dh)
+  kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
+  vc = jnp.where(tail, jnp.nan, _r(22, Hkv, S, Dh))
+  kw = dict(scale=Dh ** -0.5, mode=mode, block_s=64, num_splits=splits)
+  row = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(23, Hq, S, dtype=F32)), jnp.nan)
+  if extra == "bias":
+    kw["bias_HS"] = row
+  elif extra == "gate":
+    kw["gate_g"] = (row, -jnp.abs(_r(24, Hq, dtype=F32)))
+  fma = attn.partials(q, kc, vc, L, **kw)
+  pv = attn.partials(q, kc, vc, L, scores="mma-pv", **kw)
+  live = np.isfinite(np.asarray(fma[1]))   # [P, Hkv, G]: False for the empty split's rows
+  assert (not live.all()) == (splits == 4)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(pv[1])), live)
+  for name, a, b, rtol in zip(("o", "m", "l"), pv[:3], fma[:3],
+                              (_rtol(L * Dh), tol(F32, Dh), tol(F32, L))):
+    assert_rel_close(_f64(a)[live], _f64(b)[live], rtol=rtol, name=f"{name} {mode}")
+    np.testing.assert_array_equal(_f64(a)[~live], _f64(b)[~live])
+  if extra == "gate":
+    np.testing.assert_array_equal(np.asarray(pv[3])[:, :L], np.asarray(fma[3])[:, :L])
+
+
 def test_attention_score_choices_are_checked():
   from kernels.decode_attention import decode_attention
   from kernels.path_decode_attention import path_decode_attention
@@ -288,6 +326,11 @@ def test_attention_score_choices_are_checked():
     path_decode_attention(q, kc, kc, jnp.ones((2, 64)), jnp.ones(2), 5, scores="mma", **kw)
   with pytest.raises(ValueError, match="head dim in multiples of 64 .got 32"):
     decode_attention(_r(0, 8, 32), _r(1, 2, 64, 32), _r(1, 2, 64, 32), 5, scores="mma", **kw)
+  with pytest.raises(ValueError, match="scores='mma-pv' needs bf16 q, K and V .got "
+                     "bfloat16, bfloat16, float32"):
+    decode_attention(q, kc, kc.astype(F32), 5, scores="mma-pv", **kw)
+  with pytest.raises(ValueError, match="at most 32 query heads per CTA .got 64"):
+    decode_attention(_r(0, 64, 64), kc[:1], kc[:1], 5, scores="mma-pv", block_g=64, **kw)
 
 
 def _mlp_case(D, F, seed=30):

@@ -30,6 +30,9 @@ Variants (each decodes the same greedy continuation from the same cache):
                 MLP kernels and the LM head
   pallas-mma-1k, pallas-mma-down-t
                 pallas (the one-kernel MLP) with the same option, and that with W_down^T
+  pallas-mma-attn
+                pallas-mma with attention on the tensor cores too (decode_attention
+                scores "mma-pv": q.K and p.V both WGMMAs)
   pallas-pdl, pallas-prefetch
                 pallas with Programmatic Dependent Launch (kernel_options launch pdl
                 "wait" / "prefetch"): each kernel may start while the previous one runs,
@@ -89,7 +92,7 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
-            "pallas-mma-down-t")
+            "pallas-mma-down-t", "pallas-mma-attn")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -110,7 +113,8 @@ _DECODER_VARIANTS = {
     "pallas-mlp2k-fill": ("pallas", "unrolled", None, False),
     "pallas-mma": ("pallas", "unrolled", None, False),
     "pallas-mma-1k": ("pallas", "unrolled", None, False),
-    "pallas-mma-down-t": ("pallas", "unrolled", None, False)}
+    "pallas-mma-down-t": ("pallas", "unrolled", None, False),
+    "pallas-mma-attn": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
@@ -131,7 +135,9 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                         "gate_up_block": {"split_k": 2}, "down_block": {"split_k": 8}}},
                     "pallas-mma": {"layout": {"mlp": "2k"}, "gemv": {"form": "mma"}},
                     "pallas-mma-1k": {"gemv": {"form": "mma"}},
-                    "pallas-mma-down-t": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}}}
+                    "pallas-mma-down-t": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}},
+                    "pallas-mma-attn": {"layout": {"mlp": "2k"}, "gemv": {"form": "mma"},
+                                        "decode_attention": {"scores": "mma-pv"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -779,12 +785,15 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           mma_rows += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                         "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
                                                   down_block=dict(mma, split_k=8)))]
-          # attention's scores on the tensor cores (p.V stays on the CUDA cores)
-          mma_rows += [("decode_attention scores=mma", "decode_attention", dict(scores="mma")),
-                       ("attention_out_proj scores=mma", "attention_out_proj",
-                        dict(pallas_opts("attention_out_proj"),
-                             attn_block=dict(pallas_opts("attention_out_proj")["attn_block"]
-                                             or {}, scores="mma")))]
+          # attention's scores on the tensor cores (p.V stays on the CUDA cores), and
+          # both of its products there ("mma-pv")
+          for sc in ("mma", "mma-pv"):
+            mma_rows += [(f"decode_attention scores={sc}", "decode_attention",
+                          dict(scores=sc)),
+                         (f"attention_out_proj scores={sc}", "attention_out_proj",
+                          dict(pallas_opts("attention_out_proj"),
+                               attn_block=dict(pallas_opts("attention_out_proj")["attn_block"]
+                                               or {}, scores=sc)))]
       fill = mma_rows + fill
     for name, op, kw in fill:
       if name in sw:   # also in another selected group

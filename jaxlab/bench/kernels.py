@@ -21,7 +21,9 @@ ptxas on PATH.
 `--sass` (with `--compile`) also disassembles each kernel (Mosaic's PTX dump through
 ptxas for sm_90a, then nvdisasm: on PATH or from the `nvidia-cuda-nvdisasm` wheel) and
 lists its main loops: SASS instructions per trip of each innermost loop, the figure
-docs/kernels.md uses to compare the CUDA-core and tensor-core GEMV forms.
+docs/kernels.md uses to compare the CUDA-core and tensor-core GEMV forms, and, where a
+loop has branches (a first-step setup, a tail-only fix-up), the instructions of its
+shortest trip ("all/shortest").
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ class Launch:
   smem: int
   regs: int | None = None    # registers per thread (ptxas; --compile only)
   spill: int | None = None   # spill store + load bytes per thread (ptxas)
-  loops: tuple[tuple[int, int], ...] | None = None   # (SASS instructions, HGMMA) per
-  #   innermost loop, in code order (--sass only; sass_loops)
+  loops: tuple[tuple[int, int, int], ...] | None = None   # (SASS instructions, HGMMA,
+  #   shortest trip) per innermost loop, in code order (--sass only; sass_loops)
 
   @property
   def fit_per_sm(self) -> int:
@@ -89,7 +91,7 @@ class Launch:
     if self.regs is not None:
       out.update(regs=self.regs, spill_bytes=self.spill)
     if self.loops is not None:
-      out["loops"] = [dict(instructions=n, hgmma=h) for n, h in self.loops]
+      out["loops"] = [dict(instructions=n, hgmma=h, shortest_trip=t) for n, h, t in self.loops]
     return out
 
 
@@ -225,9 +227,12 @@ _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA\s+`?\(?(\.L_x_\d+)")
 _END = re.compile(r"^(EXIT|RET\b)")
 
 
-def sass_loops(sass: str) -> list[tuple[int, int]]:
-  """(instructions per trip, HGMMA instructions) of each innermost natural loop of at
-  least MIN_LOOP instructions in `nvdisasm -c` output, ordered by where the loop starts.
+def sass_loops(sass: str) -> list[tuple[int, int, int]]:
+  """(instructions per trip, HGMMA instructions, instructions of the shortest trip) of each
+  innermost natural loop of at least MIN_LOOP instructions in `nvdisasm -c` output,
+  ordered by where the loop starts. The first two count every instruction of the loop;
+  the shortest trip, header to header, skips the branches a trip may leave out (a setup
+  done in the first trip only, a fix-up of the last block, a wait's retry path).
 
   A natural loop: an edge back to a block that dominates its source (ptxas may put a
   loop's latch out of line). A barrier wait's out-of-line retry path also branches back
@@ -279,7 +284,7 @@ def sass_loops(sass: str) -> list[tuple[int, int]]:
       if new != dom[b]:
         dom[b], changed = new, True
   size = lambda b: (starts[b + 1] if b + 1 < nb else n) - starts[b]
-  loops = []
+  loops, header = [], {}
   for b in range(nb):
     for h in succ[b]:
       if h in dom[b]:   # back edge b -> h: the natural loop's blocks
@@ -290,13 +295,31 @@ def sass_loops(sass: str) -> list[tuple[int, int]]:
               body.add(p)
               stack.append(p)
         loops.append(frozenset(body))
+        header[loops[-1]] = h
   big = [L for L in set(loops) if sum(size(b) for b in L) >= MIN_LOOP]
   inner = [L for L in big if not any(M < L for M in big)]
   out = []
   for L in sorted(inner, key=min):
     idx = [i for b in L for i in range(starts[b], starts[b] + size(b))]
-    out.append((len(idx), sum("HGMMA" in instrs[i] for i in idx)))
+    out.append((len(idx), sum("HGMMA" in instrs[i] for i in idx), _shortest_trip(L, header[L], succ, size)))
   return out
+
+
+def _shortest_trip(loop, head: int, succ, size) -> int:
+  """Fewest instructions from the loop's header back to it, through the loop's blocks."""
+  import heapq
+  dist, todo, best = {head: size(head)}, [(size(head), head)], None
+  while todo:
+    d, b = heapq.heappop(todo)
+    if d > dist[b]:
+      continue
+    for c in succ[b]:
+      if c == head:
+        best = d if best is None else min(best, d)
+      elif c in loop and d + size(c) < dist.get(c, d + size(c) + 1):
+        dist[c] = d + size(c)
+        heapq.heappush(todo, (dist[c], c))
+  return best
 
 
 def _nvdisasm() -> str:
@@ -423,13 +446,14 @@ def table(rows: list[Launch]) -> str:
   head = (f"{'kernel':24s} {'grid':>5s} {'thr':>4s} {'SMEM KB':>8s} "
           + (f"{'regs':>4s} {'spill':>5s} " if regs else "")
           + f"{'fit/SM':>6s} {'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}"
-          + ("  main loops: SASS instructions (HGMMA)" if loops else ""))
+          + ("  main loops: SASS instructions[/shortest trip] (HGMMA)" if loops else ""))
   lines = [head]
   for r in rows:
     lines.append(f"{r.name:24s} {r.grid:5d} {r.threads:4d} {r.smem / 1024:8.1f} "
                  + (f"{r.regs:4d} {r.spill:5d} " if regs else "")
                  + f"{r.fit_per_sm:6d} {r.per_sm:7.2f} {r.warps_per_sm:8.1f} {r.waves:5d}"
-                 + ("  " + ", ".join(f"{n} ({h})" for n, h in r.loops) if r.loops else ""))
+                 + ("  " + ", ".join(f"{n}{'' if t == n else f'/{t}'} ({h})"
+                                     for n, h, t in r.loops) if r.loops else ""))
   return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ needed far more than 255 registers and spilled 1428 bytes per thread (ptxas, H10
 from __future__ import annotations
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -60,9 +61,12 @@ from kernels import _common as C
 from kernels.decode_attention import reference
 
 
-SCORE_FORMS = ("fma", "mma")
+SCORE_FORMS = ("fma", "mma", "mma-pv")
 MMA_HEADS = 16   # B's columns in the "mma" scores: up to 16 query heads per CTA
 MMA_SWIZZLE = 32  # B's rows are 16 bf16 = 32 bytes wide; the K tile takes the same swizzle
+MMA_ROWS = 64     # "mma-pv": a WGMMA's rows; up to 32 query heads per CTA, each in two rows
+LOG2E = 1.4426950408889634
+PV_SWIZZLE = 128  # "mma-pv": every operand's rows are 64 bf16 (or a multiple) = 128 bytes
 
 
 def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
@@ -89,8 +93,137 @@ def _mma_scores(ctx: C.Ctx, k_s, q_s, *, BG: int, Dh: int, BS: int):
   return [jnp.sum(jnp.where(cs == g, s, 0.0), axis=1) for g in range(BG)]
 
 
+def _transposed(ctx: C.Ctx, k_s, scratch):
+  """k_s [BS, Dh] as WGMMA's B operand [Dh, BS]: a transposed view of the SMEM tile
+  (the tensor cores read bf16 operands either way round), or, in the Mosaic-GPU
+  interpreter, which models no transposed views, a transposed copy in `scratch`."""
+  if ctx.interpret:
+    scratch[...] = k_s[...].T
+    return scratch
+  return C.plgpu.transpose_ref(k_s, (1, 0))
+
+
+def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, commit, gstep,
+             bias: bool, gate: bool, gate_dst, scratch):
+  """The pipeline step of the "mma-pv" form; scratch = (q tile, P tile, K^T copy) in SMEM
+  (None in "hlo" mode). Row r < 32 of every [64, *] tile is query head r, and row r + 32
+  the same head again: its scores and softmax repeat row r's, and its P row holds the lo
+  part of p, so each accumulator row pair sums to p·V with p in hi + lo bf16. gate_dst(j):
+  where block j's updated gate rows go."""
+  f32, bf16, R = jnp.float32, jnp.bfloat16, MMA_ROWS
+
+  def heads_to_rows(vectors, shape):   # [n] COL vectors, one per head -> rows g, g + 32
+    row, out = ctx.iota(shape, 0, C.WGMMA), ctx.zeros(shape, C.WGMMA)
+    for g, v in enumerate(vectors):
+      out = jnp.where((row == g) | (row == g + R // 2), C.bcast_rows(v, shape), out)
+    return out
+
+  def step(idx, k_s, v_s, q_s, *rest):
+    *bias_s, (o, m, l) = rest
+    blk = base + idx[0]
+    slot = ctx.iota((BS,), 0, C.COL) + blk * BS
+    valid = slot < length
+    qa = heads_to_rows([ctx.ld(q_s.at[g], C.COL).astype(f32) for g in range(BG)],
+                       (R, Dh)).astype(bf16)
+    if ctx.tma:
+      qa_s, pa_s, *kt_s = scratch
+
+      @pl.when(idx[0] == 0)   # q is the same in every step: A is built once
+      def _():
+        qa_s[...] = qa
+        C.plgpu.commit_smem()
+
+      s = C.mma_product(ctx, qa_s, _transposed(ctx, k_s, kt_s and kt_s[0]), (R, BS))
+    else:
+      s = jnp.dot(qa.astype(f32), k_s[...].astype(f32).T, precision=lax.Precision.HIGHEST)
+    # base 2: the scores times log2(e) (folded into the scale), m in those units, and
+    # exp2 (one MUFU.EX2 when compiled, where exp costs ~9 instructions an element)
+    s = s * (scale * LOG2E)
+    gate_rows = []
+    if bias:
+      b = [ctx.ld(bias_s[0].at[g], C.COL) for g in range(BG)]
+      if gate:   # older slots += g_t; the new slot (and the masked tail) 0
+        b = [jnp.where(commit, jnp.where(slot < length - 1, bg + gstep[g], 0.0), bg)
+             for g, bg in enumerate(b)]
+        gate_rows = b
+        b = [bg * scale for bg in b]
+      s = s + heads_to_rows(b, (R, BS)) * LOG2E
+    s = jnp.where(C.bcast_rows(valid, (R, BS)), s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - C.bcast_cols(m_new, (R, BS)))
+    l = l * alpha + jnp.sum(p, axis=1)
+    lo_rows = ctx.iota((R, BS), 0, C.WGMMA) >= R // 2
+    pa = jnp.where(lo_rows, p - p.astype(bf16).astype(f32), p).astype(bf16)
+    if ctx.tma:
+      pa_s[...] = pa
+
+      # V rows past the live length are zeroed in SMEM first: P is 0 there, but on the
+      # tensor cores too 0 * NaN is NaN (only the last live block has such rows)
+      @pl.when((blk + 1) * BS > length)
+      def _():
+        rows = C.bcast_cols(ctx.iota((BS,), 0, C.ROW) + blk * BS < length, (BS, Dh))
+        v_s[...] = jnp.where(rows, v_s[...], 0.0).astype(v_s.dtype)
+
+      C.plgpu.commit_smem()   # P (and V) visible to the tensor cores
+      pv = C.mma_product(ctx, pa_s, v_s, (R, Dh))
+    else:
+      v = jnp.where(C.bcast_cols(jnp.arange(BS) + blk * BS < length, (BS, Dh)),
+                    v_s[...].astype(f32), 0.0)
+      pv = jnp.dot(pa.astype(f32), v, precision=lax.Precision.HIGHEST)
+    if gate:
+      ctx.store_rows(gate_rows, gate_dst(blk))
+    return o * C.bcast_cols(alpha, (R, Dh)) + pv, m_new, l
+
+  return step
+
+
+def _pv_pass(ctx: C.Ctx, *, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, g0, p,
+             BG, Dh, BS, scale, stages, start, n_blocks, length, commit, gstep):
+  """The "mma-pv" form's pass over this CTA's blocks and its G partial rows."""
+  f32, bf16, R = jnp.float32, jnp.bfloat16, MMA_ROWS
+  heads = pl.ds(g0, BG)
+  tr = C.mma_transforms(PV_SWIZZLE)
+  spec = C.plgpu.BlockSpec((BS, Dh), lambda i: (start + i, 0), transforms=tr)
+  in_specs = [spec, spec, C.plgpu.BlockSpec((BG, Dh), lambda i: (0, 0))]
+  operands = [k_g.at[h], v_g.at[h], q_g.at[h, heads]]
+  if bias_g is not None:
+    in_specs.append(C.plgpu.BlockSpec((BG, BS), lambda i: (0, start + i)))
+    operands.append(bias_g.at[h, heads])
+  carry0 = (ctx.zeros((R, Dh), C.WGMMA), ctx.cast(jnp.full((R,), -jnp.inf, f32), C.ROW),
+            ctx.zeros((R,), C.ROW))
+
+  def run(*scratch):
+    step = _pv_step(ctx, BG=BG, Dh=Dh, BS=BS, scale=scale, base=start, length=length,
+                    commit=commit, gstep=gstep, bias=bias_g is not None,
+                    gate=gnew_g is not None,
+                    gate_dst=lambda j: gnew_g.at[h, heads, pl.ds(j * BS, BS)],
+                    scratch=scratch)
+    return ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
+                        init_carry=carry0)(*operands)
+
+  if ctx.tma:   # A's q tile, P, and (interpreter only) K^T, all bf16 WGMMA operands
+    shapes = [(R, Dh), (R, BS)] + ([(Dh, BS)] if ctx.interpret else [])
+    o, m, l = pl.run_scoped(run, *[C.plgpu.SMEM(sh, bf16, transforms=tr) for sh in shapes])
+
+    def fold(s):   # row g + row g + 32: through SMEM, as rows in the column layout
+      s[...] = o
+      C.plgpu.commit_smem()   # includes the warpgroup barrier
+      return [ctx.ld(s.at[g], C.COL) + ctx.ld(s.at[g + R // 2], C.COL) for g in range(BG)]
+
+    rows = pl.run_scoped(fold, C.plgpu.SMEM((R, Dh), f32))
+  else:
+    o, m, l = run()
+    rows = [o[g] + o[g + R // 2] for g in range(BG)]
+  ctx.store_rows(rows, o_g.at[p, h, heads])
+  ri = ctx.iota((R,), 0, C.ROW)
+  for g in range(BG):   # m back in natural-log units, as the merge takes it
+    m_g[p, h, g0 + g] = jnp.max(jnp.where(ri == g, m, -jnp.inf)) * (1 / LOG2E)
+    l_g[p, h, g0 + g] = jnp.sum(jnp.where(ri == g, l, 0.0))
+
+
 def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate,
-          mma=False):
+          mma=False, pv=False):
   """G query heads per KV head, BG of them per CTA (grid axis h = KV head * G/BG + group)."""
   refs = list(refs)
   len_g, q_g, k_g, v_g = refs[:4]
@@ -126,6 +259,12 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
   # one more TMA round trip before it.
   nc = Dh // BD
   cols = lambda c: pl.ds(c * BD, BD)
+  if pv:
+    _pv_pass(ctx, q_g=q_g, k_g=k_g, v_g=v_g, bias_g=bias_g, o_g=o_g, m_g=m_g,
+             l_g=l_g, gnew_g=gnew_g, h=h, g0=g0, p=p, BG=BG, Dh=Dh, BS=BS, scale=scale,
+             stages=stages, start=start, n_blocks=n_blocks, length=length, commit=commit,
+             gstep=gstep if gate else None)
+    return
 
   def step(idx, k_s, v_s, q_s, *rest):
     *extra_s, carry = rest
@@ -241,7 +380,10 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
   C.check_block(S, BS, 64, "S (cache length)")   # WGMMA row tiles: 64-row blocks
   BD = block_d or min(Dh, 64)
   C.check_block(Dh, BD, 8 if interp else 32, "Dh (head dim)")
-  BG = block_g or (G if path_wb is not None else _heads_per_cta(G, Dh))
+  pv = scores == "mma-pv"
+  BG = block_g or (G if path_wb is not None else
+                   max(b for b in range(1, min(G, MMA_ROWS // 2) + 1) if G % b == 0) if pv
+                   else _heads_per_cta(G, Dh))
   if BG < 1 or G % BG or (path_wb is not None and BG != G):
     raise ValueError(f"block_g={BG} must divide the {G} query heads per KV head"
                      + (" and, with PaTH's key update, be all of them" if path_wb is not None
@@ -255,6 +397,12 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     raise ValueError(f"decode attention: scores='mma' needs bf16 q and K (got {q_HD.dtype}, "
                      f"{k_cache_KSD.dtype}), no PaTH key update, at most {MMA_HEADS} query "
                      f"heads per CTA (got {BG}) and a head dim in multiples of 64 (got {Dh})")
+  if pv and (any(a.dtype != jnp.bfloat16 for a in (q_HD, k_cache_KSD, v_cache_KSD))
+             or path_wb is not None or BG > MMA_ROWS // 2 or Dh % 64):
+    raise ValueError(f"decode attention: scores='mma-pv' needs bf16 q, K and V (got "
+                     f"{q_HD.dtype}, {k_cache_KSD.dtype}, {v_cache_KSD.dtype}), no PaTH key "
+                     f"update, at most {MMA_ROWS // 2} query heads per CTA (got {BG}) and a "
+                     f"head dim in multiples of 64 (got {Dh})")
   P = num_splits or max(1, min(S // BS, (2 if interp else 128) // Hkv))
   if P < 1:
     raise ValueError(f"num_splits must be >= 1, got {P}")
@@ -272,10 +420,11 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
     out_type += (jax.ShapeDtypeStruct((Hkv, G, S), jnp.float32),)
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, S=S, G=G, BG=BG, Dh=Dh, BS=BS, BD=BD, P=P,
-                            scale=scale, mma=mma,
+                            scale=scale, mma=mma, pv=pv,
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv * (G // BG), P), grid_names=("h", "p"), mode=mode,
-      name="path_decode_attention" if path else "decode_attention", pdl=pdl)
+      name="path_decode_attention" if path else "decode_attention", pdl=pdl,
+      approx_math=pv)   # the "mma-pv" form's only approximate op is exp2 (LOG2E above)
   length = jnp.asarray(length, jnp.int32)
   if path or gate:   # [length, commit]; no commit: every block, written back unchanged
     commit = jnp.asarray(commit)
