@@ -224,18 +224,22 @@ def _kernels_with_wgmma(lowered) -> dict[str, bool]:
 # lowering only: checked on CPU; the GPU run (scripts/gpu_session.sh) spends its pytest
 # budget on the compiled cases
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="lowering only (CPU checks it)")
-@pytest.mark.parametrize("form,mlp", [("fma", "2k"), ("mma", "2k"), ("mma", "1k")])
-def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp):
+@pytest.mark.parametrize("form,mlp,attn", [("fma", "2k", None), ("mma", "2k", None),
+                                           ("mma", "1k", None), ("mma", "2k", "mma-pv")])
+def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn):
   """One llama-1b-bench layer lowered for CUDA (two-kernel MLP, chained; or the default
   one-kernel MLP, fused with the O-projection): with the gemv group's "mma" form every
   GEMV kernel (QKV, O-projection, the MLP kernels, LM head) issues WGMMA and the
-  attention kernels do not; with "fma" none does."""
+  attention kernels do not, unless decode_attention's scores are "mma-pv"; with "fma"
+  none does."""
   from jaxlab.bench.decode import CONFIGS
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
   SD = jax.ShapeDtypeStruct
   cfg = ModelConfig(**dict(CONFIGS["llama-1b-bench"][0], n_layers=1))
   opts = {"layout": {"mlp": mlp}, "gemv": {"form": form}}
+  if attn:   # pallas-mma-attn: attention's two products on the tensor cores too
+    opts["decode_attention"] = {"scores": attn}
   weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), None,
                                                    w_down="DF" if mlp == "2k" else "FD",
                                                    mlp=mlp))
@@ -246,7 +250,8 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp):
   gemvs = {"rmsnorm_qkv", "out_proj_residual", "lm_head_argmax"} | (
       {"mlp_gate_up", "mlp_down"} if mlp == "2k" else {"rmsnorm_swiglu"})
   assert gemvs < set(kernels), sorted(kernels)
-  assert {k for k, mma in kernels.items() if mma} == (gemvs if form == "mma" else set())
+  assert {k for k, mma in kernels.items() if mma} == (
+      (gemvs if form == "mma" else set()) | ({"decode_attention"} if attn else set()))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -286,10 +291,10 @@ def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits):
   """scores="mma-pv" (S = q rows @ K^T and o += P @ V, both WGMMAs; rows g and g + 32 hold
   head g, P's in hi and lo bf16) gives the CUDA-core form's split partials: m and l within
   fp32 rounding, o within that plus MMA_V for p's two-part form. NaN past the live length
-  (V zeroed in SMEM before the product), a score bias, the in-kernel gate update, and an
-  empty split (4 splits of 3 live blocks) included."""
+  (V zeroed in SMEM before the product), a score bias, the in-kernel gate update, splits
+  of several blocks (the accumulator rescaled) and an empty one included."""
   from kernels.decode_attention import pallas as attn
-  Hq, Hkv, S, L = 8, 2, 192, 130
+  Hq, Hkv, S, L = 8, 2, 320, 300   # 5 blocks, 5 live: 4 splits take 2, 2, 1 and 0
   tail = jnp.arange(S)[None, :, None] >= L
   q = _r(20, Hq, Dh)
   kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
