@@ -69,8 +69,9 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
   meaningless: a step past the end of the cache, with no branch around the kernel.
 
   Pallas options: num_splits (split-K factor P), block_s (cache rows per stage),
-  block_d (head-dim columns per chunk), block_g (query heads per CTA), scores ("fma" or
-  "mma": q.K on the tensor cores, bf16), stages (TMA pipeline depth).
+  block_d (head-dim columns per chunk), block_g (query heads per CTA), scores ("fma";
+  "mma": q.K on the tensor cores; "mma-pv": q.K and p.V there; both bf16), stages (TMA
+  pipeline depth).
   """
   C.check_impl(impl, "decode_attention")
   _, S, _ = check_shapes("decode_attention", q_HD, k_cache_KSD, v_cache_KSD, length)

@@ -43,6 +43,17 @@ step; q is bf16, so exact), giving every head's scores [BS, 16] in one WGMMA; on
 stays on the CUDA cores. Products are exact and sums fp32, as in the FMA form (q·K is
 scaled after the sum instead of q before it).
 
+Both products on the tensor cores (scores="mma-pv", bf16 q, K and V): every [64, *] tile
+has the CTA's query heads as rows, head g in rows g and g + 32 (up to 32 heads per CTA).
+A = those q rows (built in SMEM in the first step) against the K tile as a transposed B
+gives S [64, BS]; the softmax runs on S's rows (reductions within a quad of threads, no
+trip through SMEM); A = P [64, BS], p in hi bf16 in rows g and its lo part in rows
+g + 32, against the V tile as B adds P V into an fp32 [64, Dh] carry: row g plus row
+g + 32 is p V with p to ~2^-17. The softmax is in base 2 (the scale times log2(e); exp2 is one
+approximate MUFU.EX2 when compiled) and m leaves in natural-log units. V rows past the
+live length are zeroed in SMEM first (only in the last live block). PaTH's key update
+stays on the CUDA-core forms.
+
 Head-dim chunks (block_d, default min(Dh, 64)): the K and V tiles are read and widened
 BD columns at a time, and q is read from SMEM per chunk, so the registers hold one
 [BS, BD] fp32 chunk besides the G accumulators instead of the whole K and V tiles and
