@@ -161,11 +161,12 @@ fi
 
 # Long cache (LONG=1): the 1B step and the per-op rows at a 32K-slot KV cache, where
 # attention is 1 GB of the bytes per token (the 32K data point for JAX's own
-# Pallas decode_attention: 1.0 TB/s vs XLA's 2.5 on an H200).
+# Pallas decode_attention: 1.0 TB/s vs XLA's 2.5 on an H200), with the attention rows on
+# the tensor cores (sweep group attn: scores mma, mma-pv), where each CTA streams 32 blocks.
 if [ -n "${LONG:-}" ] && room ${LONG_TIMEOUT:-120} "kv 32768"; then
   { echo; echo "=== llama-1b-bench, kv 32768 ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${LONG_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config llama-1b-bench --kv-len 32768 \
-    --ops --variants xla-unrolled,pallas-shared --steps 32 --repeats 2 --warmup 2 \
+    --ops --sweep attn --variants xla-unrolled,pallas-shared --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench kv 32768 rc=$?"
 fi

@@ -183,6 +183,21 @@ def test_op_table_fill_sweep_rows_run():
   assert not bad, bad
 
 
+@pytest.mark.slow   # ~35 s: the whole op table, four sweep rows
+def test_op_table_attn_sweep_rows_run():
+  """`--ops --sweep attn` (scripts/gpu_session.sh's LONG stage): the attention rows with
+  their products on the tensor cores, and only those, at a bf16 shape."""
+  from jaxlab.models import ModelConfig
+  cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
+                           head_dim=64, ffn_dim=1024, param_dtype="bfloat16"))
+  out = decode.op_table(cfg, 128, None, None, 1, iters=1, sweep="attn")
+  sw = out.pop("sweep")
+  assert set(sw) == {f"{op} scores={sc}" for op in ("decode_attention", "attention_out_proj")
+                     for sc in ("mma", "mma-pv")}
+  bad = {k: r["error"] for k, r in sw.items() if "error" in r}
+  assert not bad, bad
+
+
 @pytest.mark.slow   # ~2 min: 29 rows, interpreted
 def test_op_table_mma_sweep_rows_run():
   """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B

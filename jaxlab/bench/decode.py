@@ -119,8 +119,9 @@ _DECODER_VARIANTS = {
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
 # docs/kernels.md "Launch shapes"); mma: each GEMV op with its inner product on the
-# tensor cores, per B width (swizzle), and with the fill grids; attention's scores on them
-SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill", "mma")
+# tensor cores, per B width (swizzle), and with the fill grids; attention's scores on them;
+# attn: only those attention rows (q.K, and q.K with p.V, on the tensor cores)
+SWEEPS = ("splits", "mlp", "down-t", "pdl", "stages", "fill", "mma", "attn")
 # variant -> kernel options it adds to --kernel-options
 _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": False,
                                                  "attn_out": False}},
@@ -756,6 +757,15 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
       # (attention already runs 16 splits at a 1K cache, one per 64-slot block)
       fill += [(f"out_proj_residual split_k={sk}", "out_proj_residual",
                 dict(split_k=sk, block_k=128)) for sk in (8, 16)]
+    # attention's scores on the tensor cores (p.V stays on the CUDA cores), and both of
+    # its products there ("mma-pv"): group "attn", and part of "mma"
+    attn_rows = []
+    for sc in ("mma", "mma-pv") if groups & {"mma", "attn"} else ():
+      attn_rows += [(f"decode_attention scores={sc}", "decode_attention", dict(scores=sc)),
+                    (f"attention_out_proj scores={sc}", "attention_out_proj",
+                     dict(pallas_opts("attention_out_proj"),
+                          attn_block=dict(pallas_opts("attention_out_proj")["attn_block"]
+                                          or {}, scores=sc)))]
     if "mma" in groups:
       # The GEMV on the tensor cores (kernels/_gemv.py "mma"), per B width (the default
       # first: a timeout cuts the tail); the MLPs first (most of the step's bytes); the
@@ -785,16 +795,10 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
           mma_rows += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                         "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
                                                   down_block=dict(mma, split_k=8)))]
-          # attention's scores on the tensor cores (p.V stays on the CUDA cores), and
-          # both of its products there ("mma-pv")
-          for sc in ("mma", "mma-pv"):
-            mma_rows += [(f"decode_attention scores={sc}", "decode_attention",
-                          dict(scores=sc)),
-                         (f"attention_out_proj scores={sc}", "attention_out_proj",
-                          dict(pallas_opts("attention_out_proj"),
-                               attn_block=dict(pallas_opts("attention_out_proj")["attn_block"]
-                                               or {}, scores=sc)))]
+          mma_rows += attn_rows
       fill = mma_rows + fill
+    elif "attn" in groups:
+      fill = attn_rows + fill
     for name, op, kw in fill:
       if name in sw:   # also in another selected group
         continue
