@@ -374,7 +374,10 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
                             merge=merge, swiglu=swiglu, xrows=rows, prefetch=prefetch_tiles,
                             mma=mma, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
-      grid_names=grid_names, mode=mode, name=name, pdl=pdl)
+      grid_names=grid_names, mode=mode, name=name, pdl=pdl,
+      # the merge's P weights per head and step, e^(m_p - m): 2 instructions each as
+      # ex2.approx instead of ~10 (the kernel's only approximable op)
+      approx_math=merge is not None)
 
 
 def _rows(v_K, store: bool = False):

@@ -435,7 +435,7 @@ def partials(q_HD, k_cache_KSD, v_cache_KSD, length, *, scale, mode, num_splits=
                             stages=stages, path=path, bias=bias, gate=gate),
       out_type=out_type, grid=(Hkv * (G // BG), P), grid_names=("h", "p"), mode=mode,
       name="path_decode_attention" if path else "decode_attention", pdl=pdl,
-      approx_math=pv)   # the "mma-pv" form's only approximate op is exp2 (LOG2E above)
+      approx_math=True)   # the kernel's only approximable op is the softmax's exp (exp2)
   length = jnp.asarray(length, jnp.int32)
   if path or gate:   # [length, commit]; no commit: every block, written back unchanged
     commit = jnp.asarray(commit)
