@@ -38,27 +38,39 @@ from kernels.unfinished import Unfinished
 ARGMAX_SENTINEL = 2 ** 30
 
 
-def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype, layout=C.COL):
-  """BK columns of the merged split-K attention output o = sum_p e^{m_p - m} o_p / l
+def merge_weights(ctx: C.Ctx, m_s, l_s, *, P: int):
+  """The merge's weights for every head of the CTA at once: ([P] rows w_p = e^{m_p - m},
+  [Hs] each, and the denominators sum_p w_p l_p [Hs]), COL layout, from its (m, l) rows
+  m_s, l_s [P, Hs]. Computed across the threads, once per CTA (vector_weights), instead
+  of as the same scalars in every thread at every step. An empty split (m = -inf, l = 0)
+  weighs 0."""
+  m = [ctx.ld(m_s.at[p], C.COL) for p in range(P)]
+  mx = m[0]
+  for v in m[1:]:
+    mx = jnp.maximum(mx, v)
+  w = [jnp.exp(v - mx) for v in m]
+  L = w[0] * ctx.ld(l_s.at[0], C.COL)
+  for p in range(1, P):
+    L = L + w[p] * ctx.ld(l_s.at[p], C.COL)
+  return w, L
+
+
+def vector_weights(Hs: int) -> bool:
+  """Whether a CTA with Hs heads computes its merge weights as vectors (a COL vector needs
+  whole 8-column tiles) or per step as scalars."""
+  return Hs % 8 == 0
+
+
+def _merged_block(ctx: C.Ctx, op_s, w, L, *, P, Dh, BK, dtype, layout=C.COL):
+  """BK columns of the merged split-K attention output o = sum_p w_p o_p / L
   (kernels/decode_attention/reference.merge_splits), rounded to `dtype` as the unfused
-  op returns it; fp32 [BK], COL layout. op_s [P, BK]: the partials' columns; m_s, l_s
-  [P, Hs]: the CTA's heads, of which this block holds heads j0, j0 + 1, ... (BK / Dh of
-  them, or one when BK < Dh). An empty split (m = -inf, l = 0, o = 0) weighs 0.
-  layout: the result's register layout (C.ROW for the "mma" form's B tile)."""
+  op returns it; fp32 [BK], COL layout. op_s [P, BK]: the partials' columns; w[t][p],
+  L[t]: the weights and denominator of the block's head t (BK / Dh heads, or one when
+  BK < Dh; _step_weights). layout: the result's register layout (C.ROW for the "mma"
+  form's B tile)."""
   f32 = jnp.float32
-  nh = max(1, BK // Dh)
+  nh = len(L)
   col = ctx.iota((BK,), 0, layout)
-  w, L = [], []   # per head: the P weights and the merged denominator
-  for t in range(nh):
-    m_p = [m_s[p, j0 + t] for p in range(P)]
-    mx = m_p[0]
-    for v in m_p[1:]:
-      mx = jnp.maximum(mx, v)
-    w.append([jnp.exp(v - mx) for v in m_p])
-    Lt = w[t][0] * l_s[0, j0 + t]
-    for p in range(1, P):
-      Lt = Lt + w[t][p] * l_s[p, j0 + t]
-    L.append(Lt)
 
   def by_column(vals):
     """[BK] vector holding vals[t] on head t's columns."""
@@ -71,6 +83,28 @@ def _merged_block(ctx: C.Ctx, op_s, m_s, l_s, j0, *, P, Dh, BK, dtype, layout=C.
   for p in range(1, P):
     o = o + ctx.ld(op_s, layout, p) * by_column([w[t][p] for t in range(nh)])
   return (o / by_column(L)).astype(dtype).astype(f32)
+
+
+def _step_weights(kind: str, a, b, j0, nh: int, P: int):
+  """(w[t][p], L[t]) of the block's nh heads j0, j0 + 1, ...: kind "vector", read from
+  the precomputed w [P, Hs] and L [Hs] (refs or arrays: a, b); kind "scalars", computed
+  here from the CTA's (m, l) rows a, b [P, Hs] as scalars (every thread, every step)."""
+  if kind == "vector":
+    return ([[a[p, j0 + t] for p in range(P)] for t in range(nh)],
+            [b[j0 + t] for t in range(nh)])
+  m_s, l_s = a, b
+  w, L = [], []
+  for t in range(nh):
+    m_p = [m_s[p, j0 + t] for p in range(P)]
+    mx = m_p[0]
+    for v in m_p[1:]:
+      mx = jnp.maximum(mx, v)
+    w.append([jnp.exp(v - mx) for v in m_p])
+    Lt = w[t][0] * l_s[0, j0 + t]
+    for p in range(1, P):
+      Lt = Lt + w[t][p] * l_s[p, j0 + t]
+    L.append(Lt)
+  return w, L
 
 
 GEMV_FORMS = ("fma", "mma")
@@ -165,6 +199,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   elif merge:
     P, Dh, mdtype = merge
     op_g, m_g, l_g = refs.pop(0), refs.pop(0), refs.pop(0)
+    Hs = K // S // Dh                        # heads in this CTA's K slice
+    nh = max(1, BK // Dh)                    # heads in a block
+    vw = vector_weights(Hs)
   elif swiglu:
     S1, D1, nb1, eps1, hdtype = swiglu
     gu_g, ss1_g = refs.pop(0), refs.pop(0)
@@ -194,8 +231,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   if swiglu:   # the gate / up GEMV's 1/RMS(x): its slices of sum(x^2), the same for every n
     r1 = lax.rsqrt(sum(ss1_g[t * nb1] for t in range(S1)) / D1 + eps1)
 
-  def vector(idx, vec_s):
-    """This step's [BK] slice of the vector, fp32, in layout VL."""
+  def vector(idx, vec_s, wts=None):
+    """This step's [BK] slice of the vector, fp32, in layout VL. wts: the merge's weight
+    scratch (SMEM w [P, Hs], L [Hs]) when vw."""
     if xrows:   # kernels.unfinished.finish, on this block
       base_s, *grp_s = vec_s
       v = ctx.ld(base_s, VL).astype(f32)
@@ -213,13 +251,29 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     if not merge:
       return ctx.ld(vec_s[0], VL).astype(f32)
     j0 = idx[0] * (BK // Dh) if BK >= Dh else idx[0] * BK // Dh
-    return _merged_block(ctx, *vec_s, j0, P=P, Dh=Dh, BK=BK, dtype=mdtype, layout=VL)
+    op_s, m_s, l_s = vec_s
+    if not vw:
+      w, L = _step_weights("scalars", m_s, l_s, j0, nh, P)
+    elif ctx.tma:   # this CTA's weights, computed in its first step into SMEM (wts)
+      @pl.when(idx[0] == 0)
+      def _():
+        wv, Lv = merge_weights(ctx, m_s, l_s, P=P)
+        for p in range(P):
+          wts[0][p] = wv[p]
+        wts[1][...] = Lv
+        C.plgpu.commit_smem()   # includes the warpgroup barrier: every row is written
 
-  def step(idx, *args, xs=None, mm=None):
+      w, L = _step_weights("vector", *wts, j0, nh, P)
+    else:   # "hlo": the same vectors, recomputed per step
+      wv, Lv = merge_weights(ctx, m_s, l_s, P=P)
+      w, L = _step_weights("vector", jnp.stack(wv), Lv, j0, nh, P)
+    return _merged_block(ctx, op_s, w, L, P=P, Dh=Dh, BK=BK, dtype=mdtype, layout=VL)
+
+  def step(idx, *args, xs=None, mm=None, wts=None):
     *vec_s, w_s, (acc, ss) = args
     if has_norm:
       *vec_s, g_s = vec_s
-    v = vector(idx, vec_s)
+    v = vector(idx, vec_s, wts)
     if xo_g is not None:   # keep the finished x block for the store below
       if xs is not None:
         xs[pl.ds(idx[0] * BK, BK)] = v.astype(xs.dtype)
@@ -261,8 +315,15 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
 
   def run(xs=None):
     def go(mm=None):
-      out = ctx.pipeline(functools.partial(step, xs=xs, mm=mm), grid=(ks,), in_specs=in_specs,
-                         stages=stages, init_carry=(acc0, ss0))(*ins)
+      def pipe(*wts):
+        return ctx.pipeline(functools.partial(step, xs=xs, mm=mm, wts=wts or None),
+                            grid=(ks,), in_specs=in_specs, stages=stages,
+                            init_carry=(acc0, ss0))(*ins)
+
+      if merge and vw and ctx.tma:
+        out = pl.run_scoped(pipe, C.plgpu.SMEM((P, Hs), f32), C.plgpu.SMEM((Hs,), f32))
+      else:
+        out = pipe()
       if mm is not None:
         out = (mm[1][0][...], out[1])
       if mma is not None:
@@ -375,8 +436,8 @@ def _kernel(N, K, BN, BK, S, *, raw: bool, eps, argmax, stages, out_dtype, flags
                             mma=mma, **flags),
       out_type=tuple(out_type) if len(out_type) > 1 else out_type[0], grid=grid,
       grid_names=grid_names, mode=mode, name=name, pdl=pdl,
-      # the merge's P weights per head and step, e^(m_p - m): 2 instructions each as
-      # ex2.approx instead of ~10 (the kernel's only approximable op)
+      # the merge's P weights per head, e^(m_p - m): 2 instructions each as ex2.approx
+      # instead of ~10 (the kernel's only approximable op)
       approx_math=merge is not None)
 
 

@@ -98,19 +98,29 @@ def test_unfinished_vector_and_store_match_the_fma_form(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_merged_attention_vector_matches_the_fma_form(mode):
+@pytest.mark.parametrize("Hq,split", [(8, 2), (16, 2)])
+def test_merged_attention_vector_matches_the_fma_form(mode, Hq, split):
   """The O-projection form: v is the merge of split-K attention partials, computed in
-  the ROW layout (one empty split included: m = -inf, l = 0 weighs nothing)."""
-  P, Hq, Dh, N = 3, 8, 64, 128   # 4 heads per K slice: a whole TMA box of (m, l) on GPU
+  the ROW layout (one empty split included: m = -inf, l = 0 weighs nothing). 4 heads per
+  K slice: the merge weights as scalars per step; 8: as vectors, once per CTA
+  (_gemv.vector_weights). Both forms also match the merge in XLA (at bf16 rounding of
+  the merged vector, which both kernels round as the unfused op does)."""
+  from kernels.decode_attention.reference import merge_splits
+  P, Dh, N = 3, 64, 128
+  assert _gemv.vector_weights(Hq // split) == (Hq // split == 8)
   o = _r(11, P, Hq, Dh, dtype=F32)
   m = _r(12, P, Hq, dtype=F32).at[2].set(-jnp.inf)
   l = jnp.abs(_r(13, P, Hq, dtype=F32)) + 1.0
   l, o = l.at[2].set(0.0), o.at[2].set(0.0)
   w = _r(14, N, Hq * Dh)
-  kw = dict(dtype=BF16, mode=mode, block_k=128, split_k=2)
+  kw = dict(dtype=BF16, mode=mode, block_k=128, split_k=split)
   fma = _gemv.gemv_partials_merged(o, m, l, w, **kw)
   mma = _gemv.gemv_partials_merged(o, m, l, w, gemv="mma", **kw)
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(Hq * Dh), name=f"merged {mode}")
+  v = merge_splits(o[:, None], m[:, None], l[:, None]).reshape(-1).astype(BF16)
+  ref = _ref_gemv(v, w)
+  assert_rel_close(_f64(fma).reshape(split, N).sum(0), _f64(ref), rtol=2.0 ** -8,
+                   name=f"merged vs XLA {mode}")
 
 
 @pytest.mark.parametrize("mode", MODES)
