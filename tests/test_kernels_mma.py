@@ -294,17 +294,18 @@ def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("Dh,extra,splits", [(64, "bias", 4),
-                                             pytest.param(128, None, 2, marks=pytest.mark.slow),
-                                             pytest.param(64, "gate", 2, marks=pytest.mark.slow)])
-def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits):
+@pytest.mark.parametrize("Dh,extra,splits,Hq", [
+    (64, "bias", 4, 8),
+    pytest.param(128, None, 2, 8, marks=pytest.mark.slow),
+    pytest.param(64, "gate", 2, 6, marks=pytest.mark.slow)])   # 3 heads a CTA: m, l as scalars
+def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits, Hq):
   """scores="mma-pv" (S = q rows @ K^T and o += P @ V, both WGMMAs; rows g and g + 32 hold
   head g, P's in hi and lo bf16) gives the CUDA-core form's split partials: m and l within
   fp32 rounding, o within that plus MMA_V for p's two-part form. NaN past the live length
   (V zeroed in SMEM before the product), a score bias, the in-kernel gate update, splits
   of several blocks (the accumulator rescaled) and an empty one included."""
   from kernels.decode_attention import pallas as attn
-  Hq, Hkv, S, L = 8, 2, 320, 300   # 5 blocks, 5 live: 4 splits take 2, 2, 1 and 0
+  Hkv, S, L = 2, 320, 300   # 5 blocks, 5 live: 4 splits take 2, 2, 1 and 0
   tail = jnp.arange(S)[None, :, None] >= L
   q = _r(20, Hq, Dh)
   kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))

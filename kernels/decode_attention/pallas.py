@@ -189,7 +189,7 @@ def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, comm
   return step
 
 
-def _pv_pass(ctx: C.Ctx, *, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, g0, p,
+def _pv_pass(ctx: C.Ctx, *, G, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, g0, p,
              BG, Dh, BS, scale, stages, start, n_blocks, length, commit, gstep):
   """The "mma-pv" form's pass over this CTA's blocks and its G partial rows."""
   f32, bf16, R = jnp.float32, jnp.bfloat16, MMA_ROWS
@@ -217,20 +217,32 @@ def _pv_pass(ctx: C.Ctx, *, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, g0,
     shapes = [(R, Dh), (R, BS)] + ([(Dh, BS)] if ctx.interpret else [])
     o, m, l = pl.run_scoped(run, *[C.plgpu.SMEM(sh, bf16, transforms=tr) for sh in shapes])
 
-    def fold(s):   # row g + row g + 32: through SMEM, as rows in the column layout
-      s[...] = o
-      C.plgpu.commit_smem()   # includes the warpgroup barrier
-      return [ctx.ld(s.at[g], C.COL) + ctx.ld(s.at[g + R // 2], C.COL) for g in range(BG)]
+    # m and l leave by TMA when the CTA's [BG] rows are whole 16-byte boxes (a scalar
+    # store to GMEM costs two warpgroup barriers)
+    tma_ml = BG % 4 == 0 and G % 4 == 0
 
-    rows = pl.run_scoped(fold, C.plgpu.SMEM((R, Dh), f32))
+    def fold(s, ml_s):   # row g + row g + 32, and each head's m and l, through SMEM
+      s[...] = o
+      ml_s[0] = m * (1 / LOG2E)   # m back in natural-log units, as the merge takes it
+      ml_s[1] = l
+      C.plgpu.commit_smem()   # includes the warpgroup barrier
+      rows = [ctx.ld(s.at[g], C.COL) + ctx.ld(s.at[g + R // 2], C.COL) for g in range(BG)]
+      if not tma_ml:
+        return rows, [ml_s[0, g] for g in range(BG)], [ml_s[1, g] for g in range(BG)]
+      ctx.stored.append(True)   # mosaic_kernel's final wait covers these stores
+      C.plgpu.copy_smem_to_gmem(ml_s.at[0, pl.ds(0, BG)], m_g.at[p, h, heads])
+      C.plgpu.copy_smem_to_gmem(ml_s.at[1, pl.ds(0, BG)], l_g.at[p, h, heads])
+      C.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return rows, None, None
+
+    rows, ms, ls = pl.run_scoped(fold, C.plgpu.SMEM((R, Dh), f32), C.plgpu.SMEM((2, R), f32))
   else:
     o, m, l = run()
-    rows = [o[g] + o[g + R // 2] for g in range(BG)]
+    rows, ms, ls = [o[g] + o[g + R // 2] for g in range(BG)], m[:BG] * (1 / LOG2E), l[:BG]
   ctx.store_rows(rows, o_g.at[p, h, heads])
-  ri = ctx.iota((R,), 0, C.ROW)
-  for g in range(BG):   # m back in natural-log units, as the merge takes it
-    m_g[p, h, g0 + g] = jnp.max(jnp.where(ri == g, m, -jnp.inf)) * (1 / LOG2E)
-    l_g[p, h, g0 + g] = jnp.sum(jnp.where(ri == g, l, 0.0))
+  for g in range(BG if ms is not None else 0):
+    m_g[p, h, g0 + g] = ms[g]
+    l_g[p, h, g0 + g] = ls[g]
 
 
 def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate,
@@ -271,7 +283,7 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
   nc = Dh // BD
   cols = lambda c: pl.ds(c * BD, BD)
   if pv:
-    _pv_pass(ctx, q_g=q_g, k_g=k_g, v_g=v_g, bias_g=bias_g, o_g=o_g, m_g=m_g,
+    _pv_pass(ctx, G=G, q_g=q_g, k_g=k_g, v_g=v_g, bias_g=bias_g, o_g=o_g, m_g=m_g,
              l_g=l_g, gnew_g=gnew_g, h=h, g0=g0, p=p, BG=BG, Dh=Dh, BS=BS, scale=scale,
              stages=stages, start=start, n_blocks=n_blocks, length=length, commit=commit,
              gstep=gstep if gate else None)
