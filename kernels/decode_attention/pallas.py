@@ -217,32 +217,43 @@ def _pv_pass(ctx: C.Ctx, *, G, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, 
     shapes = [(R, Dh), (R, BS)] + ([(Dh, BS)] if ctx.interpret else [])
     o, m, l = pl.run_scoped(run, *[C.plgpu.SMEM(sh, bf16, transforms=tr) for sh in shapes])
 
-    # m and l leave by TMA when the CTA's [BG] rows are whole 16-byte boxes (a scalar
-    # store to GMEM costs two warpgroup barriers)
-    tma_ml = BG % 4 == 0 and G % 4 == 0
-
-    def fold(s, ml_s):   # row g + row g + 32, and each head's m and l, through SMEM
+    def fold(s):   # row g + row g + 32, through SMEM, as rows in the column layout
       s[...] = o
-      ml_s[0] = m * (1 / LOG2E)   # m back in natural-log units, as the merge takes it
-      ml_s[1] = l
       C.plgpu.commit_smem()   # includes the warpgroup barrier
-      rows = [ctx.ld(s.at[g], C.COL) + ctx.ld(s.at[g + R // 2], C.COL) for g in range(BG)]
-      if not tma_ml:
-        return rows, [ml_s[0, g] for g in range(BG)], [ml_s[1, g] for g in range(BG)]
-      ctx.stored.append(True)   # mosaic_kernel's final wait covers these stores
-      C.plgpu.copy_smem_to_gmem(ml_s.at[0, pl.ds(0, BG)], m_g.at[p, h, heads])
-      C.plgpu.copy_smem_to_gmem(ml_s.at[1, pl.ds(0, BG)], l_g.at[p, h, heads])
-      C.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      return rows, None, None
+      return [ctx.ld(s.at[g], C.COL) + ctx.ld(s.at[g + R // 2], C.COL) for g in range(BG)]
 
-    rows, ms, ls = pl.run_scoped(fold, C.plgpu.SMEM((R, Dh), f32), C.plgpu.SMEM((2, R), f32))
+    rows = pl.run_scoped(fold, C.plgpu.SMEM((R, Dh), f32))
   else:
     o, m, l = run()
-    rows, ms, ls = [o[g] + o[g + R // 2] for g in range(BG)], m[:BG] * (1 / LOG2E), l[:BG]
+    rows = [o[g] + o[g + R // 2] for g in range(BG)]
   ctx.store_rows(rows, o_g.at[p, h, heads])
-  for g in range(BG if ms is not None else 0):
-    m_g[p, h, g0 + g] = ms[g]
-    l_g[p, h, g0 + g] = ls[g]
+  # m back in natural-log units, as the merge takes it
+  _store_ml(ctx, m * (1 / LOG2E), l, m_g.at[p, h, heads], l_g.at[p, h, heads], BG=BG, G=G)
+
+
+def _store_ml(ctx: C.Ctx, m, l, m_dst, l_dst, *, BG: int, G: int):
+  """The CTA's heads' m and l, vectors in the row layout with head g in row g, to
+  their [BG] rows in GMEM: by TMA when those are whole 16-byte boxes (a scalar store to
+  GMEM costs two warpgroup barriers), else as scalars."""
+  if not ctx.tma:
+    m_dst[...], l_dst[...] = m[:BG], l[:BG]
+    return
+
+  def body(ml_s):
+    ml_s[0] = m
+    ml_s[1] = l
+    C.plgpu.commit_smem()   # includes the warpgroup barrier
+    if BG % 4 or G % 4:
+      for g in range(BG):
+        m_dst[g] = ml_s[0, g]
+        l_dst[g] = ml_s[1, g]
+      return
+    ctx.stored.append(True)   # mosaic_kernel's final wait covers these stores
+    C.plgpu.copy_smem_to_gmem(ml_s.at[0, pl.ds(0, BG)], m_dst)
+    C.plgpu.copy_smem_to_gmem(ml_s.at[1, pl.ds(0, BG)], l_dst)
+    C.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  pl.run_scoped(body, C.plgpu.SMEM((2, m.shape[0]), jnp.float32))
 
 
 def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias, gate,
@@ -360,12 +371,16 @@ def _body(*refs, ctx: C.Ctx, S, G, BG, Dh, BS, BD, P, scale, stages, path, bias,
     operands.append(bias_g.at[h, heads])
   res = ctx.pipeline(step, grid=(n_blocks,), in_specs=in_specs, stages=stages,
                      init_carry=carry0)(*operands)
-  # The G partial rows leave with one TMA store per chunk (not one per head).
+  # The G partial rows leave with one TMA store per chunk (not one per head), and every
+  # head's m and l with one more each.
   for c in range(nc):
     ctx.store_rows([acc[c] for acc, _, _ in res], o_g.at[p, h, heads, cols(c)])
+  NR = MMA_ROWS * -(-BG // MMA_ROWS)   # a row-layout vector: whole 64-row tiles
+  ri = ctx.iota((NR,), 0, C.ROW)
+  ms, ls = ctx.zeros((NR,), C.ROW), ctx.zeros((NR,), C.ROW)
   for g, (_, m, l) in enumerate(res):
-    m_g[p, h, g0 + g] = m
-    l_g[p, h, g0 + g] = l
+    ms, ls = jnp.where(ri == g, m, ms), jnp.where(ri == g, l, ls)
+  _store_ml(ctx, ms, ls, m_g.at[p, h, heads], l_g.at[p, h, heads], BG=BG, G=G)
 
 
 def _heads_per_cta(G: int, Dh: int) -> int:
