@@ -264,6 +264,22 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn):
       (gemvs if form == "mma" else set()) | ({"decode_attention"} if attn else set()))
 
 
+def _attention_case(Hq, Dh, S, L, extra, Hkv=2):
+  """bf16 q and caches [Hkv, S, Dh] with NaN past the live length L, and the partials'
+  keyword arguments: scale, and a score bias or a gate update (extra) with NaN there too."""
+  tail = jnp.arange(S)[None, :, None] >= L
+  q = _r(20, Hq, Dh)
+  kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
+  vc = jnp.where(tail, jnp.nan, _r(22, Hkv, S, Dh))
+  kw = dict(scale=Dh ** -0.5)
+  row = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(23, Hq, S, dtype=F32)), jnp.nan)
+  if extra == "bias":
+    kw["bias_HS"] = row
+  elif extra == "gate":
+    kw["gate_g"] = (row, -jnp.abs(_r(24, Hq, dtype=F32)))
+  return q, kc, vc, kw
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("Dh,extra", [(64, "bias"),
                                       pytest.param(128, None, marks=pytest.mark.slow),
@@ -274,17 +290,9 @@ def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
   (q . K is scaled after the sum instead of q before it); NaN past the live length, a
   score bias and the in-kernel gate update included. Dh 128: two query heads per CTA."""
   from kernels.decode_attention import pallas as attn
-  Hq, Hkv, S, L = 8, 2, 192, 130
-  tail = jnp.arange(S)[None, :, None] >= L
-  q = _r(20, Hq, Dh)
-  kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
-  vc = jnp.where(tail, jnp.nan, _r(22, Hkv, S, Dh))
-  kw = dict(scale=Dh ** -0.5, mode=mode, block_s=64, num_splits=2)
-  row = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(23, Hq, S, dtype=F32)), jnp.nan)
-  if extra == "bias":
-    kw["bias_HS"] = row
-  elif extra == "gate":
-    kw["gate_g"] = (row, -jnp.abs(_r(24, Hq, dtype=F32)))
+  L = 130
+  q, kc, vc, kw = _attention_case(8, Dh, 192, L, extra)
+  kw.update(mode=mode, block_s=64, num_splits=2)
   fma = attn.partials(q, kc, vc, L, **kw)
   mma = attn.partials(q, kc, vc, L, scores="mma", **kw)
   for name, a, b in zip(("o", "m", "l"), mma[:3], fma[:3]):
@@ -305,17 +313,9 @@ def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits, Hq):
   (V zeroed in SMEM before the product), a score bias, the in-kernel gate update, splits
   of several blocks (the accumulator rescaled) and an empty one included."""
   from kernels.decode_attention import pallas as attn
-  Hkv, S, L = 2, 320, 300   # 5 blocks, 5 live: 4 splits take 2, 2, 1 and 0
-  tail = jnp.arange(S)[None, :, None] >= L
-  q = _r(20, Hq, Dh)
-  kc = jnp.where(tail, jnp.nan, _r(21, Hkv, S, Dh))
-  vc = jnp.where(tail, jnp.nan, _r(22, Hkv, S, Dh))
-  kw = dict(scale=Dh ** -0.5, mode=mode, block_s=64, num_splits=splits)
-  row = jnp.where(jnp.arange(S) < L, -jnp.abs(_r(23, Hq, S, dtype=F32)), jnp.nan)
-  if extra == "bias":
-    kw["bias_HS"] = row
-  elif extra == "gate":
-    kw["gate_g"] = (row, -jnp.abs(_r(24, Hq, dtype=F32)))
+  L = 300   # 5 blocks of 64, all live: 4 splits take 2, 2, 1 and 0
+  q, kc, vc, kw = _attention_case(Hq, Dh, 320, L, extra)
+  kw.update(mode=mode, block_s=64, num_splits=splits)
   fma = attn.partials(q, kc, vc, L, **kw)
   pv = attn.partials(q, kc, vc, L, scores="mma-pv", **kw)
   live = np.isfinite(np.asarray(fma[1]))   # [P, Hkv, G]: False for the empty split's rows
