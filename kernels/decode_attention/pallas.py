@@ -116,8 +116,8 @@ def _transposed(ctx: C.Ctx, k_s, scratch):
 
 def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, commit, gstep,
              bias: bool, gate: bool, gate_dst, scratch):
-  """The pipeline step of the "mma-pv" form; scratch = (q tile, P tile, K^T copy) in SMEM
-  (None in "hlo" mode). Row r < 32 of every [64, *] tile is query head r, and row r + 32
+  """The pipeline step of the "mma-pv" form; scratch = the SMEM operands: q's A tile, P,
+  and, in the Mosaic-GPU interpreter, K^T (none in "hlo" mode). Row r < 32 of every [64, *] tile is query head r, and row r + 32
   the same head again: its scores and softmax repeat row r's, and its P row holds the lo
   part of p, so each accumulator row pair sums to p·V with p in hi + lo bf16. gate_dst(j):
   where block j's updated gate rows go."""
@@ -134,19 +134,19 @@ def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, comm
     blk = base + idx[0]
     slot = ctx.iota((BS,), 0, C.COL) + blk * BS
     valid = slot < length
-    qa = heads_to_rows([ctx.ld(q_s.at[g], C.COL).astype(f32) for g in range(BG)],
-                       (R, Dh)).astype(bf16)
+    qa = lambda: heads_to_rows([ctx.ld(q_s.at[g], C.COL).astype(f32) for g in range(BG)],
+                               (R, Dh)).astype(bf16)
     if ctx.tma:
       qa_s, pa_s, *kt_s = scratch
 
       @pl.when(idx[0] == 0)   # q is the same in every step: A is built once
       def _():
-        qa_s[...] = qa
+        qa_s[...] = qa()
         C.plgpu.commit_smem()
 
       s = C.mma_product(ctx, qa_s, _transposed(ctx, k_s, kt_s and kt_s[0]), (R, BS))
     else:
-      s = jnp.dot(qa.astype(f32), k_s[...].astype(f32).T, precision=lax.Precision.HIGHEST)
+      s = jnp.dot(qa().astype(f32), k_s[...].astype(f32).T, precision=lax.Precision.HIGHEST)
     # base 2: the scores times log2(e) (folded into the scale), m in those units, and
     # exp2 (one MUFU.EX2 when compiled, where exp costs ~9 instructions an element)
     s = s * (scale * LOG2E)
@@ -191,7 +191,8 @@ def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, comm
 
 def _pv_pass(ctx: C.Ctx, *, G, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, g0, p,
              BG, Dh, BS, scale, stages, start, n_blocks, length, commit, gstep):
-  """The "mma-pv" form's pass over this CTA's blocks and its G partial rows."""
+  """The "mma-pv" form's pass over this CTA's blocks, and its BG heads' partials (o, m,
+  l) stored."""
   f32, bf16, R = jnp.float32, jnp.bfloat16, MMA_ROWS
   heads = pl.ds(g0, BG)
   tr = C.mma_transforms(PV_SWIZZLE)
