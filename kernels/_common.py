@@ -251,7 +251,8 @@ class Ctx:
   def store(self, val, dst_gmem, transforms=(), rows: int | None = None):
     """Registers -> GMEM slice owned by this CTA (via SMEM + TMA when compiling).
     2-D tiles in the WGMMA layout should pass `tile_transforms` (swizzled SMEM).
-    rows: only the first `rows` rows of a 2-D val (dst_gmem has that many)."""
+    rows: only the first `rows` rows of a 2-D val, or entries of a 1-D one (dst_gmem has
+    that many)."""
     if rows is not None and not self.tma:   # "hlo": straight into dst_gmem
       val, rows = val[:rows], None
 

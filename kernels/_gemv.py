@@ -38,21 +38,26 @@ from kernels.unfinished import Unfinished
 ARGMAX_SENTINEL = 2 ** 30
 
 
-def merge_weights(ctx: C.Ctx, m_s, l_s, *, P: int):
-  """The merge's weights for every head of the CTA at once: ([P] rows w_p = e^{m_p - m},
-  [Hs] each, and the denominators sum_p w_p l_p [Hs]), COL layout, from its (m, l) rows
-  m_s, l_s [P, Hs]. Computed across the threads, once per CTA (vector_weights), instead
-  of as the same scalars in every thread at every step. An empty split (m = -inf, l = 0)
-  weighs 0."""
-  m = [ctx.ld(m_s.at[p], C.COL) for p in range(P)]
-  mx = m[0]
-  for v in m[1:]:
+def _weights(m_p, l_p):
+  """The merge's weights w_p = e^{m_p - m} and denominator sum_p w_p l_p, from the P
+  splits' m_p and l_p: scalars (one head) or vectors (heads side by side). An empty
+  split (m = -inf, l = 0) weighs 0."""
+  mx = m_p[0]
+  for v in m_p[1:]:
     mx = jnp.maximum(mx, v)
-  w = [jnp.exp(v - mx) for v in m]
-  L = w[0] * ctx.ld(l_s.at[0], C.COL)
-  for p in range(1, P):
-    L = L + w[p] * ctx.ld(l_s.at[p], C.COL)
+  w = [jnp.exp(v - mx) for v in m_p]
+  L = w[0] * l_p[0]
+  for wp, lp in zip(w[1:], l_p[1:]):
+    L = L + wp * lp
   return w, L
+
+
+def merge_weights(ctx: C.Ctx, m_s, l_s, *, P: int):
+  """_weights for every head of the CTA at once, as [Hs] vectors (COL layout) from its
+  (m, l) rows m_s, l_s [P, Hs]: computed across the threads, once per CTA
+  (vector_weights), instead of as the same scalars in every thread at every step."""
+  return _weights([ctx.ld(m_s.at[p], C.COL) for p in range(P)],
+                  [ctx.ld(l_s.at[p], C.COL) for p in range(P)])
 
 
 def vector_weights(Hs: int) -> bool:
@@ -92,19 +97,9 @@ def _step_weights(kind: str, a, b, j0, nh: int, P: int):
   if kind == "vector":
     return ([[a[p, j0 + t] for p in range(P)] for t in range(nh)],
             [b[j0 + t] for t in range(nh)])
-  m_s, l_s = a, b
-  w, L = [], []
-  for t in range(nh):
-    m_p = [m_s[p, j0 + t] for p in range(P)]
-    mx = m_p[0]
-    for v in m_p[1:]:
-      mx = jnp.maximum(mx, v)
-    w.append([jnp.exp(v - mx) for v in m_p])
-    Lt = w[t][0] * l_s[0, j0 + t]
-    for p in range(1, P):
-      Lt = Lt + w[t][p] * l_s[p, j0 + t]
-    L.append(Lt)
-  return w, L
+  per_head = [_weights([a[p, j0 + t] for p in range(P)], [b[p, j0 + t] for p in range(P)])
+              for t in range(nh)]
+  return [w for w, _ in per_head], [L for _, L in per_head]
 
 
 GEMV_FORMS = ("fma", "mma")

@@ -117,10 +117,11 @@ def _transposed(ctx: C.Ctx, k_s, scratch):
 def _pv_step(ctx: C.Ctx, *, BG: int, Dh: int, BS: int, scale, base, length, commit, gstep,
              bias: bool, gate: bool, gate_dst, scratch):
   """The pipeline step of the "mma-pv" form; scratch = the SMEM operands: q's A tile, P,
-  and, in the Mosaic-GPU interpreter, K^T (none in "hlo" mode). Row r < 32 of every [64, *] tile is query head r, and row r + 32
-  the same head again: its scores and softmax repeat row r's, and its P row holds the lo
-  part of p, so each accumulator row pair sums to p·V with p in hi + lo bf16. gate_dst(j):
-  where block j's updated gate rows go."""
+  and, in the Mosaic-GPU interpreter, K^T (none in "hlo" mode). Row r < 32 of every
+  [64, *] tile is query head r, and row r + 32 the same head again: its scores and
+  softmax repeat row r's, and its P row holds the lo part of p, so each accumulator row
+  pair sums to p·V with p in hi + lo bf16. gate_dst(j): where block j's updated gate
+  rows go."""
   f32, bf16, R = jnp.float32, jnp.bfloat16, MMA_ROWS
 
   def heads_to_rows(vectors, shape):   # [n] COL vectors, one per head -> rows g, g + 32
@@ -234,25 +235,21 @@ def _pv_pass(ctx: C.Ctx, *, G, q_g, k_g, v_g, bias_g, o_g, m_g, l_g, gnew_g, h, 
 
 def _store_ml(ctx: C.Ctx, m, l, m_dst, l_dst, *, BG: int, G: int):
   """The CTA's heads' m and l, vectors in the row layout with head g in row g, to
-  their [BG] rows in GMEM: by TMA when those are whole 16-byte boxes (a scalar store to
-  GMEM costs two warpgroup barriers), else as scalars."""
-  if not ctx.tma:
-    m_dst[...], l_dst[...] = m[:BG], l[:BG]
+  their [BG] rows in GMEM: each with one TMA store (Ctx.store's first `rows` entries)
+  when those rows are whole 16-byte boxes, else as scalars (a scalar store to GMEM costs
+  two warpgroup barriers)."""
+  if not ctx.tma or not (BG % 4 or G % 4):
+    ctx.store(m, m_dst, rows=BG)
+    ctx.store(l, l_dst, rows=BG)
     return
 
   def body(ml_s):
     ml_s[0] = m
     ml_s[1] = l
     C.plgpu.commit_smem()   # includes the warpgroup barrier
-    if BG % 4 or G % 4:
-      for g in range(BG):
-        m_dst[g] = ml_s[0, g]
-        l_dst[g] = ml_s[1, g]
-      return
-    ctx.stored.append(True)   # mosaic_kernel's final wait covers these stores
-    C.plgpu.copy_smem_to_gmem(ml_s.at[0, pl.ds(0, BG)], m_dst)
-    C.plgpu.copy_smem_to_gmem(ml_s.at[1, pl.ds(0, BG)], l_dst)
-    C.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for g in range(BG):
+      m_dst[g] = ml_s[0, g]
+      l_dst[g] = ml_s[1, g]
 
   pl.run_scoped(body, C.plgpu.SMEM((2, m.shape[0]), jnp.float32))
 
