@@ -280,6 +280,21 @@ def _attention_case(Hq, Dh, S, L, extra, Hkv=2):
   return q, kc, vc, kw
 
 
+def _merged_matches_reference(parts, q, kc, vc, L, kw, name):
+  """The split partials (o, m, l) merged in XLA against the reference attention, whose
+  output is rounded to q's dtype (bf16: 2^-9 per element, so 2^-8 of the norm)."""
+  from kernels.decode_attention import reference
+  o, m, l = parts[:3]
+  P, Hkv, G, Dh = o.shape
+  merged = reference.merge_splits(o, m, l).reshape(Hkv * G, Dh)
+  ref_kw = dict(scale=kw["scale"], bias_HS=kw.get("bias_HS"))
+  if "gate_g" in kw:
+    ref_kw.update(gate_HS=kw["gate_g"][0], g_H=kw["gate_g"][1])
+  want = reference.decode_attention(q, kc, vc, L, **ref_kw)
+  want = want[0] if "gate_g" in kw else want
+  assert_rel_close(_f64(merged), _f64(want), rtol=2.0 ** -8, name=name)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("Dh,extra", [(64, "bias"),
                                       pytest.param(128, None, marks=pytest.mark.slow),
@@ -297,6 +312,7 @@ def test_attention_scores_on_the_tensor_cores(mode, Dh, extra):
   mma = attn.partials(q, kc, vc, L, scores="mma", **kw)
   for name, a, b in zip(("o", "m", "l"), mma[:3], fma[:3]):
     assert_rel_close(_f64(a), _f64(b), rtol=tol(F32, L * Dh), name=f"{name} {mode}")
+  _merged_matches_reference(mma, q, kc, vc, L, kw, f"mma merged {mode}")
   if extra == "gate":
     np.testing.assert_array_equal(np.asarray(mma[3])[:, :L], np.asarray(fma[3])[:, :L])
 
@@ -325,6 +341,7 @@ def test_attention_on_the_tensor_cores_with_pv(mode, Dh, extra, splits, Hq):
                               (_rtol(L * Dh), tol(F32, Dh), tol(F32, L))):
     assert_rel_close(_f64(a)[live], _f64(b)[live], rtol=rtol, name=f"{name} {mode}")
     np.testing.assert_array_equal(_f64(a)[~live], _f64(b)[~live])
+  _merged_matches_reference(pv, q, kc, vc, L, kw, f"mma-pv merged {mode}")
   if extra == "gate":
     np.testing.assert_array_equal(np.asarray(pv[3])[:, :L], np.asarray(fma[3])[:, :L])
 
