@@ -438,6 +438,9 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
                           input_output_aliases=dict(input_output_aliases or {}))
   params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                 approx_math=approx_math)
+  if input_output_aliases and mode == "compile":
+    return _aliased_kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
+                           name=name, aliases=dict(input_output_aliases), params=params)
   if input_output_aliases:
     ctx = Ctx(mode, tuple(grid_names), program_ids=True)
     gmem = lambda: pl.BlockSpec(memory_space=plgpu.GMEM)
@@ -454,6 +457,49 @@ def mosaic_kernel(body, *, out_type, grid: tuple[int, ...], grid_names: tuple[st
       functools.partial(body, ctx=ctx), out_type=out_type, grid=grid,
       grid_names=grid_names, interpret=interpret_params(mode), compiler_params=params,
       kernel_name=name)
+
+
+def _aliased_kernel(body, *, out_type, grid, grid_names, name, aliases, params):
+  """A compiled kernel whose output o *is* input i's buffer for each {i: o} in aliases.
+
+  The aliased inputs go in as mutable refs (`jax.new_ref`), which pl.kernel takes as
+  operands it may write; under jit they are discharged into the custom call's own
+  input/output aliasing, so XLA updates the buffer in place when the input is dead
+  afterwards (a donated or loop-carried cache). This is the one form that compiles on
+  both JAX 0.10.2 and 0.11.x: the latter no longer lowers a Mosaic-GPU pl.pallas_call.
+  The body keeps the pallas_call signature (all input refs, then all output refs)."""
+  multi = isinstance(out_type, (tuple, list))
+  outs = list(out_type) if multi else [out_type]
+  if sorted(aliases.values()) != sorted(set(aliases.values())) or \
+     not all(0 <= o < len(outs) for o in aliases.values()):
+    raise ValueError(f"{name}: input_output_aliases {aliases} must map inputs to distinct "
+                     f"outputs of {len(outs)}")
+  by_out = {o: i for i, o in aliases.items()}
+  fresh = [t for o, t in enumerate(outs) if o not in by_out]
+  ctx = Ctx("compile", tuple(grid_names))
+
+  def call(*args):
+    n_in = len(args)
+    for i, o in aliases.items():
+      if not (0 <= i < n_in) or args[i].shape != outs[o].shape or args[i].dtype != outs[o].dtype:
+        raise ValueError(f"{name}: input {i} cannot alias output {o} ({outs[o]})")
+
+    def refs_body(*refs):
+      in_refs, fresh_refs = refs[:n_in], list(refs[n_in:])
+      out_refs = [in_refs[by_out[o]] if o in by_out else fresh_refs.pop(0)
+                  for o in range(len(outs))]
+      return body(*in_refs, *out_refs, ctx=ctx)
+
+    operands = [jax.new_ref(a) if i in aliases else a for i, a in enumerate(args)]
+    # pl.kernel, not plgpu.kernel: the latter's custom_vmap wrapper rejects ref operands
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, kernel_name=name)
+    got = list(pl.kernel(refs_body, out_type=tuple(fresh), mesh=mesh, compiler_params=params,
+                         name=name)(*operands))
+    result = [jax.freeze(operands[by_out[o]]) if o in by_out else got.pop(0)
+              for o in range(len(outs))]
+    return tuple(result) if multi else result[0]
+
+  return call
 
 
 def inference_only(op: str, fn, *args):

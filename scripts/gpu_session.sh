@@ -68,19 +68,21 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 # WGMMA for real), the chain, PDL, the two-kernel MLP, the decode tests (their PDL and
 # two-kernel cases first), then the fused ops, every op, int8; the `slow` ones too (fast
 # when compiled; the interpreter-only tests skip themselves on a GPU)
-timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest tests/test_kernels_mma.py \
-  tests/test_kernels_chain.py \
-  tests/test_kernels_pdl.py \
-  tests/test_kernels_mlp2k.py tests/test_kernels_decode.py tests/test_kernels_fused.py \
-  tests/test_kernels_ops.py tests/test_kernels_int8.py -q -rfE --tb=short -m "slow or not slow" \
+# JAX_PLATFORMS=cuda: tests/conftest.py defaults it to cpu, and before 2026-11-27 this
+# stage ran every test on the GPU machine's CPU (the interpreters), not compiled.
+PYTEST_FILES=${PYTEST_FILES:-tests/test_kernels_ops.py tests/test_kernels_mma.py \
+  tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_chain.py \
+  tests/test_kernels_pdl.py tests/test_kernels_mlp2k.py tests/test_kernels_int8.py}
+JAX_PLATFORMS=${PYTEST_PLATFORMS:-cuda} timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest \
+  $PYTEST_FILES -q -rfE --tb=short -m "slow or not slow" \
   -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 # 2a. the per-op table (Pallas vs XLA per op, incl. the two-kernel MLP row) and sweep,
 # with the baseline and the default Pallas step
 PROF=$(mktemp -d)
-timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench --ops \
-  --sweep ${B1_SWEEP:-mma,fill} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
+timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
+  ${B1_ARGS---ops --sweep ${B1_SWEEP:-mma,fill}} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
 # 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
