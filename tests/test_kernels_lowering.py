@@ -10,6 +10,7 @@ here. PTX generation and the timings still need the GPU
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -313,3 +314,71 @@ def test_decode_step_has_no_branch(name, impl):
   # the walker sees a cond where there is one
   branchy = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, jnp.sin, jnp.cos, x))(True, 1.0)
   assert "cond" in _primitives(branchy.jaxpr)
+
+
+def _primitives(jaxpr, seen=None):
+  """Names of every primitive in a jaxpr, sub-jaxprs included."""
+  seen = set() if seen is None else seen
+  for eqn in jaxpr.eqns:
+    seen.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _primitives(sub, seen)
+  return seen
+
+
+@pytest.mark.parametrize("name", ["llama-1b-bench", "hybrid-tiny", "gated-tiny"])
+def test_compiled_kernels_never_use_pallas_call(name):
+  """JAX 0.11.2 no longer lowers a Mosaic-GPU `pl.pallas_call` (its GPU rule asserts; seen
+  on the H100 on 2026-11-27), so no compiled kernel of a decode step may go through one:
+  the in-place cache writers too run as `pl.kernel` (mpmd_map), with ref operands."""
+  kw = dict(CONFIGS[name][0])
+  if "tiny" not in name:
+    kw["n_layers"] = 1
+  cfg = ModelConfig(**kw)
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+  step, S = step_function(cfg, "pallas", 1100, interpret=False)
+  state = jax.eval_shape(lambda: init_state(cfg, S))
+  jaxpr = jax.make_jaxpr(step)(weights, state, SD((), jnp.int32))
+  prims = _primitives(jaxpr.jaxpr)
+  assert "pallas_call" not in prims
+  assert "mpmd_map" in prims, sorted(prims)
+
+
+def _aliases(text: str) -> set[tuple[int, int]]:
+  """(output index, operand index) of every custom call's output/operand alias."""
+  import re
+  pairs = re.findall(r"output_operand_alias<output_tuple_indices = \[(\d+)\], "
+                     r"operand_index = (\d+)", text)
+  return {(int(o), int(i)) for o, i in pairs}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cache_writers_alias_the_caches_when_compiled(fused):
+  """The compiled RoPE + append kernels update the K and V caches in place: their custom
+  call aliases outputs 1 and 2 to the two cache operands, and under jit with the caches
+  donated nothing copies them."""
+  from kernels.qkv_rope_append import qkv_rope_append
+  from kernels.rope_append import rope_append
+  Hq, Hkv, Dh, S, D = 32, 8, 64, 1152, 2048
+  N = (Hq + 2 * Hkv) * Dh
+  bf = jnp.bfloat16
+  cache = SD((Hkv, S, Dh), bf)
+  if fused:
+    fn = lambda x, sc, w, c, s, k, v, p: qkv_rope_append(
+        x, sc, w, None, c, s, k, v, p, eps=1e-6, n_heads=Hq, n_kv_heads=Hkv, impl="pallas",
+        interpret=False)
+    avals = (SD((D,), bf), SD((D,), bf), SD((N, D), bf), SD((Dh,), jnp.float32),
+             SD((Dh,), jnp.float32), cache, cache, SD((), jnp.int32))
+    donate = (5, 6)
+  else:
+    fn = lambda q, c, s, k, v, p: rope_append(q, c, s, k, v, p, n_heads=Hq, n_kv_heads=Hkv,
+                                              impl="pallas", interpret=False)
+    avals = (SD((N,), bf), SD((Dh,), jnp.float32), SD((Dh,), jnp.float32), cache, cache,
+             SD((), jnp.int32))
+    donate = (3, 4)
+  text = jax.jit(fn, donate_argnums=donate).trace(*avals).lower(
+      lowering_platforms=("cuda",)).as_text()
+  # the kernel's call: outputs 1 and 2 (k, v) alias its last two operands (the caches)
+  outs = {o for o, _ in _aliases(text)}
+  assert outs == {1, 2}, _aliases(text)
+  assert "tf.aliasing_output" in text   # the donated caches are the step's outputs
