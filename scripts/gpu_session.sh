@@ -4,20 +4,16 @@
 # clipped to what is left, and a stage with under 30 s left is skipped), so the call stays
 # under the device tool's 600 s limit; a session has 15 minutes of device time, machine
 # start included (~35 s on 2026-11-26):
-#   1. compiled Mosaic-GPU kernels vs their references (the tensor-core GEMV first, then
-#      bf16 and int8 weights, the fused ops) + 64 greedy tokens pallas == xla, also with
-#      PDL (tests/test_kernels_pdl.py, the pdl decode test: a kernel reading before its
-#      wait would show there)
-#   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) the per-op table
-#      (incl. the fused ops, int8 and the two-kernel MLP rows) and the sweep groups
-#      mma,fill (B1_SWEEP; the tensor-core GEMV per op and B width, then the fuller
-#      grids; "all" adds split/tile/stage/PDL/down-t rows, ~2.5 min) with xla-unrolled and
-#      pallas (B1_VARIANTS); (b) pallas-mma, pallas-mma-1k, pallas-mma-attn, pallas-mlp2k (chained),
-#      pallas-mma-down-t, pallas-prefetch,
-#      pallas-mlp2k-prefetch, pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused, pallas-pdl
-#      (B1B_VARIANTS, in that order: the budget may cut the last ones; pallas-down-t,
-#      pallas-int8, pallas-shared ~1 min each), xla-unrolled again as this run's
-#      baseline; profiles
+#   1. compiled Mosaic-GPU kernels vs their references on the GPU itself (JAX_PLATFORMS=
+#      cuda; PYTEST_FILES, PYTEST_TIMEOUT): the tensor-core forms first, the fused ops,
+#      the decode tests (64 greedy tokens pallas == xla, PDL), then every op and int8
+#   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) xla-unrolled, pallas,
+#      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiles in ~70 s on
+#      JAX 0.11.2); B1_ARGS="--ops --sweep mma,fill" adds the per-op table and sweep
+#      (~2 min; measured 2026-11-27); (b) xla-unrolled again as this run's baseline, then
+#      pallas-prefetch, pallas-pdl, pallas-mma-down-t, pallas-mlp2k, pallas-mlp2k-prefetch,
+#      pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused (B1B_VARIANTS, in that order:
+#      the budget cuts the last ones); profiles
 #   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
 #      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step); with the default
 #      budget it runs only if stages 1-2 finish early (or with a lower B1B_TIMEOUT)
@@ -70,10 +66,11 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 # when compiled; the interpreter-only tests skip themselves on a GPU)
 # JAX_PLATFORMS=cuda: tests/conftest.py defaults it to cpu, and before 2026-11-27 this
 # stage ran every test on the GPU machine's CPU (the interpreters), not compiled.
-PYTEST_FILES=${PYTEST_FILES:-tests/test_kernels_ops.py tests/test_kernels_mma.py \
-  tests/test_kernels_fused.py tests/test_kernels_decode.py tests/test_kernels_chain.py \
-  tests/test_kernels_pdl.py tests/test_kernels_mlp2k.py tests/test_kernels_int8.py}
-JAX_PLATFORMS=${PYTEST_PLATFORMS:-cuda} timeout -s INT $(cap ${PYTEST_TIMEOUT:-150}) $PY -m pytest \
+# (2026-11-27 compiled tests/test_kernels_ops.py's first 45 tests: those files come last)
+PYTEST_FILES=${PYTEST_FILES:-tests/test_kernels_mma.py tests/test_kernels_fused.py \
+  tests/test_kernels_decode.py tests/test_kernels_chain.py tests/test_kernels_pdl.py \
+  tests/test_kernels_mlp2k.py tests/test_kernels_ops.py tests/test_kernels_int8.py}
+JAX_PLATFORMS=${PYTEST_PLATFORMS:-cuda} timeout -s INT $(cap ${PYTEST_TIMEOUT:-120}) $PY -m pytest \
   $PYTEST_FILES -q -rfE --tb=short -m "slow or not slow" \
   -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
@@ -81,8 +78,8 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 # 2a. the per-op table (Pallas vs XLA per op, incl. the two-kernel MLP row) and sweep,
 # with the baseline and the default Pallas step
 PROF=$(mktemp -d)
-timeout $(cap ${B1_TIMEOUT:-190}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-  ${B1_ARGS---ops --sweep ${B1_SWEEP:-mma,fill}} --variants ${B1_VARIANTS:-xla-unrolled,pallas} \
+timeout $(cap ${B1_TIMEOUT:-300}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
+  ${B1_ARGS-} --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-mma-128,pallas-mma-1k} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
 # 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
@@ -90,7 +87,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma,pallas-mma-1k,pallas-mma-attn,pallas-mlp2k,pallas-mma-down-t,pallas-prefetch,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused,pallas-pdl} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-pdl,pallas-mma-down-t,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

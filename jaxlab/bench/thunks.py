@@ -110,6 +110,9 @@ def main(argv=None) -> int:
   if not sums and not hlos:
     print(f"thunks: neither *{SUFFIX} nor *{HLO_SUFFIX} in {args.dump_dir} (match "
           f"{args.match!r}); this XLA may name its dumps differently", file=sys.stderr)
+    names = sorted(f.name for f in pathlib.Path(args.dump_dir).iterdir())
+    print(f"thunks: {len(names)} files there, e.g. " + ", ".join(
+        [n for n in names if "after" in n or "thunk" in n][:12] or names[:12]), file=sys.stderr)
     return 1
   for s in sums:
     print(s.line())
