@@ -11,7 +11,8 @@
 #      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiles in ~70 s on
 #      JAX 0.11.2); B1_ARGS="--ops --sweep mma,fill" adds the per-op table and sweep
 #      (~2 min; measured 2026-11-27); (b) xla-unrolled again as this run's baseline, then
-#      pallas-prefetch, pallas-pdl, pallas-mma-down-t, pallas-mlp2k, pallas-mlp2k-prefetch,
+#      pallas-mma-best, pallas-prefetch, pallas-pdl, pallas-mma-down-t, pallas-mlp2k,
+#      pallas-mlp2k-prefetch,
 #      pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused (B1B_VARIANTS, in that order:
 #      the budget cuts the last ones); profiles
 #   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
@@ -87,7 +88,7 @@ stamp "llama-1b-bench ops rc=$?"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-prefetch,pallas-pdl,pallas-mma-down-t,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

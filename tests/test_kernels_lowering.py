@@ -10,7 +10,6 @@ here. PTX generation and the timings still need the GPU
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -314,16 +313,6 @@ def test_decode_step_has_no_branch(name, impl):
   # the walker sees a cond where there is one
   branchy = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, jnp.sin, jnp.cos, x))(True, 1.0)
   assert "cond" in _primitives(branchy.jaxpr)
-
-
-def _primitives(jaxpr, seen=None):
-  """Names of every primitive in a jaxpr, sub-jaxprs included."""
-  seen = set() if seen is None else seen
-  for eqn in jaxpr.eqns:
-    seen.add(eqn.primitive.name)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      _primitives(sub, seen)
-  return seen
 
 
 @pytest.mark.parametrize("name", ["llama-1b-bench", "hybrid-tiny", "gated-tiny"])

@@ -28,9 +28,11 @@ Variants (each decodes the same greedy continuation from the same cache):
   pallas-mma    pallas-mlp2k with every GEMV kernel's inner product on the tensor cores
                 (kernel_options gemv form "mma", kernels/_gemv.py): QKV, O-projection, both
                 MLP kernels and the LM head
-  pallas-mma-1k, pallas-mma-down-t, pallas-mma-128
-                pallas (the one-kernel MLP) with the same option, that with W_down^T, and
-                that with 128-byte B rows (gemv swizzle 128)
+  pallas-mma-1k, pallas-mma-down-t, pallas-mma-128, pallas-mma-best
+                pallas (the one-kernel MLP) with the same option, that with W_down^T,
+                that with 128-byte B rows (gemv swizzle 128), and that with the
+                O-projection's rows at 32 bytes (each op's fastest row of the H100
+                per-op sweep of 2026-11-27)
   pallas-mma-attn
                 pallas-mma with attention on the tensor cores too (decode_attention
                 scores "mma-pv": q.K and p.V both WGMMAs)
@@ -93,7 +95,7 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
-            "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128")
+            "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
 # every layer into one flat step, make_decoder's default)
@@ -116,7 +118,8 @@ _DECODER_VARIANTS = {
     "pallas-mma-1k": ("pallas", "unrolled", None, False),
     "pallas-mma-down-t": ("pallas", "unrolled", None, False),
     "pallas-mma-attn": ("pallas", "unrolled", None, False),
-    "pallas-mma-128": ("pallas", "unrolled", None, False)}
+    "pallas-mma-128": ("pallas", "unrolled", None, False),
+    "pallas-mma-best": ("pallas", "unrolled", None, False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
@@ -143,7 +146,11 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                                         "decode_attention": {"scores": "mma-pv"}},
                     # the one-kernel MLP with 128-byte B rows: the fastest MLP row of the
                     # per-op sweep on the H100 (2026-11-27), not yet timed end to end
-                    "pallas-mma-128": {"gemv": {"form": "mma", "swizzle": 128}}}
+                    "pallas-mma-128": {"gemv": {"form": "mma", "swizzle": 128}},
+                    # and the O-projection with 32-byte rows, its fastest row there
+                    "pallas-mma-best": {"gemv": {"form": "mma", "swizzle": 128},
+                                        "out_proj_residual": {"gemv": "mma",
+                                                              "mma_swizzle": 32}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:

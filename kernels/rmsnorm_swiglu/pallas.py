@@ -303,10 +303,15 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
 
 
 def _finish(x, part_PD, w_down_scale_D):
-  y = jnp.sum(part_PD, axis=0)
+  """x + the sum of the partial rows (times the int8 scale), rounded to x's dtype. x goes
+  in as one more row of the same sum: XLA then compiles the whole epilogue (x finished
+  from the O-projection's partials too, if any) as one reduction kernel. With x added
+  after the sum it took two, a reduction and a ~2.4 us add per layer (H100, 2026-11-27)."""
+  rows = part_PD.astype(jnp.float32)
   if w_down_scale_D is not None:
-    y = y * w_down_scale_D.astype(jnp.float32)
-  return (x.astype(jnp.float32) + y).astype(x.dtype)
+    rows = rows * w_down_scale_D.astype(jnp.float32)[None]
+  rows = jnp.concatenate([x.astype(jnp.float32)[None], rows])
+  return jnp.sum(rows, axis=0).astype(x.dtype)
 
 
 def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=None,
