@@ -64,3 +64,18 @@ def test_cli_reads_a_dump_dir(tmp_path, capsys):
   assert "by computation: command_buffer.1 2" in out
   assert thunks.main([str(tmp_path / "missing")]) == 2
   assert thunks.main([str(tmp_path), "--match", "nothing"]) == 1
+  assert "files there, e.g." in capsys.readouterr().err
+
+
+def test_a_module_without_command_buffers_reads_its_initial_sequence(tmp_path):
+  """XLA dumps the sequence after the thunk passes only when they changed it: a module
+  with no command buffer leaves its initial sequence, which is then read (and named)."""
+  (tmp_path / f"module_0003.jit__step_unrolled.{thunks.INITIAL_SUFFIX}").write_text(
+      "000: kCustomCall mosaic\n001: kKernel f\n002: kCustomCall mosaic\n")
+  (tmp_path / f"module_0004.jit_both.{thunks.INITIAL_SUFFIX}").write_text("000: kKernel f\n")
+  (tmp_path / f"module_0004.jit_both.{thunks.SUFFIX}").write_text(SEQUENCE)
+  by = {s.module: s for s in thunks.summarize_dir(tmp_path)}
+  initial = "module_0003.jit__step_unrolled" + thunks.NO_PASS
+  assert set(by) == {initial, "module_0004.jit_both"}
+  assert by[initial].host_launched_custom_calls == 2 and by[initial].nested == {}
+  assert by["module_0004.jit_both"] == thunks.summarize_text("module_0004.jit_both", SEQUENCE)

@@ -2,7 +2,8 @@
 
 XLA writes each GPU executable's thunk sequence when `--xla_dump_to=DIR` is set:
 `<module>.thunk_sequence_after_thunk_passes.txt`, one line per thunk (`NNN: kKind ...`,
-nested thunks indented under their command buffer). Kernels at the top level are
+nested thunks indented under their command buffer), or only `<module>.thunk_sequence.txt`
+when the thunk passes changed nothing (no command buffer formed). Kernels at the top level are
 launched one by one from the host; kernels inside a `kCommandBuffer` are replayed as one
 graph. For the batch-1 decode step this tells whether the Mosaic GPU custom calls are
 what splits the graphs (docs/kernels.md, "Where the time goes"). The optimized HLO
@@ -60,11 +61,22 @@ def summarize_text(module: str, text: str) -> ThunkSummary:
   return ThunkSummary(module, dict(top), dict(nested))
 
 
+# XLA writes the sequence after its thunk passes only if they changed it; a module with
+# no command buffer at all leaves only the initial sequence
+INITIAL_SUFFIX = "thunk_sequence.txt"
+NO_PASS = " (initial sequence: the thunk passes changed nothing, so no command buffers)"
+
+
 def summarize_dir(dump_dir: str | pathlib.Path, match: str = "") -> list[ThunkSummary]:
-  """One summary per dumped module whose file name contains `match`."""
-  files = sorted(pathlib.Path(dump_dir).glob(f"*{SUFFIX}"))
-  return [summarize_text(f.name[:-len(SUFFIX)].rstrip("."), f.read_text())
-          for f in files if match in f.name]
+  """One summary per dumped module whose file name contains `match`: its sequence after
+  the thunk passes, else its initial one (the module name then says so)."""
+  out = {}
+  for suffix, note in ((INITIAL_SUFFIX, NO_PASS), (SUFFIX, "")):
+    for f in sorted(pathlib.Path(dump_dir).glob(f"*.{suffix}")):
+      if match in f.name:
+        module = f.name[:-len(suffix)].rstrip(".")
+        out[module] = summarize_text(module + note, f.read_text())
+  return [out[m] for m in sorted(out)]
 
 
 HLO_SUFFIX = "gpu_after_optimizations.txt"
