@@ -15,9 +15,9 @@
 #      pallas-mlp2k-prefetch,
 #      pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused (B1B_VARIANTS, in that order:
 #      the budget cuts the last ones); profiles
-#   3. which kernels of the Pallas step run inside XLA's command buffers (THUNKS=0 skips,
-#      ~1 min; THUNK_VARIANTS="xla-unrolled pallas" adds XLA's step); with the default
-#      budget it runs only if stages 1-2 finish early (or with a lower B1B_TIMEOUT)
+#   3. which kernels of each step run inside XLA's command buffers: read from the
+#      dump of stage 2a at no extra compile; THUNKS=1 (with THUNK_VARIANTS) dumps other
+#      variants in runs of their own, ~1 min each
 #   4. with WRITE=1: the XLA baseline's cache row write as one scatter, ~45 s
 #   5. with HYBRID=1: --config hybrid-1b-bench (PaTH / log-linear decode kernels), ~1-2 min
 #   6. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
@@ -81,11 +81,21 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 
 # 2a. the per-op table (Pallas vs XLA per op, incl. the two-kernel MLP row) and sweep,
 # with the baseline and the default Pallas step
+# XLA dumps each compiled step (--xla_dump_to) on the way: the thunk summary after the
+# run says which kernels of each step run inside command buffers (CUDA graphs) and which
+# the host launches one by one (compiled here for an H100 with JAX 0.10.2, XLA's step is
+# one command buffer and the Pallas step has none). Its modules are numbered in the
+# order the variants compiled; xla-unrolled's has no custom calls.
 PROF=$(mktemp -d)
-timeout $(cap ${B1_TIMEOUT:-300}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
+DUMP=$(mktemp -d)
+XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$DUMP" \
+  timeout $(cap ${B1_TIMEOUT:-300}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
   ${B1_ARGS-} --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-mma-128,pallas-mma-1k} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
+{ echo; echo "=== thunks of the steps above (command buffers or host launches) ==="; } >> "$OUT/llama-1b.txt"
+$PY -m jaxlab.bench.thunks "$DUMP" --match _step_unrolled >> "$OUT/llama-1b.txt" 2>&1
+rm -rf "$DUMP"
 # 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
 # figures are logged as it finishes, so a timeout loses only the later ones
 if room 60 "llama-1b-bench variants"; then
@@ -99,8 +109,9 @@ tar -czf "$OUT/profile.tgz" -C "$PROF" . 2>/dev/null   # raw traces (Perfetto JS
 
 # Which kernels of the 1B step run inside XLA's command buffers (CUDA graphs) and which
 # are launched one by one from the host: the timed Pallas step sits ~360 us above its
-# kernels' busy time, XLA's does not (sixth session). THUNKS=0 skips it.
-if [ "${THUNKS:-1}" != 0 ]; then
+# kernels' busy time, XLA's does not (sixth session). Stage 2a's dump covers its
+# variants; THUNKS=1 runs this for THUNK_VARIANTS.
+if [ "${THUNKS:-0}" != 0 ]; then
   { echo; echo "=== thunks: kernels inside / outside command buffers ==="; } >> "$OUT/llama-1b.txt"
   for v in ${THUNK_VARIANTS:-pallas}; do
     room ${THUNKS_TIMEOUT:-55} "thunks $v" || continue
