@@ -83,9 +83,10 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 # with the baseline and the default Pallas step
 # XLA dumps each compiled step (--xla_dump_to) on the way: the thunk summary after the
 # run says which kernels of each step run inside command buffers (CUDA graphs) and which
-# the host launches one by one (compiled here for an H100 with JAX 0.10.2, XLA's step is
-# one command buffer and the Pallas step has none). Its modules are numbered in the
-# order the variants compiled; xla-unrolled's has no custom calls.
+# the host launches one by one (a deviceless compile cannot tell for Mosaic calls: XLA
+# takes them into command buffers only if their FFI handler, registered with a GPU
+# backend, says so). Its modules are numbered in the order the variants compiled;
+# xla-unrolled's has no custom calls.
 PROF=$(mktemp -d)
 DUMP=$(mktemp -d)
 XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$DUMP" \
