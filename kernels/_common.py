@@ -470,7 +470,7 @@ def _aliased_kernel(body, *, out_type, grid, grid_names, name, aliases, params):
   The body keeps the pallas_call signature (all input refs, then all output refs)."""
   multi = isinstance(out_type, (tuple, list))
   outs = list(out_type) if multi else [out_type]
-  if sorted(aliases.values()) != sorted(set(aliases.values())) or \
+  if len(set(aliases.values())) != len(aliases) or \
      not all(0 <= o < len(outs) for o in aliases.values()):
     raise ValueError(f"{name}: input_output_aliases {aliases} must map inputs to distinct "
                      f"outputs of {len(outs)}")

@@ -371,3 +371,22 @@ def test_cache_writers_alias_the_caches_when_compiled(fused):
   outs = {o for o, _ in _aliases(text)}
   assert outs == {1, 2}, _aliases(text)
   assert "tf.aliasing_output" in text   # the donated caches are the step's outputs
+
+
+def test_aliased_kernel_arguments_are_checked():
+  """A compiled aliased kernel names a bad alias map when built, and an input that cannot
+  be its output's buffer when called (before anything is lowered)."""
+  from kernels._common import mosaic_kernel
+  out = (SD((8,), jnp.float32), SD((4, 8), jnp.float32))
+  make = lambda aliases: mosaic_kernel(lambda *r, ctx: None, out_type=out, grid=(1,),
+                                       grid_names=("one",), mode="compile", name="k",
+                                       input_output_aliases=aliases)
+  with pytest.raises(ValueError, match="k: input_output_aliases .* distinct outputs of 2"):
+    make({0: 1, 1: 1})
+  with pytest.raises(ValueError, match="distinct outputs of 2"):
+    make({0: 2})
+  kern = make({1: 1})
+  with pytest.raises(ValueError, match="k: input 1 cannot alias output 1"):
+    kern(jnp.zeros(8), jnp.zeros((4, 4)))
+  with pytest.raises(ValueError, match="k: input 1 cannot alias output 1"):
+    kern(jnp.zeros(8), jnp.zeros((4, 8), jnp.bfloat16))
