@@ -232,21 +232,12 @@ def test_mlp_epilogue_is_one_xla_kernel():
   MLP's partial rows, rounded) compiles for an H100 as one XLA reduction fusion, with no
   elementwise fusion after it (two kernels per layer before, ~2.4 us the second). (With
   int8 weights XLA still makes two: x, scaled, in its own fusion first.)"""
-  variant = "pallas"
   import subprocess
   import sys
-  code = f"""
-import jax
-from jax.experimental import topologies
-from jaxlab.bench.kernels import _step_avals, H100_TARGET
-topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET, topology="1x1x1")
-rep = jax.sharding.NamedSharding(topologies.make_mesh(topo, (1,), ("x",)),
-                                 jax.sharding.PartitionSpec())
-step, args = _step_avals("llama-1b-bench", "{variant}", {{}}, 1024)
-args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
-entry = step.trace(*args).lower().compile().as_text().split("ENTRY")[1]
-print([l.split("=")[0].strip() for l in entry.splitlines() if " fusion(" in l])
-"""
+  code = ("from jaxlab.bench.kernels import h100_lowered; "
+          "hlo = h100_lowered('llama-1b-bench', 'pallas').compile().as_text(); "
+          "print([l.split('=')[0].strip() for l in hlo.split('ENTRY')[1].splitlines() "
+          "if ' fusion(' in l])")
   env = {**os.environ, "JAX_PLATFORMS": "", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
   r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -372,10 +372,9 @@ def dumped_launch(pass_log_lines, ptxas: str) -> Launch:
   return dataclasses.replace(launch, regs=regs, spill=spill)
 
 
-def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
-  """Subprocess body of compiled_launches: compile the step for H100_TARGET (Mosaic GPU
-  dumps each kernel's pass log and ptxas log into $MOSAIC_GPU_DUMP_TO) and print the
-  lowered launches as one JSON line."""
+def h100_lowered(config: str, variant: str, options=None, kv_len: int = 1024):
+  """step_launches' step lowered for H100_TARGET with no GPU (the jaxlib's CUDA plugin,
+  run with JAX_PLATFORMS unset): `.compile()` it for the optimized HLO."""
   import jax
   from jax.experimental import topologies
   try:
@@ -387,9 +386,16 @@ def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
                      "this jaxlib: pip install --no-deps jax-cuda13-plugin==V jax-cuda13-pjrt==V")
   rep = jax.sharding.NamedSharding(topologies.make_mesh(topo, (1,), ("x",)),
                                    jax.sharding.PartitionSpec())
-  step, args = _step_avals(config, variant, json.loads(options_json), kv_len)
+  step, args = _step_avals(config, variant, options or {}, kv_len)
   args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
-  lowered = step.trace(*args).lower()
+  return step.trace(*args).lower()
+
+
+def _compile_worker(config: str, variant: str, options_json: str, kv_len: int):
+  """Subprocess body of compiled_launches: compile the step for H100_TARGET (Mosaic GPU
+  dumps each kernel's pass log and ptxas log into $MOSAIC_GPU_DUMP_TO) and print the
+  lowered launches as one JSON line."""
+  lowered = h100_lowered(config, variant, json.loads(options_json), kv_len)
   rows = launches(lowered)
   lowered.compile()
   print(json.dumps([dataclasses.asdict(r) for r in rows]))
