@@ -8,8 +8,10 @@
 #      cuda; PYTEST_FILES, PYTEST_TIMEOUT): the tensor-core forms first, the fused ops,
 #      the decode tests (64 greedy tokens pallas == xla, PDL), then every op and int8
 #   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) xla-unrolled, pallas,
-#      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiles in ~70 s on
-#      JAX 0.11.2); B1_ARGS="--ops --sweep mma,fill" adds the per-op table and sweep
+#      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiled in ~70 s on
+#      JAX 0.11.2 until the seventeenth session, which lowers each kernel once per step
+#      instead of once per layer: expect seconds, and check the "compile s" column);
+#      B1_ARGS="--ops --sweep mma,fill" adds the per-op table and sweep
 #      (~2 min; measured 2026-11-27); (b) xla-unrolled again as this run's baseline, then
 #      pallas-mma-best, pallas-prefetch, pallas-pdl, pallas-mma-down-t, pallas-mlp2k,
 #      pallas-mlp2k-prefetch,
@@ -19,13 +21,16 @@
 #      dump of stage 2a at no extra compile; THUNKS=1 (with THUNK_VARIANTS) dumps other
 #      variants in runs of their own, ~1 min each
 #   4. with WRITE=1: the XLA baseline's cache row write as one scatter, ~45 s
-#   5. with HYBRID=1: --config hybrid-1b-bench (PaTH / log-linear decode kernels), ~1-2 min
+#   5. HYBRID=1 (default; 0 skips): --config hybrid-1b-bench (PaTH / log-linear decode kernels), ~1-2 min
 #   6. with ATTN=1: fwd+bwd attention benchmark at the shapes of issues 4 and 5 (closed;
 #      their figures are in docs/benchmarks.md), ~2.3 minutes
-#   7. with B8=1: jaxlab bench decode --config llama-8b-bench (the inlined Pallas 8B step
-#      compiles in ~110 s)
-#   8. with GATED=1: --config gated-1b-bench (PaTH-FoX / FoX layers), ~1.5 minutes
-#   9. with LONG=1: the 1B step and per-op rows at a 32K-slot KV cache, ~1.5 minutes
+#   7. B8=1 (default unless ATTN=1; B8= skips): jaxlab bench decode --config llama-8b-bench (the inlined
+#      Pallas 8B step compiled in ~110 s before the seventeenth session; pallas-shared and
+#      pallas now compile to the same program, so their times should match)
+#   8. GATED=1 (default; GATED= skips): --config gated-1b-bench (PaTH-FoX / FoX layers)
+#   9. LONG=1 (default; LONG= skips): the 1B step and per-op rows at a 32K-slot KV cache
+#   (stages 5, 7, 8 and 9 run only while the budget lasts: with the old ~70 s compiles they
+#   did not fit, so they were opt-in)
 #  10. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
 #      including CUSTOM_CALL (an experiment, worth it only if stage 3's thunk summary shows
 #      Mosaic custom calls launched from the host; the list replaces XLA's default one)
@@ -33,8 +38,8 @@
 # stages to fit them. Each stage has its own timeout (pytest gets SIGINT so it still
 # prints its summary), so a hang loses one stage, not the run. At most 8 result files
 # land in $OUT (the device tool's limit): env, pytest, llama-1b.{txt,json},
-# llama-1b-variants.json, profile.tgz, attention.{jsonl,txt} (ATTN=1), llama-8b.txt (B8=1;
-# not together with ATTN=1: that would be 9 files).
+# llama-1b-variants.json, profile.tgz, attention.{jsonl,txt} (ATTN=1), llama-8b.txt (B8,
+# on by default unless ATTN=1: both would make 9 files).
 # Usage (repository root): OUT=/tmp/out bash scripts/gpu_session.sh
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -97,7 +102,7 @@ stamp "llama-1b-bench ops rc=$?"
 { echo; echo "=== thunks of the steps above (command buffers or host launches) ==="; } >> "$OUT/llama-1b.txt"
 $PY -m jaxlab.bench.thunks "$DUMP" --match _step_unrolled >> "$OUT/llama-1b.txt" 2>&1
 rm -rf "$DUMP"
-# 2b. the other Pallas steps (~55 s each to compile), most telling first; each variant's
+# 2b. the other Pallas steps, most telling first; each variant's
 # figures are logged as it finishes, so a timeout loses only the later ones
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
@@ -139,7 +144,7 @@ fi
 
 # PaTH / log-linear decode kernels inside the 1B-shaped step (appended to llama-1b.txt;
 # HYBRID=1 runs it; measured on an H100 and an H200 in the sixth session).
-if [ "${HYBRID:-0}" != 0 ] && room ${HYB_TIMEOUT:-150} "hybrid-1b-bench"; then
+if [ "${HYBRID-1}" != 0 ] && room ${HYB_TIMEOUT:-150} "hybrid-1b-bench"; then
   { echo; echo "=== hybrid-1b-bench ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${HYB_TIMEOUT:-150}) $PY -m jaxlab.bench.decode --config hybrid-1b-bench --ops \
     --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 >> "$OUT/llama-1b.txt" 2>&1
@@ -158,7 +163,8 @@ if [ -n "${ATTN:-}" ] && room ${ATTN_TIMEOUT:-100} "attention"; then
   stamp "attention bench (PaTH) rc=$?"
 fi
 
-if [ -n "${B8:-}" ] && room ${B8_TIMEOUT:-180} "llama-8b-bench"; then
+[ -n "${ATTN:-}" ] && B8_DEFAULT= || B8_DEFAULT=1
+if [ -n "${B8-$B8_DEFAULT}" ] && room ${B8_TIMEOUT:-180} "llama-8b-bench"; then
   timeout $(cap ${B8_TIMEOUT:-180}) $PY -m jaxlab.bench.decode --config llama-8b-bench \
     --variants ${B8_VARIANTS:-xla-unrolled,pallas-shared,pallas} --steps 32 --repeats 2 --warmup 2 \
     > "$OUT/llama-8b.txt" 2>&1
@@ -166,10 +172,10 @@ if [ -n "${B8:-}" ] && room ${B8_TIMEOUT:-180} "llama-8b-bench"; then
 fi
 
 # PaTH-FoX / FoX layers (GATED=1): the gate-bias attention kernels in the 1B-shaped step.
-if [ -n "${GATED:-}" ] && room ${GATED_TIMEOUT:-120} "gated-1b-bench"; then
+if [ -n "${GATED-1}" ] && room ${GATED_TIMEOUT:-120} "gated-1b-bench"; then
   { echo; echo "=== gated-1b-bench ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${GATED_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config gated-1b-bench --ops \
-    --variants xla-unrolled,pallas-shared,pallas --steps 32 --repeats 2 --warmup 2 \
+    --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "gated-1b-bench rc=$?"
 fi
@@ -178,10 +184,10 @@ fi
 # attention is 1 GB of the bytes per token (the issue's 32K data point for JAX's own
 # Pallas decode_attention: 1.0 TB/s vs XLA's 2.5 on an H200), with the attention rows on
 # the tensor cores (sweep group attn: scores mma, mma-pv), where each CTA streams 32 blocks.
-if [ -n "${LONG:-}" ] && room ${LONG_TIMEOUT:-120} "kv 32768"; then
+if [ -n "${LONG-1}" ] && room ${LONG_TIMEOUT:-120} "kv 32768"; then
   { echo; echo "=== llama-1b-bench, kv 32768 ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${LONG_TIMEOUT:-120}) $PY -m jaxlab.bench.decode --config llama-1b-bench --kv-len 32768 \
-    --ops --sweep attn --variants xla-unrolled,pallas-shared --steps 32 --repeats 2 --warmup 2 \
+    --ops --sweep attn --variants xla-unrolled,pallas --steps 32 --repeats 2 --warmup 2 \
     >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench kv 32768 rc=$?"
 fi

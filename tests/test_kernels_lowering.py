@@ -191,6 +191,33 @@ def test_shared_layers_lower_each_kernel_once():
   assert counts[True] < counts[False], counts
 
 
+def test_deep_steps_trace_each_kernel_once(monkeypatch):
+  """Inlined layers share each kernel's trace (kernels._common.inference_only), so a
+  4-layer step builds as many Mosaic kernels as a 1-layer one, and still launches each in
+  every layer: the step's lowering time does not grow with its depth."""
+  import re
+
+  import kernels._common as C
+  built = []
+  mosaic_kernel = C.mosaic_kernel
+  monkeypatch.setattr(C, "mosaic_kernel", lambda *a, **k: built.append(k["name"]) or
+                      mosaic_kernel(*a, **k))
+  got = {}
+  for layers in (1, 4):
+    built.clear()
+    jax.clear_caches()   # the launchers' traces too
+    cfg = ModelConfig(**{**CONFIGS["tiny"][0], "n_layers": layers})
+    weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0))))
+    step, S = step_function(cfg, "pallas", 1100, interpret=False)
+    state = jax.eval_shape(lambda: init_state(cfg, S))
+    text = step.trace(weights, state, SD((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    got[layers] = (sorted(built), len(re.findall(r"custom_call @mosaic_gpu", text)))
+  (built1, calls1), (built4, calls4) = got[1], got[4]
+  assert built4 == built1 and len(built1) >= 4, got
+  assert calls4 - calls1 == 3 * (calls1 - 1), got   # every layer's kernels, one LM head
+
+
 @pytest.mark.parametrize("name", ["llama-1b-bench", "gated-tiny"])
 def test_scatter_row_write_lowers_for_cuda(name):
   """The decode step with kernel_options={"rope_append": {"write": "scatter"}} (one layer

@@ -635,6 +635,29 @@ def test_unknown_impl_and_bad_arguments():
     rmsnorm_qkv(x, x, jnp.ones((96, 64)), eps=EPS, impl="pallas")
 
 
+def test_kernel_launches_are_keyed_on_every_option():
+  """Each op's kernel is traced once per configuration and reused: a launch with another
+  option (eps here), or the same value as another type, must not reuse it."""
+  from kernels import _common as C
+  D, N = 128, 64
+  k = _keys(7, 3)
+  x = 3.0 * jax.random.normal(k[0], (D,))
+  g = 1.0 + 0.2 * jax.random.normal(k[1], (D,))
+  w = jax.random.normal(k[2], (N, D)) / np.sqrt(D)
+  outs = []
+  for eps in (EPS, 1e3, EPS):
+    out = rmsnorm_qkv(x, g, w, eps=eps, impl="pallas", block_n=64, block_k=64)
+    _close(out, rmsnorm_qkv(x, g, w, eps=eps, impl="xla"), D, f"rmsnorm_qkv eps={eps}")
+    outs.append(np.asarray(out))
+  assert np.abs(outs[0] - outs[1]).max() > 0.1 * np.abs(outs[0]).max()
+  np.testing.assert_array_equal(outs[0], outs[2])
+  keys = {C._frozen("op", "x", v) for v in (1, 1.0, True, (1,), [1], {"a": 1})}
+  assert len(keys) == 5                      # (1,) and [1] are the same option
+  assert C._thawed(C._frozen("op", "x", {"a": [1, (2.0, "s")]})) == {"a": (1, (2.0, "s"))}
+  with pytest.raises(TypeError, match="rmsnorm_qkv: option block_n is an array"):
+    rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas", block_n=jnp.int32(64))
+
+
 def test_pallas_forms_are_inference_only():
   x = jnp.ones((64,))
   w = jnp.ones((64, 64))

@@ -9,8 +9,8 @@ Variants (each decodes the same greedy continuation from the same cache):
   xla-int8      xla-unrolled with the same int8 weights (the plain-XLA int8 baseline)
   pallas-shared, pallas-int8-shared
                 the same Pallas steps with one jitted block per layer kind
-                (make_decoder(share_layers=True): ~10x faster to compile) instead of every
-                layer inlined into one flat program (the default)
+                (make_decoder(share_layers=True)) instead of every layer inlined into one
+                flat program (the default); both lower each kernel once per step
   pallas-unfused
                 pallas without the cross-op fusions (kernel_options "fuse" all off: QKV
                 and RoPE / append, attention, O-projection and MLP as separate ops with
@@ -97,8 +97,8 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
             "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
-# ("-shared": one jitted block per layer kind, the fast-compile mode; the others inline
-# every layer into one flat step, make_decoder's default)
+# ("-shared": one jitted block per layer kind; the others inline every layer into one
+# flat step, make_decoder's default)
 _DECODER_VARIANTS = {
     "pallas": ("pallas", "unrolled", None, False),
     "xla-unrolled": ("xla", "unrolled", None, False), "xla-scan": ("xla", "scan", None, False),

@@ -400,11 +400,11 @@ def _out_mlp(spec: _Spec, lw, o, x, kw):
 @functools.lru_cache(maxsize=64)
 def _block_fn(spec: _Spec, block, static):
   """block(spec, static, *args) as its own jitted function, called inside the step: the
-  layers of one kind and shape then share a single lowering (each Pallas kernel is
-  lowered once per step, not once per layer), which cuts the GPU compile time ~10x
-  (llama-1b-bench 49 s -> 5 s on an H200) but leaves longer gaps between the
-  kernels (1B step 14% slower on an H200, docs/kernels.md). Caches still update in
-  place: the profiled step runs the same 280 kernels either way, no copies."""
+  layers of one kind and shape share a single lowering of the whole block. Since the
+  kernels' own traces are shared (kernels._common.inference_only), the inlined step
+  lowers as fast, and XLA compiles both to the same program (for an H100, JAX 0.10.2);
+  the 1B step measured 14% slower shared on an H200 in the sixth session, before that
+  change (docs/kernels.md). Caches still update in place, no copies."""
   return jax.jit(functools.partial(block, spec, static))
 
 
@@ -665,9 +665,9 @@ def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
   quantize: None, or "int8" for int8 weight-only GEMVs in the decode step (per-output
   fp32 scales; both impls; see prepare_weights). Prefill runs the model's own weights.
   share_layers: False (default) inlines every layer into one flat program, the fastest
-  step measured; True lowers each layer kind once and calls it per layer: ~10x faster to
-  compile (Pallas llama-1b-bench on an H200: 5 s instead of 49 s; 8B: 7 s on an H100,
-  109 s inlined on an H200), ~14% slower per token (H200, 1B). Same numbers either way.
+  step measured; True lowers each layer kind once and calls it per layer. Both now lower
+  each Pallas kernel once per step (the inlined 8B step, lowered for an H100 on a 2-core
+  CPU: 70 s -> 8 s), and XLA compiles both to the same program. Same numbers either way.
   """
   cfg: ModelConfig = model.cfg
   step_fn, cache_len = step_function(cfg, impl, max_len, layers=layers, interpret=interpret,
@@ -857,15 +857,14 @@ class DecodeStreamer:
   max_new_tokens, eos_ids)` yields token ids. Batch 1; impl="pallas" by default.
 
   It has no `.state` attribute on purpose: the CLI's streamer cache then builds a
-  new one per model (cheap: the jitted steps are cached per decoder shape). Its
-  decoder shares one lowering per layer kind (share_layers=True): an interactive
-  generation is dominated by compile time, not by the step."""
+  new one per model (cheap: the jitted steps are cached per decoder shape). Its decoder
+  inlines its layers, the fastest step measured; each kernel is still lowered once per
+  step, so the compile stays short."""
 
   def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0, impl: str = "pallas",
                interpret: bool | str | None = None, quantize: str | None = None):
     from jaxlab.models.sampling import SamplingConfig
-    self.dec = make_decoder(model, impl, max_len, interpret=interpret, quantize=quantize,
-                            share_layers=True)
+    self.dec = make_decoder(model, impl, max_len, interpret=interpret, quantize=quantize)
     self.max_len = max_len
     self.sampling = SamplingConfig() if sampling is None else sampling
     self.rng = jax.random.key(seed)

@@ -54,7 +54,6 @@ def attention_out_mlp(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "attention_out_mlp",
-      lambda *a: pallas.attention_out_mlp(*a, scale=scale, eps=eps, mode=mode, down_t=down_t,
-                                          attn_block=attn_block, o_block=o_block, **block),
-      q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D, scale_D, w_gate_t_FD,
-      w_up_t_FD, w_down, bias_HS, *sc.values())
+      pallas.attention_out_mlp, q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D,
+      scale_D, w_gate_t_FD, w_up_t_FD, w_down, bias_HS, *sc.values(), scale=scale, eps=eps,
+      mode=mode, down_t=down_t, attn_block=attn_block, o_block=o_block, **block)

@@ -46,6 +46,5 @@ def attention_out_proj(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "attention_out_proj",
-      lambda *a: pallas.attention_out_proj(*a, scale=scale, mode=mode, pdl=pdl,
-                                           attn_block=attn_block, o_block=o_block),
-      q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D)
+      pallas.attention_out_proj, q_HD, k_cache_KSD, v_cache_KSD, length, w_o_t_DM, resid_D,
+      scale=scale, mode=mode, pdl=pdl, attn_block=attn_block, o_block=o_block)

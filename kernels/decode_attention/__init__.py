@@ -81,12 +81,14 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
     return reference.decode_attention(q_HD, k_cache_KSD, v_cache_KSD, length, scale=scale,
                                       bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H,
                                       commit=commit)
-  from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
-  gated = gate_HS is not None
   return C.inference_only(
-      "decode_attention",
-      lambda q, k, v, n, b, gg, c: pallas.decode_attention(
-          q, k, v, n, scale=scale, mode=mode, bias_HS=None if gated else b,
-          gate_g=gg if gated else None, commit=c, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, length, bias_HS, (gate_HS, g_H), jax.numpy.asarray(commit))
+      "decode_attention", _launch, q_HD, k_cache_KSD, v_cache_KSD, length, bias_HS,
+      (gate_HS, g_H), jax.numpy.asarray(commit), gated=gate_HS is not None, scale=scale,
+      mode=mode, **kw)
+
+
+def _launch(q, k, v, n, bias, gate_g, commit, *, gated: bool, **kw):
+  from kernels.decode_attention import pallas
+  return pallas.decode_attention(q, k, v, n, bias_HS=None if gated else bias,
+                                 gate_g=gate_g if gated else None, commit=commit, **kw)

@@ -35,5 +35,5 @@ def lm_head_argmax(x_D: jax.Array, scale_D: jax.Array, w_t_VD: jax.Array, *, eps
   from kernels.lm_head_argmax import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "lm_head_argmax", lambda *a: pallas.lm_head_argmax(*a, eps=eps, mode=mode, **block),
-      x_D, scale_D, w_t_VD, w_scale_V)
+      "lm_head_argmax", pallas.lm_head_argmax, x_D, scale_D, w_t_VD, w_scale_V, eps=eps,
+      mode=mode, **block)

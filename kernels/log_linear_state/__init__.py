@@ -58,14 +58,17 @@ def log_linear_state_update(state_HLKV: jax.Array, t, q_HK: jax.Array, k_HK: jax
     return reference.log_linear_state_update(state_HLKV, t, q_HK, k_HK, v_HV, lam_HL,
                                              log_decay_H, beta_H, variant=variant,
                                              fenwick=fenwick, commit=commit)
-  from kernels.log_linear_state import pallas
   mode = C.resolve_interpret(interpret)
   z = reference.ctz_or_neg1(t) if fenwick else jnp.int32(-1)   # -1: nothing to merge
   o, new = C.inference_only(
-      "log_linear_state_update",
-      lambda *a: pallas.log_linear_state_update(*a[:-1], gdn=variant == "gdn", mode=mode,
-                                                accumulate=not fenwick, commit=a[-1], **kw),
-      state_HLKV, z, q_HK, k_HK, v_HV, lam_HL, log_decay_H, beta_H, jnp.asarray(commit))
+      "log_linear_state_update", _launch, state_HLKV, z, q_HK, k_HK, v_HV, lam_HL,
+      log_decay_H, beta_H, jnp.asarray(commit), gdn=variant == "gdn", mode=mode,
+      accumulate=not fenwick, **kw)
   if not fenwick:
     return o, new
   return jnp.where(jnp.asarray(t) < 2 ** (L - 1), o, jnp.nan), new
+
+
+def _launch(*args, **kw):
+  from kernels.log_linear_state import pallas
+  return pallas.log_linear_state_update(*args[:-1], commit=args[-1], **kw)

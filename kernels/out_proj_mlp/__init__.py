@@ -45,6 +45,5 @@ def out_proj_mlp(o_M: jax.Array, w_o_t_DM: jax.Array, resid_D: jax.Array, scale_
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "out_proj_mlp",
-      lambda *a: pallas.out_proj_mlp(*a, eps=eps, mode=mode, o_block=o_block, down_t=down_t,
-                                     **block),
-      o_M, w_o_t_DM, resid_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_o_scale_D, *scales)
+      pallas.out_proj_mlp, o_M, w_o_t_DM, resid_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
+      w_o_scale_D, *scales, eps=eps, mode=mode, o_block=o_block, down_t=down_t, **block)

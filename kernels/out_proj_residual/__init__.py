@@ -25,8 +25,8 @@ def out_proj_residual(o_M: jax.Array, w_t_DM: jax.Array, resid_D: jax.Array, *, 
   from kernels.out_proj_residual import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "out_proj_residual", lambda *a: pallas.out_proj_residual(*a, mode=mode, **block),
-      o_M, w_t_DM, resid_D, w_scale_D)
+      "out_proj_residual", pallas.out_proj_residual, o_M, w_t_DM, resid_D, w_scale_D,
+      mode=mode, **block)
 
 
 def check_args(o_M, w_t_DM, resid_D, w_scale_D, op: str = "out_proj_residual",

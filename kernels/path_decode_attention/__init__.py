@@ -41,13 +41,14 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
     return reference.path_decode_attention(q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
                                            scale=scale, bias_HS=bias_HS, gate_HS=gate_HS, g_H=g_H,
                                            commit=commit)
-  from kernels.decode_attention import pallas
   mode = C.resolve_interpret(interpret)
-  gated = gate_HS is not None
   return C.inference_only(
-      "path_decode_attention",
-      lambda q, k, v, w, beta, n, b, gg, c: pallas.path_decode_attention(
-          q, k, v, w, beta, n, scale=scale, mode=mode, bias_HS=None if gated else b,
-          gate_g=gg if gated else None, commit=c, **kw),
-      q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length, bias_HS, (gate_HS, g_H),
-      jax.numpy.asarray(commit))
+      "path_decode_attention", _launch, q_HD, k_cache_KSD, v_cache_KSD, w_KD, beta_K, length,
+      bias_HS, (gate_HS, g_H), jax.numpy.asarray(commit), gated=gate_HS is not None,
+      scale=scale, mode=mode, **kw)
+
+
+def _launch(q, k, v, w, beta, n, bias, gate_g, commit, *, gated: bool, **kw):
+  from kernels.decode_attention import pallas
+  return pallas.path_decode_attention(q, k, v, w, beta, n, bias_HS=None if gated else bias,
+                                      gate_g=gate_g if gated else None, commit=commit, **kw)

@@ -30,5 +30,5 @@ def path_key_update(k_cache_KSD: jax.Array, w_KD: jax.Array, beta_K: jax.Array, 
   from kernels.path_key_update import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "path_key_update", lambda *a: pallas.path_key_update(*a, mode=mode, **kw),
-      k_cache_KSD, w_KD, beta_K, length)
+      "path_key_update", pallas.path_key_update, k_cache_KSD, w_KD, beta_K, length, mode=mode,
+      **kw)

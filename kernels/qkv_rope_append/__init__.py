@@ -53,5 +53,5 @@ def qkv_rope_append(x_D: jax.Array, scale_D: jax.Array, w_t_ND: jax.Array,
   from kernels.qkv_rope_append import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "qkv_rope_append", lambda *a: pallas.qkv_rope_append(*a, mode=mode, **kw, **block),
-      x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos, w_scale_N)
+      "qkv_rope_append", pallas.qkv_rope_append, x_D, scale_D, w_t_ND, bias_N, cos_D, sin_D,
+      k_cache_KSD, v_cache_KSD, pos, w_scale_N, mode=mode, **kw, **block)

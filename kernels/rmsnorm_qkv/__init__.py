@@ -33,5 +33,5 @@ def rmsnorm_qkv(x_D: jax.Array, scale_D: jax.Array, w_t_ND: jax.Array,
   from kernels.rmsnorm_qkv import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "rmsnorm_qkv", lambda *a: pallas.rmsnorm_qkv(*a, eps=eps, mode=mode, **block),
-      x_D, scale_D, w_t_ND, bias_N, w_scale_N)
+      "rmsnorm_qkv", pallas.rmsnorm_qkv, x_D, scale_D, w_t_ND, bias_N, w_scale_N, eps=eps,
+      mode=mode, **block)

@@ -41,8 +41,8 @@ def rmsnorm_swiglu(x_D: jax.Array, scale_D: jax.Array, w_gate_t_FD: jax.Array,
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rmsnorm_swiglu",
-      lambda *a: pallas.rmsnorm_swiglu(*a, eps=eps, mode=mode, down_t=down_t, **block),
-      x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, *scales)
+      pallas.rmsnorm_swiglu, x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, *scales, eps=eps,
+      mode=mode, down_t=down_t, **block)
 
 
 def down_weight(w_down_FD, w_down_t_DF, op: str = "rmsnorm_swiglu"):

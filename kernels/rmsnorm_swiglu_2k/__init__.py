@@ -50,7 +50,5 @@ def rmsnorm_swiglu_2k(x_D: jax.Array, scale_D: jax.Array, w_gate_up_t_2FD: jax.A
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
       "rmsnorm_swiglu_2k",
-      lambda *a: pallas.rmsnorm_swiglu_2k(*a, eps=eps, mode=mode, pdl=pdl,
-                                          gate_up_block=gate_up_block, down_block=down_block,
-                                          finish=finish),
-      x_D, scale_D, w_gate_up_t_2FD, w_down_t_DF)
+      pallas.rmsnorm_swiglu_2k, x_D, scale_D, w_gate_up_t_2FD, w_down_t_DF, eps=eps, mode=mode,
+      pdl=pdl, gate_up_block=gate_up_block, down_block=down_block, finish=finish)

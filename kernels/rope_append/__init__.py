@@ -57,6 +57,5 @@ def rope_append(qkv_N: jax.Array, cos_D: jax.Array, sin_D: jax.Array, k_cache_KS
   from kernels.rope_append import pallas
   mode = C.resolve_interpret(interpret)
   return C.inference_only(
-      "rope_append", lambda *a: pallas.rope_append(*a, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                                   mode=mode, write=write, pdl=pdl),
-      qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos)
+      "rope_append", pallas.rope_append, qkv_N, cos_D, sin_D, k_cache_KSD, v_cache_KSD, pos,
+      n_heads=n_heads, n_kv_heads=n_kv_heads, mode=mode, write=write, pdl=pdl)
