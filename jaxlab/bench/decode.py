@@ -794,8 +794,8 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
         if sz < 128:
           mma_rows += [(f"rmsnorm_swiglu w_down_t_DF {tag}", "rmsnorm_swiglu w_down_t_DF",
                         dict(pallas_opts("rmsnorm_swiglu"), **mma))]
-        mma_rows += [(f"attention_out_mlp {tag}", "attention_out_mlp",
-                      dict(pallas_opts("attention_out_mlp"), o_block=mma, **mma))]
+        mma_rows += [(f"{op} {tag}", op, dict(pallas_opts(op), o_block=mma, **mma))
+                     for op in ("attention_out_mlp", "out_proj_mlp")]
         mma_rows += [(f"{op} {tag}", op, both(**mma))
                      for op in ("rmsnorm_swiglu_2k", "rmsnorm_swiglu_2k chained")]
         mma_rows += [(f"{op} {tag}", op, mma) for op in ("rmsnorm_qkv", "out_proj_residual",
