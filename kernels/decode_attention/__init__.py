@@ -89,6 +89,8 @@ def decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: jax.A
 
 
 def _launch(q, k, v, n, bias, gate_g, commit, *, gated: bool, **kw):
+  """The Pallas kernel, given the bias or the gate (module level: inference_only keys its
+  launchers on it)."""
   from kernels.decode_attention import pallas
   return pallas.decode_attention(q, k, v, n, bias_HS=None if gated else bias,
                                  gate_g=gate_g if gated else None, commit=commit, **kw)

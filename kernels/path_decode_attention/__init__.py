@@ -49,6 +49,8 @@ def path_decode_attention(q_HD: jax.Array, k_cache_KSD: jax.Array, v_cache_KSD: 
 
 
 def _launch(q, k, v, w, beta, n, bias, gate_g, commit, *, gated: bool, **kw):
+  """The Pallas kernel, given the bias or the gate (module level: inference_only keys its
+  launchers on it)."""
   from kernels.decode_attention import pallas
   return pallas.path_decode_attention(q, k, v, w, beta, n, bias_HS=None if gated else bias,
                                       gate_g=gate_g if gated else None, commit=commit, **kw)
