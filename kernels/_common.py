@@ -512,43 +512,46 @@ def inference_only(op: str, fn, *args, **options):
   per step instead of once per layer, and the compiled step is the same (llama-1b-bench,
   16 layers, lowered for an H100: 35 s -> 4 s). fn must be a module-level function and
   options plain values (numbers, strings, tuples, dicts): arrays go in args."""
-  return _launcher(op, fn, tuple(sorted((k, _frozen(op, k, v)) for k, v in options.items())))(
-      *args)
+  return _launcher(op, fn, freeze(options, op))(*args)
 
 
-class _Items(tuple):
-  """A dict option, frozen into the launcher's cache key."""
+class Frozen(tuple):
+  """A dict frozen by `freeze`: its sorted (key, frozen value) items."""
 
 
 class _Leaf(tuple):
-  """(type, value) of a plain option: 1, 1.0 and True are equal keys, but not the same."""
+  """(type, value) of a plain value: 1, 1.0 and True are equal keys, but not the same."""
 
 
-def _frozen(op: str, name: str, v):
+def freeze(v, what: str = "option"):
+  """v (dicts, lists and tuples of plain values) as a hashable cache key that keeps the
+  values' types; `thaw` gives it back (lists as tuples). An array or other unhashable
+  value is a TypeError naming `what`."""
   if isinstance(v, (jax.Array, np.ndarray)):
-    raise TypeError(f"{op}: option {name} is an array; pass it as an argument")
+    raise TypeError(f"{what} is an array; pass it as an argument")
   if isinstance(v, dict):
-    return _Items(sorted((k, _frozen(op, name, x)) for k, x in v.items()))
+    return Frozen(sorted((k, freeze(x, f"{what}: {k}")) for k, x in v.items()))
   if isinstance(v, (list, tuple)):
-    return tuple(_frozen(op, name, x) for x in v)
+    return tuple(freeze(x, what) for x in v)
   try:
     hash(v)
   except TypeError:
-    raise TypeError(f"{op}: option {name}={v!r} is not a plain value") from None
+    raise TypeError(f"{what}={v!r} is not a plain value") from None
   return _Leaf((type(v), v))
 
 
-def _thawed(v):
-  if isinstance(v, _Items):
-    return {k: _thawed(x) for k, x in v}
+def thaw(v):
+  """The value `freeze` froze: dicts as dicts, lists as tuples."""
+  if isinstance(v, Frozen):
+    return {k: thaw(x) for k, x in v}
   if isinstance(v, _Leaf):
     return v[1]
-  return tuple(_thawed(x) for x in v) if isinstance(v, tuple) else v
+  return tuple(thaw(x) for x in v) if isinstance(v, tuple) else v
 
 
 @functools.lru_cache(maxsize=1024)
-def _launcher(op: str, fn, options: tuple):
-  kw = {k: _thawed(v) for k, v in options}
+def _launcher(op: str, fn, options: Frozen):
+  kw = thaw(options)
 
   @jax.custom_vjp
   def f(*a):

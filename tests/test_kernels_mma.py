@@ -197,10 +197,11 @@ def test_decoder_gemv_group_is_checked():
 def test_gemv_group_fills_the_gemv_ops_only():
   """The group's form goes to the GEMV ops (into both of the two-kernel MLP's blocks),
   an op's own choice wins, and neither the attention ops nor the XLA step see it."""
-  from jaxlab.models.decode import _Spec, _freeze
+  from jaxlab.models.decode import _Spec
+  from kernels._common import freeze
   opts = {"gemv": {"form": "mma", "swizzle": 32}, "rmsnorm_qkv": {"gemv": "fma"},
           "rmsnorm_swiglu_2k": {"down_block": {"split_k": 8}}}
-  frozen = tuple(sorted((k, _freeze(v)) for k, v in opts.items()))
+  frozen = tuple(sorted((k, freeze(v)) for k, v in opts.items()))
   spec = lambda impl: _Spec(n_layers=1, n_heads=1, n_kv=1, head_dim=64, eps=EPS,
                             use_rope=(True,), inv_freq=(), attn_factor=1.0, max_len=8,
                             cache_len=64, impl=impl, layers="unrolled", interpret="hlo",

@@ -651,10 +651,10 @@ def test_kernel_launches_are_keyed_on_every_option():
     outs.append(np.asarray(out))
   assert np.abs(outs[0] - outs[1]).max() > 0.1 * np.abs(outs[0]).max()
   np.testing.assert_array_equal(outs[0], outs[2])
-  keys = {C._frozen("op", "x", v) for v in (1, 1.0, True, (1,), [1], {"a": 1})}
+  keys = {C.freeze(v) for v in (1, 1.0, True, (1,), [1], {"a": 1})}
   assert len(keys) == 5                      # (1,) and [1] are the same option
-  assert C._thawed(C._frozen("op", "x", {"a": [1, (2.0, "s")]})) == {"a": (1, (2.0, "s"))}
-  with pytest.raises(TypeError, match="rmsnorm_qkv: option block_n is an array"):
+  assert C.thaw(C.freeze({"a": [1, (2.0, "s")]})) == {"a": (1, (2.0, "s"))}
+  with pytest.raises(TypeError, match="rmsnorm_qkv: block_n is an array"):
     rmsnorm_qkv(x, g, w, eps=EPS, impl="pallas", block_n=jnp.int32(64))
 
 

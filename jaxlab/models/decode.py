@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels._common import Frozen, freeze, thaw
 from kernels.unfinished import finish
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.rope import rope_cos_sin, rope_frequencies
@@ -231,8 +232,8 @@ class _Spec:
   def opts(self, op: str) -> dict:
     """kernel_options[op], with the "gemv" group's form filled in for the GEMV kernels
     (an op that names its own `gemv` keeps its options as they are)."""
-    o = _thaw(dict(self.options).get(op, _Frozen(())))
-    group = _thaw(dict(self.options).get("gemv", _Frozen(())))
+    o = thaw(dict(self.options).get(op, Frozen()))
+    group = thaw(dict(self.options).get("gemv", Frozen()))
     if op not in GEMV_OPS or not group or self.impl != "pallas":
       return o
     kw = {"gemv": group["form"]}
@@ -249,21 +250,6 @@ class _Spec:
 # own options).
 GEMV_OPS = {"rmsnorm_qkv": (), "out_proj_residual": (), "lm_head_argmax": (),
             "rmsnorm_swiglu": (), "rmsnorm_swiglu_2k": ("gate_up_block", "down_block")}
-
-
-class _Frozen(tuple):
-  """A kernel-options dict as a hashable tuple of sorted (key, value) items, so that
-  option values may themselves be dicts (e.g. rmsnorm_swiglu_2k's gate_up_block)."""
-
-
-def _freeze(v):
-  if isinstance(v, Mapping):
-    return _Frozen(sorted((k, _freeze(x)) for k, x in v.items()))
-  return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
-
-
-def _thaw(v):
-  return {k: _thaw(x) for k, x in v} if isinstance(v, _Frozen) else v
 
 
 def _ops():
@@ -725,7 +711,8 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
       inv_freq=tuple(float(f) for f in inv_freq), attn_factor=float(attn_factor),
       max_len=max_len, cache_len=cache_len, impl=impl, layers=layers,
       interpret=resolve_interpret(interpret) if impl == "pallas" else None,
-      options=tuple(sorted((op, _freeze(dict(o))) for op, o in (kernel_options or {}).items())),
+      options=tuple(sorted((op, freeze(dict(o), f"kernel_options[{op!r}]"))
+                           for op, o in (kernel_options or {}).items())),
       kinds=kinds, cfg=None if set(kinds) == {"attention"} else cfg,
       share_layers=bool(share_layers))
   return _step_fn(spec), cache_len
