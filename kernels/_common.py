@@ -370,20 +370,59 @@ def mma_transforms(swizzle: int) -> tuple:
   return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
 
-def mma_product(ctx: Ctx, a, b, shape, *, refs=(True, True)):
-  """a @ b, fp32 [shape] (WGMMA layout), for bf16 operands: SMEM refs on the tensor cores
-  into a fresh accumulator, or ("hlo") the same exact products summed by XLA, where
-  `refs` says which of a, b are refs (an operand built in registers is an array there)."""
+def mma_product(ctx: Ctx, a, b, shape, *, refs=(True, True), swizzle: int | None = None):
+  """a @ b, fp32 [shape] (WGMMA layout), for bf16 operands (a may be an int8 weight tile:
+  mma_a; swizzle = b's, for its staging tile): SMEM refs on the tensor cores into a
+  fresh accumulator, or ("hlo") the same exact products summed by XLA, where `refs`
+  says which of a, b are refs (an operand built in registers is an array there)."""
   if not ctx.tma:
     a, b = (t[...] if r else t for t, r in zip((a, b), refs))
     return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
 
-  def mm(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
+  def mm(acc_ref, *stage):
+    a_op = mma_a(a, stage[0] if stage else None)
+    if stage:
+      plgpu.commit_smem()
+    plgpu.wgmma(acc_ref, a_op, b)
     return acc_ref[...]   # waits for the WGMMA
 
-  return pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32))
+  stage = ([plgpu.SMEM(a.shape, jnp.bfloat16, transforms=mma_transforms(swizzle))]
+           if stages_mma_a(ctx, a.dtype) else [])
+  if not stage:
+    return pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32))
+  return pl.run_scoped(lambda st: pl.run_scoped(lambda acc: mm(acc, st),
+                                                plgpu.ACC(shape, jnp.float32)), *stage)
+
+
+def mma_a(w, stage=None):
+  """WGMMA's A operand for the weight tile ref w: bf16 straight from SMEM, or int8 widened
+  to bf16 in registers (exact; WGMMA multiplies like types only, and only A may come
+  from registers). The Mosaic-GPU interpreter has no WGMMA with A in registers: there
+  the widened tile goes through `stage` (bf16 SMEM, B's swizzle) instead; the caller
+  commits it."""
+  if w.dtype != jnp.int8:
+    return w
+  a = w[...].astype(jnp.bfloat16)
+  if stage is None:
+    return a
+  stage[...] = a
+  return stage
+
+
+def stages_mma_a(ctx: Ctx, w_dtype) -> bool:
+  """Whether mma_a stages int8 A tiles through SMEM (the Mosaic-GPU interpreter)."""
+  return ctx.mode == "mosaic" and jnp.dtype(w_dtype) == jnp.int8
+
+
+
+def weight_transforms(cols: int, dtype, mma: int | None) -> tuple:
+  """SMEM transforms of a [rows, cols] weight tile: read into registers (the "fma" form, and
+  int8 in the "mma" form, widened there to an A operand), or bf16 A straight from SMEM
+  ("mma", swizzle `mma` bytes, shared with B)."""
+  if mma is None or jnp.dtype(dtype) == jnp.int8:
+    return tile_transforms(cols, dtype)
+  return mma_transforms(mma)
 
 
 def pick_block(n: int, cap: int, multiple: int, name: str) -> int:

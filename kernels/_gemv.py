@@ -11,13 +11,18 @@ CTAs keep up with them. Two forms of the inner product (`gemv=`, GEMV_FORMS):
   "fma": CUDA-core FMAs in the WGMMA register layout, the vector slice broadcast
          over rows. Each weight element costs ~7.5 SASS instructions on an H100
          (mostly widening bf16 to fp32; docs/kernels.md "Compiled without a GPU").
-  "mma": the tensor cores (WGMMA), bf16 weights only. The weight tile is A
-         [BN, BK] as TMA lands it; B [BK, NB] is built in SMEM each step with the
-         vector split into two bf16 parts, hi = bf16(v) in column 0 and lo =
-         bf16(v - hi) in column 1 (zeros elsewhere), so y = acc[:, 0] + acc[:, 1]
-         carries v to ~16 significant bits and every product exactly into the fp32
-         accumulator. NB = mma_swizzle / 2: B's rows must be one swizzle wide, and A
-         takes the same swizzle. No per-element work on the CUDA cores.
+  "mma": the tensor cores (WGMMA), bf16 or int8 weights. The weight tile is A
+         [BN, BK]; B [BK, NB] is built in SMEM each step with the vector split into
+         two bf16 parts, hi = bf16(v) in column 0 and lo = bf16(v - hi) in column 1
+         (zeros elsewhere), so y = acc[:, 0] + acc[:, 1] carries v to ~16
+         significant bits and every product exactly into the fp32 accumulator.
+         NB = mma_swizzle / 2: B's rows must be one swizzle wide. bf16 A is read
+         from SMEM as TMA lands it (same swizzle as B): no per-element work on the
+         CUDA cores. int8 A is widened to bf16 in registers (exact: |w| <= 128) and
+         fed to the WGMMA from there, as in mixed-input matmuls (WGMMA multiplies
+         like types only, and only A may come from registers): ~2.5 conversion
+         instructions per weight, against ~7.5 per weight for the "fma" form's
+         widening and FMAs.
 
 RMSNorm fusion: norm(x) = x * g / RMS(x), and 1/RMS(x) is one scalar, so the
 CTA accumulates W^T (x * g) and sum(x^2) in the same pass and scales at the end.
@@ -122,9 +127,9 @@ def check_form(gemv: str, mma_swizzle: int | None, w_dtype, name: str) -> int | 
   swizzle = MMA_SWIZZLE if mma_swizzle is None else mma_swizzle
   if swizzle not in MMA_SWIZZLES:
     raise ValueError(f"{name}: mma_swizzle={swizzle} must be one of {MMA_SWIZZLES}")
-  if jnp.dtype(w_dtype) != jnp.bfloat16:
-    raise ValueError(f"{name}: gemv='mma' needs bf16 weights (got {jnp.dtype(w_dtype)}); "
-                     "use gemv='fma'")
+  if jnp.dtype(w_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8)):
+    raise ValueError(f"{name}: gemv='mma' needs bf16 or int8 weights (got "
+                     f"{jnp.dtype(w_dtype)}); use gemv='fma'")
   return swizzle
 
 
@@ -140,19 +145,20 @@ def mma_b(ctx: C.Ctx, v, *, BK: int, NB: int):
 
 def mma_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int, NB: int):
   """accs[i] + w_tiles[i] [BN, BK] @ B for each weight tile, one B = mma_b(v) (v [BK],
-  ROW layout): WGMMAs into the accumulators of mm = (B's SMEM, acc refs) and one wait,
-  or ("hlo", no tensor cores) the same exact products summed by XLA into the carried
-  accs. Returns the accs."""
+  ROW layout): WGMMAs into the accumulators of mm = (B's SMEM, acc refs, A staging
+  tiles) and one wait, or ("hlo", no tensor cores) the same exact products summed by
+  XLA into the carried accs. Returns the accs."""
   b = mma_b(ctx, v, BK=BK, NB=NB)
   if not ctx.tma:
     f32 = jnp.float32
     return tuple(a + jnp.dot(w[...].astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
                  for w, a in zip(w_tiles, accs))
-  b_s, acc_refs = mm
+  b_s, acc_refs, stage = mm
+  a_ops = [C.mma_a(w, stage[i] if stage else None) for i, w in enumerate(w_tiles)]
   b_s[...] = b
-  C.plgpu.commit_smem()   # B visible to the tensor cores (includes the warpgroup barrier)
-  for w, a_ref in zip(w_tiles, acc_refs):
-    C.plgpu.wgmma(a_ref, w, b_s)
+  C.plgpu.commit_smem()   # B (and staged A) visible to the tensor cores; warpgroup barrier
+  for a, a_ref in zip(a_ops, acc_refs):
+    C.plgpu.wgmma(a_ref, a, b_s)
   C.plgpu.wgmma_wait(0)   # the weight slots and B are free again
   return accs
 
@@ -163,13 +169,18 @@ def mma_result(ctx: C.Ctx, acc):
   return jnp.sum(jnp.where(col < 2, acc, 0.0), axis=1)
 
 
-def with_mma_scratch(fn, *, BN: int, BK: int, NB: int, n_acc: int = 1):
-  """fn((B's SMEM [BK, NB] bf16, n_acc WGMMA accumulators [BN, NB] fp32)). Separate
-  scopes: register allocations cannot share a run_scoped with SMEM ones."""
+def with_mma_scratch(ctx: C.Ctx, fn, *, BN: int, BK: int, NB: int, w_dtype, n_acc: int = 1):
+  """fn((B's SMEM [BK, NB] bf16, n_acc WGMMA accumulators [BN, NB] fp32, A staging
+  tiles)). The staging tiles (C.mma_a) exist for int8 weights in the Mosaic-GPU
+  interpreter only; elsewhere the tuple is empty. Separate scopes: register allocations
+  cannot share a run_scoped with SMEM ones."""
   accs = [C.plgpu.ACC((BN, NB), jnp.float32)] * n_acc
-  return pl.run_scoped(lambda b_s: pl.run_scoped(lambda *refs: fn((b_s, refs)), *accs),
-                       C.plgpu.SMEM((BK, NB), jnp.bfloat16,
-                                    transforms=C.mma_transforms(2 * NB)))
+  tr = C.mma_transforms(2 * NB)
+  stage = n_acc if C.stages_mma_a(ctx, w_dtype) else 0
+  return pl.run_scoped(
+      lambda b_s, *st: pl.run_scoped(lambda *refs: fn((b_s, refs, st)), *accs),
+      C.plgpu.SMEM((BK, NB), jnp.bfloat16, transforms=tr),
+      *[C.plgpu.SMEM((BN, BK), jnp.bfloat16, transforms=tr)] * stage)
 
 
 def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bias, has_resid,
@@ -217,7 +228,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   ks = K // S // BK                          # pipeline steps of this CTA's K slice
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
-  tr = C.tile_transforms(BK, w_g.dtype) if mma is None else C.mma_transforms(mma)
+  tr = C.weight_transforms(BK, w_g.dtype, mma)
   # the vector's register layout: along the tile's columns (fma), or along B's rows (mma)
   VL = C.COL if mma is None else C.ROW
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
@@ -327,7 +338,7 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
 
     if mma is None or not ctx.tma:
       return go()
-    return with_mma_scratch(go, BN=BN, BK=BK, NB=mma // 2)
+    return with_mma_scratch(ctx, go, BN=BN, BK=BK, NB=mma // 2, w_dtype=w_g.dtype)
 
   if xo_g is not None and ctx.tma:
     # The finished x slice collects in SMEM (every CTA; cheap) and leaves in one TMA

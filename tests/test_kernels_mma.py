@@ -10,6 +10,11 @@ Checked against the CUDA-core form and the reference in the HLO interpreter (whe
 computes the same products), in the Mosaic-GPU interpreter (the real kernel: B built in
 SMEM, plgpu.wgmma into the accumulator), compiled on a GPU when there is one, lowered
 for CUDA, and in the decode driver (kernel_options {"gemv": {"form": "mma"}}).
+
+int8 weights: the tile is widened to bf16 (exact) and enters the WGMMA from registers.
+The Mosaic-GPU interpreter has no WGMMA with A in registers, so there the widened tile
+goes through SMEM (kernels._common.mma_a); the register form itself is checked compiled
+(the GPU run, and the H100 compile of the lowering tests' CUDA-plugin case).
 """
 
 from __future__ import annotations
@@ -147,12 +152,60 @@ def test_choices_are_checked():
     _gemv.gemv(v, w, mma_swizzle=64, **kw)
   with pytest.raises(ValueError, match="mma_swizzle=16 must be one of"):
     _gemv.gemv(v, w, gemv="mma", mma_swizzle=16, **kw)
-  with pytest.raises(ValueError, match="needs bf16 weights .got float32"):
+  with pytest.raises(ValueError, match="needs bf16 or int8 weights .got float32"):
     _gemv.gemv(v, w.astype(F32), gemv="mma", **kw)
-  with pytest.raises(ValueError, match="needs bf16 weights .got int8"):
-    _gemv.gemv(v, w.astype(jnp.int8), w_scale_N=jnp.ones(128), gemv="mma", **kw)
   with pytest.raises(ValueError, match="block for K: 96 must be a positive multiple of 64"):
     _gemv.gemv(_r(0, 192), _r(1, 128, 192), gemv="mma", block_k=96, **kw)
+
+
+def _int8(w, axis):
+  from kernels.quant import quantize_int8
+  return quantize_int8(w.astype(F32), axis=axis)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("swizzle,xdtype", [(32, BF16), (64, F32), (128, BF16)])
+def test_int8_gemv_matches_the_fma_form(mode, swizzle, xdtype):
+  """int8 W^T on the tensor cores: the QKV / LM-head form (RMSNorm prologue, row scale,
+  bias, block argmax) against the CUDA-core form and against the fp32 GEMV of the
+  dequantized weights; two row blocks, two K steps (bf16 and fp32 activations)."""
+  N, K = 128, 256
+  v, g, b = _r(40, K, dtype=xdtype), (1 + _r(41, K, scale=0.1)).astype(BF16), _r(42, N)
+  q, sc = _int8(_r(43, N, K, dtype=F32), axis=1)
+  kw = dict(scale_K=g, w_scale_N=sc, bias_N=b, eps=EPS, argmax=True, out_dtype=F32,
+            mode=mode, block_n=64, block_k=128)
+  y_f, _, _ = _gemv.gemv(v, q, **kw)
+  y, bmax, barg = _gemv.gemv(v, q, gemv="mma", mma_swizzle=swizzle, **kw)
+  name = f"int8 mma {mode} {swizzle} {jnp.dtype(xdtype).name}"
+  assert_rel_close(_f64(y), _f64(y_f), rtol=_rtol(K), name=name)
+  deq = q.astype(F32) * sc[:, None]
+  assert_rel_close(_f64(y), _f64(_ref_gemv(v, deq, g, bias=b)), rtol=_rtol(K), name="ref")
+  assert int(barg[jnp.argmax(bmax)]) == int(jnp.argmax(y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int8_split_k_and_merged_vector_match_the_fma_form(mode):
+  """int8 W^T with split-K partials and an unfinished vector (the chained QKV), and the
+  O-projection's merged attention vector."""
+  from kernels.decode_attention.reference import merge_splits
+  N, K = 128, 256
+  xu = Unfinished(_r(44, K), (_r(45, 2, K, dtype=F32, scale=0.1),))
+  q, _ = _int8(_r(46, N, K, dtype=F32), axis=1)
+  kw = dict(mode=mode, block_k=128, split_k=2)
+  part_f, _ = _gemv.gemv_partials(xu, q, **kw)
+  part_m, _ = _gemv.gemv_partials(xu, q, gemv="mma", **kw)
+  assert_rel_close(_f64(part_m), _f64(part_f), rtol=_rtol(K), name=f"int8 partials {mode}")
+  P, Hq, Dh = 2, 4, 64
+  o, m = _r(47, P, Hq, Dh, dtype=F32), _r(48, P, Hq, dtype=F32)
+  l = jnp.abs(_r(49, P, Hq, dtype=F32)) + 1.0
+  qo, _ = _int8(_r(50, N, Hq * Dh, dtype=F32), axis=1)
+  kw = dict(dtype=BF16, mode=mode, block_k=128, split_k=2)
+  mma = _gemv.gemv_partials_merged(o, m, l, qo, gemv="mma", **kw)
+  fma = _gemv.gemv_partials_merged(o, m, l, qo, **kw)
+  assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(Hq * Dh), name=f"int8 merged {mode}")
+  v = merge_splits(o[:, None], m[:, None], l[:, None]).reshape(-1).astype(BF16)
+  assert_rel_close(_f64(mma).reshape(2, N).sum(0), _f64(_ref_gemv(v, qo)), rtol=2.0 ** -8,
+                   name=f"int8 merged vs XLA {mode}")
 
 
 PROMPT = [3, 17, 42, 7, 99, 256, 1]
@@ -418,11 +471,46 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
                    name=f"mlp {mode} vs reference")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("down_t,xdtype,extra", [(False, BF16, None), (True, BF16, "parts"),
+                                                  (True, F32, None)])
+def test_int8_one_kernel_mlp_matches_the_fma_form(mode, down_t, xdtype, extra):
+  """kernels/rmsnorm_swiglu with int8 weights and gemv="mma": the gate / up tiles widened
+  to bf16 as A operands; the down tiles too with W_down^T (h's hi / lo columns as B: h is
+  rounded to the activations' dtype, so fp32 activations need the lo column), while
+  W_down [F, D] keeps the down phase on the CUDA cores. Partial rows against the
+  CUDA-core form, and the finished op against the fp32 MLP of the dequantized weights."""
+  from kernels.rmsnorm_swiglu import pallas as mlp
+  from kernels.rmsnorm_swiglu import reference
+  D, F = 512, 128
+  x, g, wg, wu, wd = _mlp_case(D, F, seed=60)
+  x = x.astype(xdtype)
+  (qg, sg), (qu, su) = _int8(wg, 1), _int8(wu, 1)
+  qd, sd = _int8(wd.T, 1) if down_t else _int8(wd, 0)
+  kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128,
+            block_d=128 if down_t else 64)
+  if extra == "parts":
+    op = _r(61, 3, D, dtype=F32, scale=0.3)
+    x_in, parts = (x, op), (3, False)
+  else:
+    x_in, parts = (x,), None
+  run = lambda **f: mlp._call(x_in, parts, g, qg, qu, qd, (sg, su), **kw, **f)
+  fma, mma = run(), run(gemv="mma", mma_swizzle=64)
+  name = f"int8 mlp {mode} down_t={down_t} {jnp.dtype(xdtype).name} {extra}"
+  assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL, name=name)
+  xf = mlp.finish_x(x, op) if extra == "parts" else x
+  deq = lambda q, s, axis: q.astype(F32) * jnp.expand_dims(s, axis)
+  down = (dict(w_down_t_DF=deq(qd, sd, 1)) if down_t else dict(w_down_FD=deq(qd, sd, 0)))
+  ref = reference.rmsnorm_swiglu(xf, g, deq(qg, sg, 1), deq(qu, su, 1), eps=EPS, **down)
+  rtol = 2.0 ** -8 if xdtype == BF16 else _rtol(D) + _rtol(F)
+  assert_rel_close(_f64(mlp._finish(xf, mma, sd)), _f64(ref), rtol=rtol, name=name + " ref")
+
+
 def test_one_kernel_mlp_choices_are_checked():
   from kernels.rmsnorm_swiglu import rmsnorm_swiglu
   x, g, wg, wu, wd = _mlp_case(512, 128)
   kw = dict(eps=EPS, impl="pallas", interpret="hlo", gemv="mma")
-  with pytest.raises(ValueError, match="rmsnorm_swiglu: gemv='mma' needs bf16 weights"):
+  with pytest.raises(ValueError, match="rmsnorm_swiglu: gemv='mma' needs bf16 or int8 weights"):
     rmsnorm_swiglu(x, g, wg.astype(F32), wu.astype(F32), wd.astype(F32), **kw)
   with pytest.raises(ValueError, match="block for D: 96 must be a positive multiple of 64"):
     rmsnorm_swiglu(x[:384], g[:384], wg[:, :384], wu[:, :384], w_down_t_DF=wd[:, :384].T,

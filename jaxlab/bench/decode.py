@@ -33,6 +33,10 @@ Variants (each decodes the same greedy continuation from the same cache):
                 that with 128-byte B rows (gemv swizzle 128), and that with the
                 O-projection's rows at 32 bytes (each op's fastest row of the H100
                 per-op sweep of 2026-11-27)
+  pallas-int8-mma
+                pallas-int8 with every GEMV on the tensor cores (gemv form "mma": int8
+                tiles widened to bf16 in registers as WGMMA's A operand) and W_down^T
+                [D, F] in the weights, so that the MLP's down tiles are A operands too
   pallas-mma-attn
                 pallas-mma with attention on the tensor cores too (decode_attention
                 scores "mma-pv": q.K and p.V both WGMMAs)
@@ -95,7 +99,8 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-shared", "pallas-int8-shared", "pallas-unfused", "pallas-down-t",
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
-            "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best")
+            "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best",
+            "pallas-int8-mma")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind; the others inline every layer into one
 # flat step, make_decoder's default)
@@ -119,7 +124,8 @@ _DECODER_VARIANTS = {
     "pallas-mma-down-t": ("pallas", "unrolled", None, False),
     "pallas-mma-attn": ("pallas", "unrolled", None, False),
     "pallas-mma-128": ("pallas", "unrolled", None, False),
-    "pallas-mma-best": ("pallas", "unrolled", None, False)}
+    "pallas-mma-best": ("pallas", "unrolled", None, False),
+    "pallas-int8-mma": ("pallas", "unrolled", "int8", False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
@@ -150,7 +156,9 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     # and the O-projection with 32-byte rows, its fastest row there
                     "pallas-mma-best": {"gemv": {"form": "mma", "swizzle": 128},
                                         "out_proj_residual": {"gemv": "mma",
-                                                              "mma_swizzle": 32}}}
+                                                              "mma_swizzle": 32}},
+                    # int8 tiles enter WGMMA as A only: W_down^T puts the down phase there
+                    "pallas-int8-mma": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -707,6 +715,13 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
             x_, g_, wg_, wu_, w_down_t_DF=wdt_, eps=1e-6, impl=impl, **k),
         (xa, ga, wga, wua, jnp.asarray(wda.T)), 3 * F * D)
     nbytes["rmsnorm_swiglu w_down_t_DF"] = nbytes["rmsnorm_swiglu"]
+    _, a8, _ = cases["rmsnorm_swiglu int8"]   # (x, g, wg, wu, wd, scale_g, scale_u, scale_d)
+    cases["rmsnorm_swiglu int8 w_down_t_DF"] = (
+        lambda impl, **k: lambda x_, g_, wg_, wu_, wdt_, sg_, su_, sd_: rmsnorm_swiglu(
+            x_, g_, wg_, wu_, w_down_t_DF=wdt_, w_gate_scale_F=sg_, w_up_scale_F=su_,
+            w_down_scale_D=sd_, eps=1e-6, impl=impl, **k),
+        (*a8[:4], jnp.asarray(a8[4].T), *a8[5:]), 3 * F * D)
+    nbytes["rmsnorm_swiglu int8 w_down_t_DF"] = nbytes["rmsnorm_swiglu int8"]
     make, args, elems = cases["decode_attention"]
     for p in ((1, 2, 4, 8, 16, 32) if "splits" in groups else ()):
       if p * 64 <= S:
@@ -802,6 +817,13 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                                                          "lm_head_argmax")]
         mma_rows += [(f"attention_out_proj {tag}", "attention_out_proj",
                       dict(pallas_opts("attention_out_proj"), o_block=mma))]
+        # int8 weights (A widened in registers); the MLP's down tiles are A with W_down^T
+        mma_rows += [(f"{op} int8 {tag}", f"{op} int8", dict(pallas_opts(op), **mma))
+                     for op in ("rmsnorm_swiglu", "rmsnorm_qkv", "out_proj_residual",
+                                "lm_head_argmax")]
+        mma_rows += [(f"rmsnorm_swiglu int8 w_down_t_DF {tag}",
+                      "rmsnorm_swiglu int8 w_down_t_DF",
+                      dict(pallas_opts("rmsnorm_swiglu"), **mma))]
         if sz == 64:
           mma = dict(gemv="mma", block_k=128)
           mma_rows += [("rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",

@@ -14,13 +14,15 @@ int8 weights stream as int8 and convert in registers; the gate/up row scales
 multiply the finished dot products in the CTA, the down projection's column
 scale multiplies the summed partial rows (it is constant along the reduction).
 
-gemv="mma" (bf16 weights) puts both phases on the tensor cores, as kernels/_gemv.py
-does for its GEMVs: the gate and up tiles are WGMMA A operands against one B per
-step built from x * g (hi / lo bf16 columns). The down phase's operand holds h alone
-(h is rounded to bf16 before it, so no lo part): with W_down [F, D] the tile [BF, BD]
-is B and A [64, BF] holds h in row j at step j, so the partial row collects in the
-accumulator's rows and leaves in one store (store_once's form, always); with W_down^T
-[D, F] the tile [BD, BF] is A and B [BF, NB] holds h in column 0, built once.
+gemv="mma" puts both phases on the tensor cores, as kernels/_gemv.py does for its
+GEMVs: the gate and up tiles are WGMMA A operands against one B per step built from
+x * g (hi / lo bf16 columns). The down phase's operand holds h alone (h is rounded to
+bf16 before it, so no lo part): with W_down [F, D] the tile [BF, BD] is B and A
+[64, BF] holds h in row j at step j, so the partial row collects in the accumulator's
+rows and leaves in one store (store_once's form, always); with W_down^T [D, F] the
+tile [BD, BF] is A and B [BF, NB] holds h (hi / lo columns), built once. int8 weights enter
+as A only (widened to bf16 in registers, _gemv), so with int8 W_down [F, D] the down
+phase stays on the CUDA cores; W_down^T puts it on the tensor cores too.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     (part_g,) = refs
   p = ctx.axis("f")
   f32 = jnp.float32
-  tr = C.tile_transforms(BK, wg_g.dtype) if mma is None else C.mma_transforms(mma)
+  tr = C.weight_transforms(BK, wg_g.dtype, mma)
+  # the down phase on the tensor cores: bf16, or int8 as A (W_down^T)
+  mma_down = mma is not None and (not int8 or down_t)
   # x's register layout: along the tiles' columns (fma), or along B's rows (mma)
   VL = C.COL if mma is None else C.ROW
   NB = None if mma is None else mma // 2
@@ -174,7 +178,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if mma is None or not ctx.tma:
     acc_g, acc_u, ss = gate_up()
   else:
-    acc_g, acc_u, ss = _gemv.with_mma_scratch(gate_up, BN=BF, BK=BK, NB=NB, n_acc=2)
+    acc_g, acc_u, ss = _gemv.with_mma_scratch(ctx, gate_up, BN=BF, BK=BK, NB=NB,
+                                              w_dtype=wg_g.dtype, n_acc=2)
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
   if int8:
     rows = pl.ds(p * BF, BF)
@@ -188,17 +193,17 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     h = h.astype(op_dtype).astype(f32)
 
   # h is exact in bf16 (rounded above), so the "mma" form's h operand needs no lo part.
-  if mma is not None and not down_t:
+  if mma_down and not down_t:
     _mma_down_rows(ctx, h, wd_g, part_g, p=p, D=D, BF=BF, BD=BD, tr=tr, stages=stages)
     return
-  if mma is not None:   # A = the [BD, BF] tile, B [BF, NB] = h in column 0, built once
-    col = ctx.iota((BF, NB), 1, C.WGMMA)
-    op = jnp.where(col == 0, C.bcast_cols(h, (BF, NB)), 0.0).astype(jnp.bfloat16)
-    down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p), transforms=tr)
+  if mma_down:   # A = the [BD, BF] tile, B [BF, NB] = h's hi / lo columns, built once
+    op = _gemv.mma_b(ctx, h, BK=BF, NB=NB)   # (lo = 0 unless h is fp32: int8 W, fp32 x)
+    down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p),
+                                 transforms=C.weight_transforms(BF, wd_g.dtype, mma))
 
     def down_product(wd_s, op_s):
       return _gemv.mma_result(ctx, C.mma_product(ctx, wd_s, op_s, (BD, NB),
-                                                 refs=(True, ctx.tma)))
+                                                 refs=(True, ctx.tma), swizzle=mma))
   elif down_t:
     # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
     # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
@@ -240,8 +245,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     # support emit_pipeline out_specs, whose copies are predicated).
     ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
 
-  if mma is None or not ctx.tma:
-    down(op if mma is not None else None)
+  if not mma_down or not ctx.tma:
+    down(op if mma_down else None)
     return
 
   def with_operand(op_s):   # h's operand in SMEM, for every down step's WGMMA
@@ -249,7 +254,8 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     C.plgpu.commit_smem()
     down(op_s)
 
-  pl.run_scoped(with_operand, C.plgpu.SMEM(op.shape, jnp.bfloat16, transforms=tr))
+  pl.run_scoped(with_operand, C.plgpu.SMEM(op.shape, jnp.bfloat16,
+                                           transforms=C.mma_transforms(mma)))
 
 
 def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps, mode,
@@ -259,19 +265,21 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
           mma_swizzle: int | None = None):
   """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
   [F, D], or W_down^T [D, F] with down_t=True. gemv / mma_swizzle: the inner products'
-  form (kernels/_gemv.py; "mma": bf16 weights, BK in whole 64-row B tiles, BD in whole
-  swizzle rows of the down tile, at most 256 columns with W_down [F, D])."""
+  form (kernels/_gemv.py; "mma": bf16 or int8 weights, BK in whole 64-row B tiles, BD in
+  whole swizzle rows of the down tile, at most 256 columns with bf16 W_down [F, D])."""
   F, D = w_gate_t_FD.shape
   interp = mode != "compile"
   mma = _gemv.check_form(gemv, mma_swizzle, w_gate_t_FD.dtype, "rmsnorm_swiglu")
   if mma is not None:
     _gemv.check_form(gemv, mma_swizzle, w_down.dtype, "rmsnorm_swiglu")
+  int8 = scales[0] is not None
+  mma_down = mma is not None and (not int8 or down_t)   # as in _body
   kmult = 32 if mma is None else max(64, mma // 2)
-  dmult = 32 if mma is None else (64 if down_t else mma // 2)
+  dmult = 32 if not mma_down else (64 if down_t else mma // 2)
   dcap = 512 if interp else 128
-  if mma is not None and not down_t:
+  if mma_down and not down_t:
     dcap = min(dcap, 256)   # the WGMMA's N
-  rows_out = mma is not None and not down_t   # _mma_down_rows
+  rows_out = mma_down and not down_t   # _mma_down_rows
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
   BK = block_k or C.pick_block(D, 512 if interp else 128, kmult, "D")
   BD = block_d or C.pick_block(D, dcap, dmult, "D")
@@ -286,7 +294,6 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
                      "[F, D] (the WGMMA's N; the accumulator's rows); or use W_down^T "
                      "(w_down_t_DF)")
   R = -(-(D // BD) // 8) * 8   # _mma_down_rows' output rows
-  int8 = scales[0] is not None
   # one prefetch "tile" is a gate tile and an up tile
   C.check_prefetch(prefetch_tiles, 2 * BF * BK * w_gate_t_FD.dtype.itemsize, "rmsnorm_swiglu",
                    pdl, mode)
