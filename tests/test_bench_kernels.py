@@ -288,3 +288,26 @@ def test_sass_loop_of_attention_on_the_tensor_cores():
   main = [loop for loop in attn.loops if loop[1]]
   assert [h for _, h, _ in main] == [8], attn.loops
   assert main[0][2] < 600 and attn.spill == 0, attn
+
+
+@pytest.mark.slow   # ~60 s
+@pytest.mark.skipif(not (_has_cuda_plugin() and _has_nvdisasm()),
+                    reason="needs the jaxlib's CUDA plugin and nvdisasm (scripts/"
+                    "cuda_aot_venv.sh + pip install nvidia-cuda-nvdisasm); no GPU needed")
+def test_sass_loops_of_the_int8_step_on_the_tensor_cores():
+  """pallas-int8-mma (1B): int8 tiles widened to bf16 in registers as WGMMA's A. The MLP's
+  gate / up loop issues 16 HGMMA and its down loop (W_down^T) 8, each GEMV kernel's loop
+  8; no spills; and each loop about half the CUDA-core form's (2026-11-27: gate / up
+  1425, down 855, QKV 694, LM head 689 instructions; the tensor-core form 719, 361, 387,
+  392), so the widening is all that is left of the per-element work."""
+  from jaxlab.bench.kernels import compiled_launches
+  rows = {r.name: r for r in compiled_launches("llama-1b-bench", "pallas-int8-mma", sass=True)}
+  assert [h for _, h, _ in rows["rmsnorm_swiglu"].loops] == [16, 8]
+  gate_up, down = (n for n, _, _ in rows["rmsnorm_swiglu"].loops)
+  assert gate_up < 900 and down < 450, rows["rmsnorm_swiglu"].loops
+  for name in ("rmsnorm_qkv", "lm_head_argmax"):
+    assert [h for _, h, _ in rows[name].loops] == [8], (name, rows[name].loops)
+    assert rows[name].loops[0][0] < 450, (name, rows[name].loops)
+  assert [h for _, h, _ in rows["out_proj_residual"].loops] == [8]
+  for r in rows.values():
+    assert 0 < r.regs <= 255 and r.spill == 0, r

@@ -238,6 +238,21 @@ def test_decoder_with_mma_gemvs_matches_xla(mlp, attn):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow   # ~15 s each
+@pytest.mark.parametrize("w_down", ["FD", "DF"])
+def test_int8_decoder_with_mma_gemvs_matches_xla(w_down):
+  """quantize="int8" with the gemv group's "mma" form (pallas-int8-mma with W_down^T):
+  a tiny bf16 LM decodes 32 greedy tokens as the XLA int8 step does."""
+  from jaxlab.models.decode import decode_greedy
+  model = _tiny_bf16()
+  layout = {"layout": {"w_down": w_down}}
+  want = decode_greedy(model, PROMPT, 32, impl="xla", quantize="int8", kernel_options=layout)
+  assert len(set(np.asarray(want).tolist())) >= 8, "degenerate continuation: test is too weak"
+  got = decode_greedy(model, PROMPT, 32, impl="pallas", quantize="int8",
+                      kernel_options=dict(layout, gemv={"form": "mma"}))
+  np.testing.assert_array_equal(got, want)
+
+
 def test_decoder_gemv_group_is_checked():
   from jaxlab.models.decode import make_decoder
   model = _tiny_bf16()
@@ -289,14 +304,16 @@ def _kernels_with_wgmma(lowered) -> dict[str, bool]:
 # lowering only: checked on CPU; the GPU run (scripts/gpu_session.sh) spends its pytest
 # budget on the compiled cases
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="lowering only (CPU checks it)")
-@pytest.mark.parametrize("form,mlp,attn", [("fma", "2k", None), ("mma", "2k", None),
-                                           ("mma", "1k", None), ("mma", "2k", "mma-pv")])
-def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn):
+@pytest.mark.parametrize("form,mlp,attn,quantize", [
+    ("fma", "2k", None, None), ("mma", "2k", None, None), ("mma", "1k", None, None),
+    ("mma", "2k", "mma-pv", None), ("mma", "1k", None, "int8")])
+def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn, quantize):
   """One llama-1b-bench layer lowered for CUDA (two-kernel MLP, chained; or the default
   one-kernel MLP, fused with the O-projection): with the gemv group's "mma" form every
   GEMV kernel (QKV, O-projection, the MLP kernels, LM head) issues WGMMA and the
   attention kernels do not, unless decode_attention's scores are "mma-pv"; with "fma"
-  none does."""
+  none does. int8 weights (the one-kernel MLP with W_down^T, pallas-int8-mma): the same,
+  each tile widened through the packed s8 -> bf16 conversion."""
   from jaxlab.bench.decode import CONFIGS
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
@@ -305,9 +322,11 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn):
   opts = {"layout": {"mlp": mlp}, "gemv": {"form": form}}
   if attn:   # pallas-mma-attn: attention's two products on the tensor cores too
     opts["decode_attention"] = {"scores": attn}
-  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), None,
-                                                   w_down="DF" if mlp == "2k" else "FD",
-                                                   mlp=mlp))
+  w_down = "DF" if mlp == "2k" or quantize else "FD"
+  if w_down == "DF":
+    opts["layout"]["w_down"] = "DF"
+  weights = jax.eval_shape(lambda: prepare_weights(LM(cfg, rngs=nnx.Rngs(0)), quantize,
+                                                   w_down=w_down, mlp=mlp))
   step, S = step_function(cfg, "pallas", 1100, interpret=False, kernel_options=opts)
   state = jax.eval_shape(lambda: init_state(cfg, S))
   lowered = step.trace(weights, state, SD((), jnp.int32)).lower(lowering_platforms=("cuda",))
@@ -317,6 +336,8 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn):
   assert gemvs < set(kernels), sorted(kernels)
   assert {k for k, mma in kernels.items() if mma} == (
       (gemvs if form == "mma" else set()) | ({"decode_attention"} if attn else set()))
+  if quantize:
+    assert "sub.bf16x2" in lowered.as_text() and "sitofp" not in lowered.as_text()
 
 
 def _attention_case(Hq, Dh, S, L, extra, Hkv=2):
