@@ -227,15 +227,17 @@ def test_bench_steps_compile_without_spills(config, variant):
 @pytest.mark.slow   # ~25 s: one 1B layer compiled for an H100
 @pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the jaxlib's CUDA plugin "
                     "(scripts/cuda_aot_venv.sh); no GPU needed")
-def test_mlp_epilogue_is_one_xla_kernel():
+@pytest.mark.parametrize("variant", ["pallas", "pallas-int8"])
+def test_mlp_epilogue_is_one_xla_kernel(variant):
   """The one-kernel MLP's epilogue (x finished from the O-projection's partials + the
   MLP's partial rows, rounded) compiles for an H100 as one XLA reduction fusion, with no
-  elementwise fusion after it (two kernels per layer before, ~2.4 us the second). (With
-  int8 weights XLA still makes two: x, scaled, in its own fusion first.)"""
+  elementwise fusion after it (two kernels per layer before, ~2.4 us the second). With
+  int8 weights too: the down scale multiplies the partial rows in the kernel (with it
+  on the rows in XLA, x, scaled, took a fusion of its own)."""
   import subprocess
   import sys
   code = ("from jaxlab.bench.kernels import h100_lowered; "
-          "hlo = h100_lowered('llama-1b-bench', 'pallas').compile().as_text(); "
+          f"hlo = h100_lowered('llama-1b-bench', '{variant}').compile().as_text(); "
           "print([l.split('=')[0].strip() for l in hlo.split('ENTRY')[1].splitlines() "
           "if ' fusion(' in l])")
   env = {**os.environ, "JAX_PLATFORMS": "", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}

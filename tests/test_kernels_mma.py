@@ -479,7 +479,7 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
     x_in, parts = (x, op), (3, False)
   else:
     x_in, parts = (x,), None
-  run = lambda **f: mlp._call(x_in, parts, g, wg, wu, wd, (None, None), **kw, **f)
+  run = lambda **f: mlp._call(x_in, parts, g, wg, wu, wd, (None, None, None), **kw, **f)
   fma, mma = run(), run(gemv="mma", mma_swizzle=swizzle)
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL,
                    name=f"mlp {mode} down_t={down_t} {extra}")
@@ -488,7 +488,7 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
   xf = mlp.finish_x(x, op) if extra == "parts" else x
   down = dict(w_down_t_DF=wd) if down_t else dict(w_down_FD=wd)
   ref = reference.rmsnorm_swiglu(xf, g, wg, wu, eps=EPS, **down)
-  assert_rel_close(_f64(mlp._finish(xf, mma, None)), _f64(ref), rtol=2.0 ** -8,
+  assert_rel_close(_f64(mlp._finish(xf, mma)), _f64(ref), rtol=2.0 ** -8,
                    name=f"mlp {mode} vs reference")
 
 
@@ -515,7 +515,7 @@ def test_int8_one_kernel_mlp_matches_the_fma_form(mode, down_t, xdtype, extra):
     x_in, parts = (x, op), (3, False)
   else:
     x_in, parts = (x,), None
-  run = lambda **f: mlp._call(x_in, parts, g, qg, qu, qd, (sg, su), **kw, **f)
+  run = lambda **f: mlp._call(x_in, parts, g, qg, qu, qd, (sg, su, sd), **kw, **f)
   fma, mma = run(), run(gemv="mma", mma_swizzle=64)
   name = f"int8 mlp {mode} down_t={down_t} {jnp.dtype(xdtype).name} {extra}"
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL, name=name)
@@ -524,7 +524,7 @@ def test_int8_one_kernel_mlp_matches_the_fma_form(mode, down_t, xdtype, extra):
   down = (dict(w_down_t_DF=deq(qd, sd, 1)) if down_t else dict(w_down_FD=deq(qd, sd, 0)))
   ref = reference.rmsnorm_swiglu(xf, g, deq(qg, sg, 1), deq(qu, su, 1), eps=EPS, **down)
   rtol = 2.0 ** -8 if xdtype == BF16 else _rtol(D) + _rtol(F)
-  assert_rel_close(_f64(mlp._finish(xf, mma, sd)), _f64(ref), rtol=rtol, name=name + " ref")
+  assert_rel_close(_f64(mlp._finish(xf, mma)), _f64(ref), rtol=rtol, name=name + " ref")
 
 
 def test_one_kernel_mlp_choices_are_checked():

@@ -11,8 +11,11 @@ rows are summed with the residual by one small XLA reduction (F/BF * D * 4
 bytes, ~1% of the MLP weight bytes at Llama sizes).
 
 int8 weights stream as int8 and convert in registers; the gate/up row scales
-multiply the finished dot products in the CTA, the down projection's column
-scale multiplies the summed partial rows (it is constant along the reduction).
+multiply the finished dot products in the CTA, and the down projection's column
+scale each down block of the CTA's partial row (it is constant along the
+reduction). Scaled there, not after the XLA sum: XLA then compiles the epilogue
+(x, finished with the O-projection's scale, plus the partial rows) as one
+reduction kernel, where a scale on the rows left x's finish in a kernel of its own.
 
 gemv="mma" puts both phases on the tensor cores, as kernels/_gemv.py does for its
 GEMVs: the gate and up tiles are WGMMA A operands against one B per step built from
@@ -116,7 +119,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   g_g, wg_g, wu_g, wd_g = refs[:4]
   del refs[:4]
   if int8:
-    sg_g, su_g, part_g = refs
+    sg_g, su_g, sd_g, part_g = refs
   else:
     (part_g,) = refs
   p = ctx.axis("f")
@@ -204,6 +207,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     def down_product(wd_s, op_s):
       return _gemv.mma_result(ctx, C.mma_product(ctx, wd_s, op_s, (BD, NB),
                                                  refs=(True, ctx.tma), swizzle=mma))
+    down_layout = C.ROW
   elif down_t:
     # W_down^T [D, F]: [BD, BF] blocks of this CTA's columns and one row reduction per
     # block (as in the other GEMVs), where the [F, D] layout reduces each [BF, BD] block
@@ -215,22 +219,32 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
 
     def down_product(wd_s, _):
       return jnp.sum(C.widen(wd_s[...]) * C.bcast_rows(hc, (BD, BF)), axis=1)
+    down_layout = C.ROW
   else:
     down_spec = C.plgpu.BlockSpec((BF, BD), lambda j: (p, j),
                                  transforms=C.tile_transforms(BD, wd_g.dtype))
 
     def down_product(wd_s, _):
       return jnp.sum(C.widen(wd_s[...]) * C.bcast_cols(h, (BF, BD)), axis=0)
+    down_layout = C.COL
+
+  # int8: the down blocks leave scaled (the column scale's [BD] block, one more input)
+  down_specs = [down_spec] + ([C.plgpu.BlockSpec((BD,), lambda j: (j,))] if int8 else [])
+  down_ins = [wd_g] + ([sd_g] if int8 else [])
+
+  def down_block(op_s, wd_s, *sd_s):
+    y = down_product(wd_s, op_s)
+    return y * ctx.ld(sd_s[0], down_layout) if sd_s else y
 
   def down(op_s=None):
     if store_once and ctx.tma:
       # The partial row goes to one [D] fp32 SMEM buffer and leaves with a single TMA
       # store, instead of one waited store per pipeline step (D/BD waits per CTA).
       def once(row_s):
-        def down_step(idx, wd_s):
-          row_s[pl.ds(idx[0] * BD, BD)] = down_product(wd_s, op_s)
+        def down_step(idx, *blocks):
+          row_s[pl.ds(idx[0] * BD, BD)] = down_block(op_s, *blocks)
 
-        ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+        ctx.pipeline(down_step, grid=(D // BD,), in_specs=down_specs, stages=stages)(*down_ins)
         C.plgpu.commit_smem()
         C.plgpu.copy_smem_to_gmem(row_s, part_g.at[p])
         C.plgpu.wait_smem_to_gmem(0)
@@ -238,12 +252,12 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
       pl.run_scoped(once, C.plgpu.SMEM((D,), jnp.float32))
       return
 
-    def down_step(idx, wd_s):
-      ctx.store(down_product(wd_s, op_s), part_g.at[p, pl.ds(idx[0] * BD, BD)])
+    def down_step(idx, *blocks):
+      ctx.store(down_block(op_s, *blocks), part_g.at[p, pl.ds(idx[0] * BD, BD)])
 
     # Outputs are stored from the body (the Mosaic-GPU interpreter does not
     # support emit_pipeline out_specs, whose copies are predicated).
-    ctx.pipeline(down_step, grid=(D // BD,), in_specs=[down_spec], stages=stages)(wd_g)
+    ctx.pipeline(down_step, grid=(D // BD,), in_specs=down_specs, stages=stages)(*down_ins)
 
   if not mma_down or not ctx.tma:
     down(op if mma_down else None)
@@ -263,7 +277,8 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
           block_d: int | None = None, stages: int = 2, store_once: bool = False,
           pdl: str | None = None, prefetch_tiles: int | None = None, gemv: str = "fma",
           mma_swizzle: int | None = None):
-  """The kernel's [F/BF, D] fp32 partial rows of the down projection. w_down: W_down
+  """The kernel's [F/BF, D] fp32 partial rows of the down projection (int8: times the
+  down scale; scales = (gate, up, down) scales or Nones). w_down: W_down
   [F, D], or W_down^T [D, F] with down_t=True. gemv / mma_swizzle: the inner products'
   form (kernels/_gemv.py; "mma": bf16 or int8 weights, BK in whole 64-row B tiles, BD in
   whole swizzle rows of the down tile, at most 256 columns with bf16 W_down [F, D])."""
@@ -305,19 +320,16 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
                                     jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
   args = (*x_in, scale_D, w_gate_t_FD, w_up_t_FD, w_down)
-  part = kern(*args, scales[0], scales[1]) if int8 else kern(*args)
+  part = kern(*args, *scales) if int8 else kern(*args)
   return part[:, :D // BD].reshape(F // BF, D) if rows_out else part
 
 
-def _finish(x, part_PD, w_down_scale_D):
-  """x + the sum of the partial rows (times the int8 scale), rounded to x's dtype. x goes
-  in as one more row of the same sum: XLA then compiles the whole epilogue (x finished
-  from the O-projection's partials too, if any) as one reduction kernel. With x added
-  after the sum it took two, a reduction and a ~2.4 us add per layer (H100, 2026-11-27)."""
-  rows = part_PD.astype(jnp.float32)
-  if w_down_scale_D is not None:
-    rows = rows * w_down_scale_D.astype(jnp.float32)[None]
-  rows = jnp.concatenate([x.astype(jnp.float32)[None], rows])
+def _finish(x, part_PD):
+  """x + the sum of the partial rows, rounded to x's dtype. x goes in as one more row of
+  the same sum: XLA then compiles the whole epilogue (x finished from the O-projection's
+  partials too, if any) as one reduction kernel. With x added after the sum it took two,
+  a reduction and a ~2.4 us add per layer (H100, 2026-11-27)."""
+  rows = jnp.concatenate([x.astype(jnp.float32)[None], part_PD.astype(jnp.float32)])
   return jnp.sum(rows, axis=0).astype(x.dtype)
 
 
@@ -327,8 +339,8 @@ def rmsnorm_swiglu(x_D, scale_D, w_gate_t_FD, w_up_t_FD, w_down, w_gate_scale_F=
   block_f, block_k, block_d, stages, store_once, pdl, prefetch_tiles, gemv, mma_swizzle
   (see _call)."""
   part = _call((x_D,), None, scale_D, w_gate_t_FD, w_up_t_FD, w_down,
-               (w_gate_scale_F, w_up_scale_F), eps=eps, mode=mode, **block)
-  return _finish(x_D, part, w_down_scale_D)
+               (w_gate_scale_F, w_up_scale_F, w_down_scale_D), eps=eps, mode=mode, **block)
+  return _finish(x_D, part)
 
 
 def rmsnorm_swiglu_from_parts(resid_D, opart_SD, o_scale_D, scale_D, w_gate_t_FD, w_up_t_FD,
@@ -339,6 +351,6 @@ def rmsnorm_swiglu_from_parts(resid_D, opart_SD, o_scale_D, scale_D, w_gate_t_FD
   x again, identically, for the residual."""
   extra = (o_scale_D.astype(jnp.float32),) if o_scale_D is not None else ()
   part = _call((resid_D, opart_SD) + extra, (opart_SD.shape[0], o_scale_D is not None),
-               scale_D, w_gate_t_FD, w_up_t_FD, w_down, (w_gate_scale_F, w_up_scale_F),
-               eps=eps, mode=mode, **block)
-  return _finish(finish_x(resid_D, opart_SD, o_scale_D), part, w_down_scale_D)
+               scale_D, w_gate_t_FD, w_up_t_FD, w_down,
+               (w_gate_scale_F, w_up_scale_F, w_down_scale_D), eps=eps, mode=mode, **block)
+  return _finish(finish_x(resid_D, opart_SD, o_scale_D), part)
