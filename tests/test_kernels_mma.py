@@ -448,6 +448,15 @@ def _mlp_case(D, F, seed=30):
   return x, g, *ws, _r(seed + 4, F, D, scale=F ** -0.5)
 
 
+def _mlp_x(x, extra, seed):
+  """The MLP kernel's x operands: x itself, or ("parts") a residual and the output
+  projection's three split-K partial rows to finish it from. (x_in, x_parts, partials)."""
+  if extra != "parts":
+    return (x,), None, None
+  op = _r(seed, 3, x.shape[0], dtype=F32, scale=0.3)
+  return (x, op), (3, False), op
+
+
 # The one-kernel MLP rounds h = silu(gate) * up to bf16 before the down projection, in
 # either form; the forms' gate / up sums differ by ~1e-7 (relative), so h may differ by
 # one bf16 step in an element close to a rounding boundary, which moves the CTA's
@@ -474,11 +483,7 @@ def test_one_kernel_mlp_matches_the_fma_form(mode, down_t, swizzle, extra):
   # output rows padded to a whole 8-row tile)
   kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128,
             block_d=128 if down_t or extra == "parts" else 64, store_once=extra == "once")
-  if extra == "parts":
-    op = _r(35, 3, D, dtype=F32, scale=0.3)
-    x_in, parts = (x, op), (3, False)
-  else:
-    x_in, parts = (x,), None
+  x_in, parts, op = _mlp_x(x, extra, 35)
   run = lambda **f: mlp._call(x_in, parts, g, wg, wu, wd, (None, None, None), **kw, **f)
   fma, mma = run(), run(gemv="mma", mma_swizzle=swizzle)
   assert_rel_close(_f64(mma), _f64(fma), rtol=_rtol(D) + MLP_RTOL,
@@ -510,11 +515,7 @@ def test_int8_one_kernel_mlp_matches_the_fma_form(mode, down_t, xdtype, extra):
   qd, sd = _int8(wd.T, 1) if down_t else _int8(wd, 0)
   kw = dict(eps=EPS, mode=mode, down_t=down_t, block_f=64, block_k=128,
             block_d=128 if down_t else 64)
-  if extra == "parts":
-    op = _r(61, 3, D, dtype=F32, scale=0.3)
-    x_in, parts = (x, op), (3, False)
-  else:
-    x_in, parts = (x,), None
+  x_in, parts, op = _mlp_x(x, extra, 61)
   run = lambda **f: mlp._call(x_in, parts, g, qg, qu, qd, (sg, su, sd), **kw, **f)
   fma, mma = run(), run(gemv="mma", mma_swizzle=64)
   name = f"int8 mlp {mode} down_t={down_t} {jnp.dtype(xdtype).name} {extra}"
