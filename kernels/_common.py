@@ -415,7 +415,6 @@ def stages_mma_a(ctx: Ctx, w_dtype) -> bool:
   return ctx.mode == "mosaic" and jnp.dtype(w_dtype) == jnp.int8
 
 
-
 def weight_transforms(cols: int, dtype, mma: int | None) -> tuple:
   """SMEM transforms of a [rows, cols] weight tile: read into registers (the "fma" form, and
   int8 in the "mma" form, widened there to an A operand), or bf16 A straight from SMEM

@@ -105,11 +105,12 @@ def _mma_down_rows(ctx: C.Ctx, h, wd_g, part_g, *, p, D, BF, BD, tr, stages):
 
 
 def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_parts,
-          down_t=False, prefetch=None, mma=None):
+          down_t=False, prefetch=None, mma=None, mma_down=False):
   """x_parts = (S_o, has_scale): x arrives unfinished, as the residual, the output
   projection's S_o split-K partial rows [S_o, D] (and its int8 row scale), and is
   finished block by block as it streams (finish_x). down_t: the down weight is W_down^T
-  [D, F] (see below). mma: the "mma" form's swizzle (bytes), None for "fma"."""
+  [D, F] (see below). mma: the "mma" form's swizzle (bytes), None for "fma"; mma_down:
+  whether the down phase takes it too (_call)."""
   refs = list(refs)
   if x_parts:
     S_o, has_oscale = x_parts
@@ -125,8 +126,6 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.weight_transforms(BK, wg_g.dtype, mma)
-  # the down phase on the tensor cores: bf16, or int8 as A (W_down^T)
-  mma_down = mma is not None and (not int8 or down_t)
   # x's register layout: along the tiles' columns (fma), or along B's rows (mma)
   VL = C.COL if mma is None else C.ROW
   NB = None if mma is None else mma // 2
@@ -195,7 +194,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if jnp.dtype(op_dtype) != jnp.float32:
     h = h.astype(op_dtype).astype(f32)
 
-  # h is exact in bf16 (rounded above), so the "mma" form's h operand needs no lo part.
+  # bf16 weights: h is exact in bf16 (rounded above), so A's h rows need no lo part.
   if mma_down and not down_t:
     _mma_down_rows(ctx, h, wd_g, part_g, p=p, D=D, BF=BF, BD=BD, tr=tr, stages=stages)
     return
@@ -288,7 +287,8 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   if mma is not None:
     _gemv.check_form(gemv, mma_swizzle, w_down.dtype, "rmsnorm_swiglu")
   int8 = scales[0] is not None
-  mma_down = mma is not None and (not int8 or down_t)   # as in _body
+  # the down phase on the tensor cores: bf16 weights, or int8 ones as A (W_down^T only)
+  mma_down = mma is not None and (not int8 or down_t)
   kmult = 32 if mma is None else max(64, mma // 2)
   dmult = 32 if not mma_down else (64 if down_t else mma // 2)
   dcap = 512 if interp else 128
@@ -315,7 +315,8 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   kern = C.mosaic_kernel(
       lambda *r, ctx: _body(*r, ctx=ctx, D=D, BF=BF, BK=BK, BD=BD, eps=eps, stages=stages,
                             store_once=store_once, int8=int8, x_parts=x_parts,
-                            down_t=down_t, prefetch=prefetch_tiles, mma=mma),
+                            down_t=down_t, prefetch=prefetch_tiles, mma=mma,
+                            mma_down=mma_down),
       out_type=jax.ShapeDtypeStruct((F // BF, R, BD) if rows_out else (F // BF, D),
                                     jnp.float32), grid=(F // BF,),
       grid_names=("f",), mode=mode, name="rmsnorm_swiglu", pdl=pdl)
