@@ -198,12 +198,12 @@ def test_op_table_attn_sweep_rows_run():
   assert not bad, bad
 
 
-@pytest.mark.slow   # ~2 min: 32 rows, interpreted
+@pytest.mark.slow   # ~2.5 min: 49 rows, interpreted
 def test_op_table_mma_sweep_rows_run():
   """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B
-  width (the one-kernel MLP also in the fused layer and with W_down^T), the two-kernel
-  MLP with the fill grids, and attention with its scores on the tensor cores, at a bf16
-  shape (the forms need bf16 weights), interpreted."""
+  width (the one-kernel MLP also in the fused layer and with W_down^T), the int8 ops with
+  their tiles widened to bf16, the two-kernel MLP with the fill grids, and attention with
+  its scores on the tensor cores, at a bf16 shape, interpreted."""
   from jaxlab.models import ModelConfig
   cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
                            head_dim=64, ffn_dim=1024, param_dtype="bfloat16"))
@@ -214,6 +214,11 @@ def test_op_table_mma_sweep_rows_run():
          "attention_out_mlp", "out_proj_mlp")
   assert set(sw) == ({f"{op} gemv=mma swizzle={z}" for op in ops for z in (32, 64, 128)}
                      | {f"rmsnorm_swiglu w_down_t_DF gemv=mma swizzle={z}" for z in (32, 64)}
+                     | {f"{op} int8 gemv=mma swizzle={z}" for z in (32, 64, 128)
+                        for op in ("rmsnorm_swiglu", "rmsnorm_qkv", "out_proj_residual",
+                                   "lm_head_argmax")}
+                     | {f"rmsnorm_swiglu int8 w_down_t_DF gemv=mma swizzle={z}"
+                        for z in (32, 64, 128)}
                      | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                         "decode_attention scores=mma", "attention_out_proj scores=mma",
                         "decode_attention scores=mma-pv", "attention_out_proj scores=mma-pv"})
