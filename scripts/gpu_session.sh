@@ -34,7 +34,8 @@
 #   did not fit, so they were opt-in)
 #  10. with CMDBUF=1: the 1B steps again with an explicit list of command-buffer types
 #      including CUSTOM_CALL (an experiment, worth it only if stage 3's thunk summary shows
-#      Mosaic custom calls launched from the host; the list replaces XLA's default one)
+#      Mosaic custom calls launched from the host, which a deviceless compile with the
+#      H100's driver version does not; the list replaces XLA's default one)
 # Opt-in stages compete for the same budget: lower B1's share (B1_TIMEOUT) or skip
 # stages to fit them. Each stage has its own timeout (pytest gets SIGINT so it still
 # prints its summary), so a hang loses one stage, not the run. At most 8 result files
@@ -89,9 +90,9 @@ stamp "pytest rc=$? ($(tail -n 1 "$OUT/pytest.txt"))"
 # with the baseline and the default Pallas step
 # XLA dumps each compiled step (--xla_dump_to) on the way: the thunk summary after the
 # run says which kernels of each step run inside command buffers (CUDA graphs) and which
-# the host launches one by one (a deviceless compile cannot tell for Mosaic calls: XLA
-# takes them into command buffers only if their FFI handler, registered with a GPU
-# backend, says so). Its modules are numbered in the order the variants compiled;
+# the host launches one by one. Compiled here for an H100 with its driver version, every
+# Pallas step is one command buffer, Mosaic calls included (nineteenth session); this
+# checks it on the GPU. Its modules are numbered in the order the variants compiled;
 # xla-unrolled's has no custom calls.
 PROF=$(mktemp -d)
 DUMP=$(mktemp -d)

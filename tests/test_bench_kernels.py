@@ -249,6 +249,39 @@ def test_mlp_epilogue_is_one_xla_kernel(variant):
   assert "convert_fusion" not in fusions and "add_fusion" not in fusions, fusions
 
 
+@pytest.mark.slow   # ~30 s: one 1B layer compiled for an H100, twice
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the jaxlib's CUDA plugin "
+                    "(scripts/cuda_aot_venv.sh); no GPU needed")
+@pytest.mark.parametrize("variant", ["pallas", "pallas-mma-attn"])
+def test_step_compiles_to_one_command_buffer(variant, tmp_path):
+  """Compiled for an H100 (with its driver version), the whole Pallas step is one command
+  buffer (a CUDA graph): no Mosaic kernel is launched from the host. Without a driver
+  version in the target, XLA keeps every custom call out of its command buffers."""
+  import subprocess
+  import sys
+
+  from jaxlab.bench import kernels, thunks
+
+  def compile_step(target: str, dump) -> list:
+    code = ("import sys; import jaxlab.bench.kernels as k; k.H100_TARGET = sys.argv[1]; "
+            f"k.h100_lowered('llama-1b-bench', '{variant}').compile()")
+    env = {**os.environ, "JAX_PLATFORMS": "", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"}
+    r = subprocess.run([sys.executable, "-c", code, target], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return thunks.summarize_dir(dump, "_step_unrolled")
+
+  [s] = compile_step(kernels.H100_TARGET, tmp_path / "with")
+  assert s.top == {"kCommandBuffer": 1}, s.line()
+  assert s.nested.get("kCustomCall", 0) >= 6, s.line()   # the layer's Mosaic kernels + head
+  assert s.host_launched_custom_calls == 0
+  no_driver = kernels.H100_TARGET.replace(' driver_version: "13.0.0"', "")
+  assert no_driver != kernels.H100_TARGET
+  [s] = compile_step(no_driver, tmp_path / "without")
+  assert s.host_launched_custom_calls >= 6, s.line()
+
+
 def _has_nvdisasm() -> bool:
   from jaxlab.bench.kernels import _nvdisasm
   try:

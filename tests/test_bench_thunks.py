@@ -62,6 +62,12 @@ def test_cli_reads_a_dump_dir(tmp_path, capsys):
   assert "custom calls launched from the host: 1" in out
   assert "inside command_buffer computations 3, elsewhere 1" in out
   assert "by computation: command_buffer.1 2" in out
+  assert "no command_buffer computation" not in out
+  # an HLO without command_buffer computations (XLA forming them from thunks): said so
+  (tmp_path / f"module_0001.jit__step_unrolled.{thunks.HLO_SUFFIX}").write_text(
+      HLO.replace("command_buffer", "cb"))
+  assert thunks.main([str(tmp_path), "--match", "_step_unrolled"]) == 0
+  assert "no command_buffer computation in this HLO" in capsys.readouterr().out
   assert thunks.main([str(tmp_path / "missing")]) == 2
   assert thunks.main([str(tmp_path), "--match", "nothing"]) == 1
   assert "files there, e.g." in capsys.readouterr().err

@@ -189,7 +189,9 @@ def step_launches(config: str, variant: str = "pallas", *, kernel_options=None,
 
 
 # An H100 SXM as XLA's GPU compiler sees it, for deviceless compilation (the figures of
-# NVIDIA's H100 80GB HBM3 device query).
+# NVIDIA's H100 80GB HBM3 device query). The driver version is the lent H100's (580, CUDA
+# 13.0): without one, XLA puts no custom call (no Mosaic kernel) into a command buffer,
+# which a real GPU does.
 H100_TARGET = """
 gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -198,7 +200,7 @@ gpu_device_info {
   block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
   clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
   cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
+  registers_per_block_limit: 65536 driver_version: "13.0.0"
 }
 platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 7 }

@@ -134,6 +134,10 @@ def main(argv=None) -> int:
     r = mosaic_calls_by_region(text)
     print(f"{f.name}: mosaic_gpu_v2 calls inside command_buffer computations "
           f"{r['command_buffer']}, elsewhere {r['other']}")
+    if not any(k.startswith("command_buffer") for k in mosaic_calls_per_computation(text)):
+      # JAX 0.10.2's XLA builds its command buffers from thunks, after the HLO
+      print("  (no command_buffer computation in this HLO: where XLA forms command "
+            "buffers from thunks, the thunk lines above are the ones to read)")
     top = mosaic_calls_per_computation(text).most_common(5)
     print("  by computation: " + ", ".join(f"{name} {n}" for name, n in top))
   return 0
