@@ -225,7 +225,8 @@ def dq_model():
 
 
 @pytest.mark.parametrize("impl,layers", [("pallas", "unrolled"), ("xla", "unrolled"),
-                                         ("xla", "scan")])
+                                         # the scanned XLA step: slow (CI runs it)
+                                         pytest.param("xla", "scan", marks=pytest.mark.slow)])
 def test_int8_decoder_greedy_64_tokens(dq_model, impl, layers):
   ref = np.asarray(generate(dq_model, np.array([PROMPT]), max_new_tokens=N)["tokens"][0])
   assert len(set(ref.tolist())) >= 16, "degenerate continuation: test is too weak"
