@@ -55,7 +55,8 @@ def test_path_decode_step_matches_jaxlab_ops():
     assert_rel_close(np.asarray(kc)[:, :T + 1], new_k, rtol=tol(F32, K), name=f"keys {impl}")
 
 
-@pytest.mark.parametrize("use_path", [True, False])
+# PaTH-FoX: ~15 s, slow (CI runs it; the PaTH step and FoX stay in the default run)
+@pytest.mark.parametrize("use_path", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_gated_decode_step_matches_jaxlab_ops(use_path):
   """PaTH-FoX (use_path) and FoX: the decoder's gate row (older slots += g_t, new slot 0),
   updated by path_decode_attention / decode_attention (gate_HS, g_H) or by hand and passed

@@ -126,7 +126,8 @@ def shared(variant):
   return x, ref, pre
 
 
-@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
+# ~12 s each: Mamba-2's is slow (CI runs it; its gradients stay in the default run)
+@pytest.mark.parametrize("variant", [pytest.param("mamba2", marks=pytest.mark.slow), "gdn"])
 def test_forms_agree_with_states(variant):
   x, (ref_o, ref_s), (a_o, a_s) = shared(variant)
   assert (ref_s.count == 100).all() and (a_s.count == 37).all()
@@ -269,7 +270,8 @@ def grads_fn(variant, impl, n_args):
   return jax.jit(f)
 
 
-@pytest.mark.parametrize("variant", ["mamba2", "gdn"])
+# ~11 s each: GDN's is slow (CI runs it; its forms stay in the default run)
+@pytest.mark.parametrize("variant", ["mamba2", pytest.param("gdn", marks=pytest.mark.slow)])
 def test_gradients_fp32(variant):
   x = make_inputs(6, B=1, T=70, G=1, H=2, K=8, V=8, L=9, gscale=10.0)
   args, names = args_of(variant, x)
