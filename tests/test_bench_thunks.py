@@ -68,6 +68,11 @@ def test_cli_reads_a_dump_dir(tmp_path, capsys):
       HLO.replace("command_buffer", "cb"))
   assert thunks.main([str(tmp_path), "--match", "_step_unrolled"]) == 0
   assert "no command_buffer computation in this HLO" in capsys.readouterr().out
+  # command_buffer computations without Mosaic calls in them still count as such
+  (tmp_path / f"module_0001.jit__step_unrolled.{thunks.HLO_SUFFIX}").write_text(
+      HLO.replace('"mosaic_gpu_v2"', '"other"'))
+  assert thunks.main([str(tmp_path), "--match", "_step_unrolled"]) == 0
+  assert "no command_buffer computation" not in capsys.readouterr().out
   assert thunks.main([str(tmp_path / "missing")]) == 2
   assert thunks.main([str(tmp_path), "--match", "nothing"]) == 1
   assert "files there, e.g." in capsys.readouterr().err
