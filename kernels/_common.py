@@ -136,6 +136,25 @@ ROW = plgpu.Layout.WGMMA.reduce(1)   # [m] vector: one value per row of a WGMMA 
 COL = plgpu.Layout.WGMMA.reduce(0)   # [n] vector: one value per column of a WGMMA tile
 
 
+def s8_b_layout(width: int):
+  """Register layout of the "mma-s8" form's B^T tile [8, width] int8 (kernels/_gemv.py),
+  width = its swizzle in bytes (128 or 64): each warp writes two of the 8 rows, each
+  thread 8 (width 128) or 4 consecutive elements of one row, in 4-element vectors (16
+  bytes of the fp32 vector it is computed from: a wider vector load would cross the
+  16-byte unit of an unswizzled SMEM row). Its reduce(0) is the vector's layout."""
+  if width == 128:
+    return plgpu.Layout.TILED(plgpu.Tiling(((8, 128), (2, 128), (8,), (4,))),
+                              warp_dims=(-6,), lane_dims=(-4, -3), vector_dim=-1)
+  if width == 64:
+    return plgpu.Layout.TILED(plgpu.Tiling(((8, 64), (2, 64), (4,))),
+                              warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
+  raise ValueError(f"s8_b_layout: width {width} (expected 128 or 64)")
+
+
+S8_B = s8_b_layout(128)
+S8_VEC = S8_B.reduce(0)   # [BK] vector of the "mma-s8" form: 8 consecutive values a thread
+
+
 @dataclasses.dataclass(frozen=True)
 class Ctx:
   """Per-kernel switches that differ between compiling and interpreting.

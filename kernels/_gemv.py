@@ -23,6 +23,14 @@ CTAs keep up with them. Two forms of the inner product (`gemv=`, GEMV_FORMS):
          like types only, and only A may come from registers): ~2.5 conversion
          instructions per weight, against ~7.5 per weight for the "fma" form's
          widening and FMAs.
+  "mma-s8": int8 weights on the int8 tensor cores (s8 x s8 WGMMA into an int32
+         accumulator), with no per-weight work on the CUDA cores: the int8 tile is A
+         straight from SMEM, and B^T [8, BK] int8 holds the step's vector slice as
+         base-128 digits, v = s1 (q_0 + q_1 / 128 + q_2 / 128^2 + q_3 / 128^3), |q_j| <= 64,
+         s1 a power of two from the slice's max |v| (s8_digits). The step's int32 columns
+         leave through fp32 weights s1 / 128^j. The digits keep v to 2^-27 of the slice's
+         max |v| (bf16 values exactly, down to 2^-19 of it); every product and sum before
+         the fp32 readout is exact.
 
 RMSNorm fusion: norm(x) = x * g / RMS(x), and 1/RMS(x) is one scalar, so the
 CTA accumulates W^T (x * g) and sum(x^2) in the same pass and scales at the end.
@@ -107,8 +115,9 @@ def _step_weights(kind: str, a, b, j0, nh: int, P: int):
   return [w for w, _ in per_head], [L for _, L in per_head]
 
 
-GEMV_FORMS = ("fma", "mma")
+GEMV_FORMS = ("fma", "mma", "mma-s8")
 MMA_SWIZZLES = (32, 64, 128)
+S8 = "s8"   # check_form's value for gemv="mma-s8" (its B^T rows are 128 bytes)
 # "mma" default: B [BK, 32] (64-byte swizzle). The tensor-core work per weight byte grows
 # with NB (a [64, BK] tile takes BK/16 HGMMA.64xNBx16): at an H100 SM's share of the
 # bandwidth, ~22% of its bf16 rate at NB = 64, ~5% at NB = 16, whose weight tiles then
@@ -117,13 +126,22 @@ MMA_SWIZZLE = 64
 
 
 def check_form(gemv: str, mma_swizzle: int | None, w_dtype, name: str) -> int | None:
-  """The "mma" form's swizzle (bytes), or None for "fma"; a clear error for a bad choice."""
+  """The "mma" form's swizzle (bytes), S8 for "mma-s8", or None for "fma"; a clear error
+  for a bad choice."""
   if gemv not in GEMV_FORMS:
     raise ValueError(f"{name}: unknown gemv={gemv!r} (known: {', '.join(GEMV_FORMS)})")
   if gemv == "fma":
     if mma_swizzle is not None:
       raise ValueError(f"{name}: mma_swizzle={mma_swizzle} needs gemv='mma'")
     return None
+  if gemv == "mma-s8":
+    if mma_swizzle is not None:
+      raise ValueError(f"{name}: mma_swizzle={mma_swizzle} needs gemv='mma' (gemv='mma-s8' "
+                       "has 128-byte rows)")
+    if jnp.dtype(w_dtype) != jnp.dtype(jnp.int8):
+      raise ValueError(f"{name}: gemv='mma-s8' needs int8 weights (got {jnp.dtype(w_dtype)}); "
+                       "use gemv='mma'")
+    return S8
   swizzle = MMA_SWIZZLE if mma_swizzle is None else mma_swizzle
   if swizzle not in MMA_SWIZZLES:
     raise ValueError(f"{name}: mma_swizzle={swizzle} must be one of {MMA_SWIZZLES}")
@@ -141,6 +159,139 @@ def mma_b(ctx: C.Ctx, v, *, BK: int, NB: int):
   col = ctx.iota((BK, NB), 1, C.WGMMA)
   return jnp.where(col == 0, C.bcast_cols(hi, (BK, NB)),
                    jnp.where(col == 1, C.bcast_cols(v - hi, (BK, NB)), 0.0)).astype(jnp.bfloat16)
+
+
+def _pow2(e):
+  """2^e in fp32, for int32 e (arrays too) in the normal range."""
+  return lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+S8_DIGITS = 4
+
+
+def s8_digits(ctx: C.Ctx, v, *, width: int = 128):
+  """The "mma-s8" operand of the fp32 slice v [K] (S8_VEC-like layout): (q, w) with q the
+  base-128 digits, fp32 integers in [-64, 64], [8, K] (compiled: B^T, s8_b_layout(width))
+  or [K, 8] (interpreters: B), digit j in row (column) j < S8_DIGITS and zeros after; and
+  w [8] (COL layout) with v = sum_j w_j q_j to within 2^-27 max |v|.
+
+  s1 = 2^(E - 127) with m = max |v| < 2^(E - 121), so u = v / s1 is |u| < 64, exact. With
+  t_j = round(u 128^j), q_j = t_j - 128 t_(j-1) (|q_j| <= 64) telescopes to t_3 / 128^3 =
+  u to within 2^-22; each q_j = round(u 128^j - 128 t_(j-1)) is computed exactly (t_j <
+  2^24, and the difference is exact). E >= 22 keeps 128^3 / s1 finite and s1 / 128^3
+  normal (not flushed to zero): vectors under 2^-100 lose precision (to 2^-127 absolute),
+  not range. A NaN or infinite max makes w NaN, so y is too."""
+  f32 = jnp.float32
+  K = v.shape[0]
+  if ctx.interpret:
+    shape, axis, vb, lay = (K, 8), 1, C.bcast_cols(v, (K, 8)), None
+  else:
+    lay = C.s8_b_layout(width)
+    shape, axis, vb = (8, K), 0, ctx.cast(C.bcast_rows(v, (8, K)), lay)
+  m = jnp.max(jnp.abs(v))
+  expo = (lax.bitcast_convert_type(m, jnp.int32) >> 23) & 0xFF
+  E = jnp.maximum(expo, 27) - 5
+  s1 = lax.bitcast_convert_type(E << 23, f32)
+  inv = lax.bitcast_convert_type((254 - E) << 23, f32)
+  j = ctx.iota(shape, axis, lay)
+  pa = jnp.where(j < S8_DIGITS, _pow2(7 * j), 0.0)
+  pb = jnp.where((j >= 1) & (j < S8_DIGITS), _pow2(7 * j - 7), 0.0)
+  t = jnp.round(vb * (pb * inv))
+  q = jnp.round(vb * (pa * inv) - 128.0 * t)
+  col = ctx.iota((8,), 0, C.COL)
+  w = jnp.where(col < S8_DIGITS, _pow2(-7 * col), 0.0) * s1 + 0.0 * m
+  return q, w
+
+
+def s8_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int):
+  """The "mma-s8" mma_step: accs[i] [BN, 8] fp32 + (w_tiles[i] [BN, BK] int8 @ digits(v))
+  * w for each weight tile, through a fresh int32 WGMMA accumulator per step (the digits'
+  scale changes per step), or ("hlo") the same integer products in XLA. mm = (B's SMEM,)."""
+  f32 = jnp.float32
+  q, w = s8_digits(ctx, v)
+  BN = w_tiles[0].shape[0]
+  if not ctx.tma:
+    qi = q.astype(jnp.int32)
+    return tuple(a + jnp.dot(t[...].astype(jnp.int32), qi,
+                             preferred_element_type=jnp.int32).astype(f32) * w[None, :]
+                 for t, a in zip(w_tiles, accs))
+  b_s = mm[0]
+  b_s[...] = q.astype(jnp.int8)
+  C.plgpu.commit_smem()   # B^T visible to the tensor cores; warpgroup barrier
+  b = b_s if ctx.interpret else C.plgpu.transpose_ref(b_s, (1, 0))
+
+  def products(*acc_refs):
+    for t, r in zip(w_tiles, acc_refs):
+      C.plgpu.wgmma(r, t, b)
+    C.plgpu.wgmma_wait(0)   # the weight slots and B^T are free again
+    return tuple(r[...] for r in acc_refs)
+
+  outs = pl.run_scoped(products, *[C.plgpu.ACC((BN, 8), jnp.int32)] * len(w_tiles))
+  wb = C.bcast_rows(w, (BN, 8))
+  return tuple(a + o.astype(f32) * wb for a, o in zip(accs, outs))
+
+
+def with_s8_scratch(ctx: C.Ctx, fn, *, BK: int, width: int = 128, relayout: bool = False):
+  """fn((B's SMEM, relayout SMEM or None)) for s8_step: int8 B^T [8, BK] (compiled: tiled
+  and swizzled as WGMMA reads a K-major operand), or B [BK, 8] in the Mosaic-GPU
+  interpreter, whose WGMMA takes no transposed operand (it ignores tiling and swizzle);
+  with relayout, an fp32 [BK] buffer for to_s8_vec."""
+  if ctx.interpret:
+    shape, tr = (BK, 8), ()
+  else:
+    shape = (8, BK)
+    tr = (C.plgpu.TilingTransform((8, width)), C.plgpu.SwizzleTransform(width))
+  b = C.plgpu.SMEM(shape, jnp.int8, transforms=tr)
+  if not relayout:
+    return pl.run_scoped(lambda b_s: fn((b_s, None)), b)
+  return pl.run_scoped(lambda b_s, v_s: fn((b_s, v_s)), b, C.plgpu.SMEM((BK,), jnp.float32))
+
+
+def to_s8_vec(ctx: C.Ctx, v, mm):
+  """v [BK] (ROW layout) in S8_VEC, through with_s8_scratch's fp32 buffer: one store, a
+  warpgroup barrier and a load. The slice is built (loaded, normed, merged, finished) in
+  ROW, which holds an element in 4 threads where S8_VEC holds it in 32 (8 rows of B^T):
+  built in S8_VEC, the merged O-projection's loop took 1618 SASS instructions per step
+  and spilled, against 928 (llama-1b-bench, int8, 256-column steps; QKV 319 against 290).
+  Reusing the buffer is safe: every thread has read it before the s8_step barrier that
+  precedes the next step's store."""
+  if ctx.interpret:
+    return v
+  v_s = mm[1]
+  v_s[...] = v
+  C.plgpu.commit_smem()
+  return ctx.ld(v_s, C.S8_VEC)
+
+
+def form_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, mma, BK: int):
+  """One pipeline step's products for a tensor-core form (mma: a swizzle, or S8)."""
+  if mma == S8:
+    return s8_step(ctx, w_tiles, v, accs, mm, BK=BK)
+  return mma_step(ctx, w_tiles, v, accs, mm, BK=BK, NB=mma // 2)
+
+
+def form_acc0(ctx: C.Ctx, BN: int, mma):
+  """The pipeline's initial carry for a tensor-core form's accumulator: [BN, NB] fp32
+  ("hlo", and S8 everywhere: its accumulator is carried in registers), else a dummy
+  (the WGMMA accumulators live in with_mma_scratch's refs)."""
+  if mma == S8:
+    return ctx.zeros((BN, 8), C.WGMMA)
+  return jnp.zeros((BN, mma // 2), jnp.float32) if not ctx.tma else jnp.float32(0)
+
+
+def form_result(ctx: C.Ctx, acc, mma):
+  """y [BN] (ROW layout) from a tensor-core form's accumulator."""
+  if mma == S8:   # the digits' weights are in already; columns past S8_DIGITS are zero
+    return jnp.sum(acc, axis=1)
+  return mma_result(ctx, acc)
+
+
+def with_form_scratch(ctx: C.Ctx, fn, *, BN: int, BK: int, mma, w_dtype, n_acc: int = 1,
+                      relayout: bool = False):
+  """with_mma_scratch or with_s8_scratch (compiled, and the Mosaic-GPU interpreter)."""
+  if mma == S8:
+    return with_s8_scratch(ctx, fn, BK=BK, relayout=relayout)
+  return with_mma_scratch(ctx, fn, BN=BN, BK=BK, NB=mma // 2, w_dtype=w_dtype, n_acc=n_acc)
 
 
 def mma_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int, NB: int):
@@ -229,7 +380,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
   tr = C.weight_transforms(BK, w_g.dtype, mma)
-  # the vector's register layout: along the tile's columns (fma), or along B's rows (mma)
+  # the vector's register layout: along the tile's columns (fma), along B's rows (mma;
+  # mma-s8 builds it there too, then moves it to B^T's columns: to_s8_vec)
+  s8_moved = mma == S8
   VL = C.COL if mma is None else C.ROW
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w_g.at[rows, pl.ds((s * ks + j) * BK, BK)], tr)
@@ -291,7 +444,9 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
     if mma is None:
       acc = acc + jnp.sum(C.widen(w_s[...]) * C.bcast_rows(vg, (BN, BK)), axis=1)
     else:
-      (acc,) = mma_step(ctx, (w_s,), vg, (acc,), mm, BK=BK, NB=mma // 2)
+      if s8_moved:
+        vg = to_s8_vec(ctx, vg, mm)
+      (acc,) = form_step(ctx, (w_s,), vg, (acc,), mm, mma=mma, BK=BK)
     return acc, (ss + v * v if has_norm else ss)
 
   vec_spec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (s * ks + k,))
@@ -316,8 +471,8 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   ss0 = ctx.zeros((BK,), VL) if has_norm else jnp.float32(0)
   if mma is None:
     acc0 = ctx.zeros((BN,), C.ROW)
-  else:   # [BN, NB] in registers ("hlo": carried), or the WGMMA accumulator (in mm)
-    acc0 = jnp.zeros((BN, mma // 2), f32) if not ctx.tma else jnp.float32(0)
+  else:
+    acc0 = form_acc0(ctx, BN, mma)
 
   def run(xs=None):
     def go(mm=None):
@@ -330,15 +485,16 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
         out = pl.run_scoped(pipe, C.plgpu.SMEM((P, Hs), f32), C.plgpu.SMEM((Hs,), f32))
       else:
         out = pipe()
-      if mm is not None:
+      if mm is not None and mma != S8:
         out = (mm[1][0][...], out[1])
       if mma is not None:
-        out = (mma_result(ctx, out[0]), out[1])
+        out = (form_result(ctx, out[0], mma), out[1])
       return out
 
     if mma is None or not ctx.tma:
       return go()
-    return with_mma_scratch(ctx, go, BN=BN, BK=BK, NB=mma // 2, w_dtype=w_g.dtype)
+    return with_form_scratch(ctx, go, BN=BN, BK=BK, mma=mma, w_dtype=w_g.dtype,
+                             relayout=s8_moved)
 
   if xo_g is not None and ctx.tma:
     # The finished x slice collects in SMEM (every CTA; cheap) and leaves in one TMA
@@ -399,11 +555,13 @@ def pick_split(n_blocks: int, K: int, BK: int) -> int:
 def _blocks(N: int, K: int, *, mode: str, block_n, block_k, split_k, argmax: bool, name: str,
             mma: int | None = None):
   """(BN, BK, S) for a [N, K] GEMV: checked blocks and the split of K. The "mma" form
-  (mma = its swizzle) needs BK in whole 64-row B tiles (the WGMMA row layout of v)."""
+  (mma = its swizzle) needs BK in whole 64-row B tiles (the WGMMA row layout of v); the
+  "mma-s8" form (S8) in whole 128-byte rows, up to 256 per step when compiled (its digit
+  work is per vector element, so wider steps spread it over more weight bytes)."""
   interp = mode != "compile"
-  kmult = 32 if mma is None else max(64, mma // 2)
+  kmult = 32 if mma is None else (128 if mma == S8 else max(64, mma // 2))
   BN = block_n or C.pick_block(N, 256 if interp else 64, 64, "N")
-  BK = block_k or C.pick_block(K, 512 if interp else 128, kmult, "K")
+  BK = block_k or C.pick_block(K, 512 if interp else (256 if mma == S8 else 128), kmult, "K")
   C.check_block(N, BN, 64, "N")
   C.check_block(K, BK, kmult, "K")
   if split_k is None:
@@ -502,12 +660,12 @@ def _partials_kernel(N, K, w_dtype, *, has_norm=False, merge=None, swiglu=None, 
 def merge_ok(n_heads: int, head_dim: int, N: int, K: int, *, mode: str,
              block_n: int | None = None, block_k: int | None = None,
              split_k: int | None = None, gemv: str = "fma",
-             mma_swizzle: int | None = None) -> bool:
+             mma_swizzle: int | None = None, w_dtype=jnp.bfloat16) -> bool:
   """Whether gemv_partials_merged compiles at these shapes: every CTA's K slice holds
   whole heads, a block holds whole heads (or lies inside one), and on GPU the slice's
   per-head (m, l) rows are a whole TMA box (>= 4 fp32, i.e. 16 bytes)."""
   try:
-    mma = check_form(gemv, mma_swizzle, jnp.bfloat16, "merge")
+    mma = check_form(gemv, mma_swizzle, w_dtype, "merge")
     BN, BK, S = _blocks(N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
                         argmax=False, name="merge", mma=mma)
   except ValueError:
@@ -532,7 +690,7 @@ def gemv_partials_merged(o_PHD, m_PH, l_PH, w_t_NK, *, dtype, mode: str,
     raise ValueError(f"{name}: attention partials o {o_PHD.shape}, m {m_PH.shape}, l "
                      f"{l_PH.shape} do not fit W^T {w_t_NK.shape}")
   if not merge_ok(Hq, Dh, N, K, mode=mode, block_n=block_n, block_k=block_k, split_k=split_k,
-                  gemv=gemv, mma_swizzle=mma_swizzle):
+                  gemv=gemv, mma_swizzle=mma_swizzle, w_dtype=w_t_NK.dtype):
     raise ValueError(f"{name}: the merged attention output ({Hq} heads x {Dh}) does not fit "
                      f"the GEMV's blocks (K slices and blocks of whole heads; on GPU >= 4 "
                      "heads per K slice)")

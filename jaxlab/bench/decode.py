@@ -37,6 +37,9 @@ Variants (each decodes the same greedy continuation from the same cache):
                 pallas-int8 with every GEMV on the tensor cores (gemv form "mma": int8
                 tiles widened to bf16 in registers as WGMMA's A operand) and W_down^T
                 [D, F] in the weights, so that the MLP's down tiles are A operands too
+  pallas-int8-s8  pallas-int8-mma with the int8 tensor cores instead (gemv form
+                "mma-s8": int8 tiles as WGMMA's A straight from SMEM, against the vector's
+                base-128 int8 digits; no per-weight work on the CUDA cores)
   pallas-mma-attn
                 pallas-mma with attention on the tensor cores too (decode_attention
                 scores "mma-pv": q.K and p.V both WGMMAs)
@@ -100,7 +103,7 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
             "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best",
-            "pallas-int8-mma")
+            "pallas-int8-mma", "pallas-int8-s8")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind; the others inline every layer into one
 # flat step, make_decoder's default)
@@ -125,7 +128,8 @@ _DECODER_VARIANTS = {
     "pallas-mma-attn": ("pallas", "unrolled", None, False),
     "pallas-mma-128": ("pallas", "unrolled", None, False),
     "pallas-mma-best": ("pallas", "unrolled", None, False),
-    "pallas-int8-mma": ("pallas", "unrolled", "int8", False)}
+    "pallas-int8-mma": ("pallas", "unrolled", "int8", False),
+    "pallas-int8-s8": ("pallas", "unrolled", "int8", False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
 # and int8); the MLP with W_down^T; PDL per op; TMA pipeline depths; fill: the kernels'
 # grids grown toward the LM head's ~4 CTAs per SM (`jaxlab bench kernels`;
@@ -158,7 +162,8 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                                         "out_proj_residual": {"gemv": "mma",
                                                               "mma_swizzle": 32}},
                     # int8 tiles enter WGMMA as A only: W_down^T puts the down phase there
-                    "pallas-int8-mma": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}}}
+                    "pallas-int8-mma": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}},
+                    "pallas-int8-s8": {"gemv": {"form": "mma-s8"}, "layout": {"w_down": "DF"}}}
 
 
 def sweep_groups(text: str | None) -> set[str]:

@@ -367,6 +367,7 @@ def _merge_ok(spec: _Spec, lw) -> bool:
   D, M = lw["w_o_t"].shape
   o = spec.opts("out_proj_residual")
   return merge_ok(spec.n_heads, spec.head_dim, D, M, mode=spec.interpret,
+                  w_dtype=lw["w_o_t"].dtype,
                   **{k: o[k] for k in ("block_n", "block_k", "split_k", "gemv", "mma_swizzle")
                      if k in o})
 

@@ -53,15 +53,16 @@ def finish_x(resid, part_SD, w_scale_D=None):
   return (resid.astype(jnp.float32) + y).astype(resid.dtype)
 
 
-def _row_to_col(ctx: C.Ctx, v, n: int):
-  """[n] vector in the row layout (one value per WGMMA row) -> the column layout."""
+def _row_to_col(ctx: C.Ctx, v, n: int, layout=C.COL):
+  """[n] vector in the row layout (one value per WGMMA row) -> the column layout (or
+  `layout`)."""
   if ctx.interpret:
     return v
 
   def body(s):
     s[...] = v
     C.plgpu.commit_smem()   # includes the warpgroup barrier: every thread's value is in
-    return ctx.ld(s, C.COL)
+    return ctx.ld(s, layout)
 
   return pl.run_scoped(body, C.plgpu.SMEM((n,), jnp.float32))
 
@@ -126,9 +127,11 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.weight_transforms(BK, wg_g.dtype, mma)
-  # x's register layout: along the tiles' columns (fma), or along B's rows (mma)
+  # x's register layout: along the tiles' columns (fma), along B's rows (mma; mma-s8
+  # builds it there too, then moves it to B^T's columns: _gemv.to_s8_vec)
+  s8_moved = mma == _gemv.S8
   VL = C.COL if mma is None else C.ROW
-  NB = None if mma is None else mma // 2
+  NB = None if mma in (None, _gemv.S8) else mma // 2
   dtype = x_in[0].dtype
   # PDL "prefetch": the first gate and up tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w.at[pl.ds(p * BF, BF), pl.ds(j * BK, BK)], tr)
@@ -150,12 +153,15 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     acc_g, acc_u, ss = carry
     x = x_block(xs)
     xg = x * ctx.ld(g_s, VL).astype(f32)
+    if s8_moved:
+      xg = _gemv.to_s8_vec(ctx, xg, mm)
     if mma is None:
       xg = C.bcast_rows(xg, (BF, BK))
       acc_g = acc_g + jnp.sum(C.widen(wg_s[...]) * xg, axis=1)
       acc_u = acc_u + jnp.sum(C.widen(wu_s[...]) * xg, axis=1)
     else:   # both tiles against one B
-      acc_g, acc_u = _gemv.mma_step(ctx, (wg_s, wu_s), xg, (acc_g, acc_u), mm, BK=BK, NB=NB)
+      acc_g, acc_u = _gemv.form_step(ctx, (wg_s, wu_s), xg, (acc_g, acc_u), mm, mma=mma,
+                                     BK=BK)
     return acc_g, acc_u, ss + x * x
 
   vec = lambda: C.plgpu.BlockSpec((BK,), lambda k: (k,))
@@ -164,24 +170,25 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
       [vec(), C.plgpu.BlockSpec((S_o, BK), lambda k: (0, k))] + ([vec()] if has_oscale else []))
   if mma is None:
     acc0 = ctx.zeros((BF,), C.ROW)
-  else:   # [BF, NB] in registers ("hlo": carried), or the WGMMA accumulators (in mm)
-    acc0 = jnp.zeros((BF, NB), f32) if not ctx.tma else jnp.float32(0)
+  else:
+    acc0 = _gemv.form_acc0(ctx, BF, mma)
 
   def gate_up(mm=None):
     out = ctx.pipeline(functools.partial(up_step, mm=mm), grid=(D // BK,),
                        in_specs=x_specs + [vec(), mat(), mat()], stages=stages,
                        init_carry=(acc0, acc0, ctx.zeros((BK,), VL)))(*x_in, g_g, wg_g, wu_g)
-    if mm is not None:
+    if mm is not None and mma != _gemv.S8:
       out = (mm[1][0][...], mm[1][1][...], out[2])
     if mma is not None:
-      out = (_gemv.mma_result(ctx, out[0]), _gemv.mma_result(ctx, out[1]), out[2])
+      out = (_gemv.form_result(ctx, out[0], mma), _gemv.form_result(ctx, out[1], mma), out[2])
     return out
 
   if mma is None or not ctx.tma:
     acc_g, acc_u, ss = gate_up()
   else:
-    acc_g, acc_u, ss = _gemv.with_mma_scratch(ctx, gate_up, BN=BF, BK=BK, NB=NB,
-                                              w_dtype=wg_g.dtype, n_acc=2)
+    acc_g, acc_u, ss = _gemv.with_form_scratch(ctx, gate_up, BN=BF, BK=BK, mma=mma,
+                                               w_dtype=wg_g.dtype, n_acc=2,
+                                               relayout=s8_moved)
   r = lax.rsqrt(jnp.sum(ss) / D + eps)
   if int8:
     rows = pl.ds(p * BF, BF)
@@ -198,7 +205,32 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   if mma_down and not down_t:
     _mma_down_rows(ctx, h, wd_g, part_g, p=p, D=D, BF=BF, BD=BD, tr=tr, stages=stages)
     return
-  if mma_down:   # A = the [BD, BF] tile, B [BF, NB] = h's hi / lo columns, built once
+  s8 = mma == _gemv.S8
+  if mma_down and s8:
+    # A = the [BD, BF] int8 tile straight from SMEM, B^T [8, BF] = h's base-128 digits with
+    # one scale for all of h (h is whole here), built once; each step's int32 columns
+    # leave through the digits' weights.
+    hv = _row_to_col(ctx, h, BF, None if ctx.interpret else C.s8_b_layout(BF).reduce(0))
+    op, w8 = _gemv.s8_digits(ctx, hv, width=BF)
+    down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p),
+                                 transforms=C.weight_transforms(BF, wd_g.dtype, mma))
+
+    def down_product(wd_s, b_s):
+      f32i = jnp.int32
+      if not ctx.tma:
+        o = jnp.dot(wd_s[...].astype(f32i), op.astype(f32i), preferred_element_type=f32i)
+      else:
+        b = b_s if ctx.interpret else C.plgpu.transpose_ref(b_s, (1, 0))
+
+        def product(acc):
+          C.plgpu.wgmma(acc, wd_s, b)
+          C.plgpu.wgmma_wait(0)
+          return acc[...]
+
+        o = pl.run_scoped(product, C.plgpu.ACC((BD, 8), f32i))
+      return jnp.sum(o.astype(f32) * C.bcast_rows(w8, (BD, 8)), axis=1)
+    down_layout = C.ROW
+  elif mma_down:   # A = the [BD, BF] tile, B [BF, NB] = h's hi / lo columns, built once
     op = _gemv.mma_b(ctx, h, BK=BF, NB=NB)   # (lo = 0 unless h is fp32: int8 W, fp32 x)
     down_spec = C.plgpu.BlockSpec((BD, BF), lambda j: (j, p),
                                  transforms=C.weight_transforms(BF, wd_g.dtype, mma))
@@ -263,10 +295,13 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
     return
 
   def with_operand(op_s):   # h's operand in SMEM, for every down step's WGMMA
-    op_s[...] = op
+    op_s[...] = op.astype(op_s.dtype)
     C.plgpu.commit_smem()
     down(op_s)
 
+  if s8:
+    _gemv.with_s8_scratch(ctx, lambda mm: with_operand(mm[0]), BK=BF, width=BF)
+    return
   pl.run_scoped(with_operand, C.plgpu.SMEM(op.shape, jnp.bfloat16,
                                            transforms=C.mma_transforms(mma)))
 
@@ -287,22 +322,26 @@ def _call(x_in, x_parts, scale_D, w_gate_t_FD, w_up_t_FD, w_down, scales, *, eps
   if mma is not None:
     _gemv.check_form(gemv, mma_swizzle, w_down.dtype, "rmsnorm_swiglu")
   int8 = scales[0] is not None
+  s8 = mma == _gemv.S8
   # the down phase on the tensor cores: bf16 weights, or int8 ones as A (W_down^T only)
   mma_down = mma is not None and (not int8 or down_t)
-  kmult = 32 if mma is None else max(64, mma // 2)
+  kmult = 32 if mma is None else (128 if s8 else max(64, mma // 2))
   dmult = 32 if not mma_down else (64 if down_t else mma // 2)
   dcap = 512 if interp else 128
   if mma_down and not down_t:
     dcap = min(dcap, 256)   # the WGMMA's N
   rows_out = mma_down and not down_t   # _mma_down_rows
   BF = block_f or C.pick_block(F, 256 if interp else 64, 64, "F")
-  BK = block_k or C.pick_block(D, 512 if interp else 128, kmult, "D")
+  BK = block_k or C.pick_block(D, 512 if interp else (256 if s8 else 128), kmult, "D")
   BD = block_d or C.pick_block(D, dcap, dmult, "D")
   if rows_out and not block_d and D // BD > 64:   # wider blocks: at most 64 of them
     BD = min([b for b in range(BD, 257, dmult) if D % b == 0 and D // b <= 64], default=BD)
   C.check_block(F, BF, 64, "F")
   C.check_block(D, BK, kmult, "D")
   C.check_block(D, BD, dmult, "D")
+  if s8 and down_t and not interp and BF not in (64, 128):
+    raise ValueError(f"rmsnorm_swiglu: block_f={BF} must be 64 or 128 with gemv='mma-s8' "
+                     "and W_down^T (h's digits are one 64- or 128-byte row)")
   if rows_out and (BD > 256 or D // BD > 64):
     raise ValueError(f"rmsnorm_swiglu: block_d={BD} must be at most 256 and give at most "
                      f"64 blocks (D / block_d = {D // BD}) with gemv='mma' and W_down "
