@@ -6,7 +6,8 @@
 # start included (~35 s on 2026-11-26):
 #   1. compiled Mosaic-GPU kernels vs their references on the GPU itself (JAX_PLATFORMS=
 #      cuda; PYTEST_FILES, PYTEST_TIMEOUT): the tensor-core forms first, the fused ops,
-#      the decode tests (64 greedy tokens pallas == xla, PDL), then every op and int8
+#      the decode tests (64 greedy tokens pallas == xla, PDL), then every op and int8;
+#      tests/test_kernels_s8.py second: the first run of int8 WGMMA (gemv "mma-s8")
 #   2. jaxlab bench decode --config llama-1b-bench, in two runs: (a) xla-unrolled, pallas,
 #      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiled in ~70 s on
 #      JAX 0.11.2 until the seventeenth session, which lowers each kernel once per step
@@ -15,7 +16,8 @@
 #      (~2 min; measured 2026-11-27); (b) xla-unrolled again as this run's baseline, then
 #      pallas-mma-best, pallas-prefetch, pallas-pdl, pallas-mma-down-t, then int8:
 #      xla-int8, pallas-int8 and pallas-int8-mma (int8 tiles on the tensor cores,
-#      eighteenth session), then pallas-mlp2k, pallas-mlp2k-prefetch,
+#      eighteenth session), pallas-int8-s8 (int8 WGMMA against the vector's int8
+#      digits, twentieth session), then pallas-mlp2k, pallas-mlp2k-prefetch,
 #      pallas-mlp2k-fill, pallas-mlp2k-nochain, pallas-unfused (B1B_VARIANTS, in that order:
 #      the budget cuts the last ones); profiles
 #   3. which kernels of each step run inside XLA's command buffers: read from the
@@ -75,7 +77,7 @@ stamp "env: $(tail -n 1 "$OUT/env.txt")"
 # JAX_PLATFORMS=cuda: tests/conftest.py defaults it to cpu, and before 2026-11-27 this
 # stage ran every test on the GPU machine's CPU (the interpreters), not compiled.
 # (2026-11-27 compiled tests/test_kernels_ops.py's first 45 tests: those files come last)
-PYTEST_FILES=${PYTEST_FILES:-tests/test_kernels_mma.py tests/test_kernels_fused.py \
+PYTEST_FILES=${PYTEST_FILES:-tests/test_kernels_mma.py tests/test_kernels_s8.py tests/test_kernels_fused.py \
   tests/test_kernels_decode.py tests/test_kernels_chain.py tests/test_kernels_pdl.py \
   tests/test_kernels_mlp2k.py tests/test_kernels_ops.py tests/test_kernels_int8.py}
 # PYTEST_WORKERS processes share the GPU (no preallocation): the compiled tests spend
@@ -109,7 +111,7 @@ rm -rf "$DUMP"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
+    --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-int8-s8,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

@@ -198,11 +198,11 @@ def test_op_table_attn_sweep_rows_run():
   assert not bad, bad
 
 
-@pytest.mark.slow   # ~2.5 min: 49 rows, interpreted
+@pytest.mark.slow   # ~2.5 min: 54 rows, interpreted
 def test_op_table_mma_sweep_rows_run():
   """`--ops --sweep mma`: every GEMV op with its inner product on the tensor cores, per B
   width (the one-kernel MLP also in the fused layer and with W_down^T), the int8 ops with
-  their tiles widened to bf16, the two-kernel MLP with the fill grids, and attention with
+  their tiles widened to bf16 and with int8 WGMMA ("mma-s8"), the two-kernel MLP with the fill grids, and attention with
   its scores on the tensor cores, at a bf16 shape, interpreted."""
   from jaxlab.models import ModelConfig
   cfg = ModelConfig(**dict(decode.CONFIGS["tiny"][0], d_model=256, n_heads=32, n_kv_heads=4,
@@ -219,6 +219,10 @@ def test_op_table_mma_sweep_rows_run():
                                    "lm_head_argmax")}
                      | {f"rmsnorm_swiglu int8 w_down_t_DF gemv=mma swizzle={z}"
                         for z in (32, 64, 128)}
+                     | {f"{op} int8 gemv=mma-s8"
+                        for op in ("rmsnorm_swiglu", "rmsnorm_qkv", "out_proj_residual",
+                                   "lm_head_argmax")}
+                     | {"rmsnorm_swiglu int8 w_down_t_DF gemv=mma-s8"}
                      | {"rmsnorm_swiglu_2k gemv=mma gate_up split_k=2 down split_k=8",
                         "decode_attention scores=mma", "attention_out_proj scores=mma",
                         "decode_attention scores=mma-pv", "attention_out_proj scores=mma-pv"})

@@ -290,8 +290,9 @@ def test_gemv_group_fills_the_gemv_ops_only():
   assert spec("xla").opts("lm_head_argmax") == {}
 
 
-def _kernels_with_wgmma(lowered) -> dict[str, bool]:
-  """{kernel name: whether its Mosaic module issues wgmma.mma_async} of a lowered step."""
+def _kernels_with_wgmma(lowered, form: bytes = b"") -> dict[str, bool]:
+  """{kernel name: whether its Mosaic module issues wgmma.mma_async (of the given form:
+  b".s32.s8.s8" for int8 WGMMA)} of a lowered step."""
   from jax._src.lib.mlir import ir
 
   from jaxlab.bench.kernels import _walk, mosaic_launch
@@ -301,7 +302,7 @@ def _kernels_with_wgmma(lowered) -> dict[str, bool]:
         op.attributes["call_target_name"]):
       data = bytes(ir.StringAttr(op.attributes["mhlo.backend_config"]["module"]).value_bytes)
       name = mosaic_launch(data).name
-      out[name] = out.get(name, False) or b"wgmma.mma_async" in data
+      out[name] = out.get(name, False) or b"wgmma.mma_async" + form in data
   return out
 
 
@@ -311,14 +312,16 @@ def _kernels_with_wgmma(lowered) -> dict[str, bool]:
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="lowering only (CPU checks it)")
 @pytest.mark.parametrize("form,mlp,attn,quantize", [
     ("fma", "2k", None, None), ("mma", "2k", None, None), ("mma", "1k", None, None),
-    ("mma", "2k", "mma-pv", None), ("mma", "1k", None, "int8")])
+    ("mma", "2k", "mma-pv", None), ("mma", "1k", None, "int8"),
+    ("mma-s8", "1k", None, "int8")])
 def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn, quantize):
   """One llama-1b-bench layer lowered for CUDA (two-kernel MLP, chained; or the default
   one-kernel MLP, fused with the O-projection): with the gemv group's "mma" form every
   GEMV kernel (QKV, O-projection, the MLP kernels, LM head) issues WGMMA and the
   attention kernels do not, unless decode_attention's scores are "mma-pv"; with "fma"
   none does. int8 weights (the one-kernel MLP with W_down^T, pallas-int8-mma): the same,
-  each tile widened through the packed s8 -> bf16 conversion."""
+  each tile widened through the packed s8 -> bf16 conversion; with "mma-s8" (pallas-int8-s8)
+  the same kernels issue WGMMA on the int8 tiles themselves, with no widening anywhere."""
   from jaxlab.bench.decode import CONFIGS
   from jaxlab.models import LM, ModelConfig
   from jaxlab.models.decode import init_state, prepare_weights, step_function
@@ -340,9 +343,15 @@ def test_bench_step_lowers_with_its_gemvs_on_the_tensor_cores(form, mlp, attn, q
       {"mlp_gate_up", "mlp_down"} if mlp == "2k" else {"rmsnorm_swiglu"})
   assert gemvs < set(kernels), sorted(kernels)
   assert {k for k, mma in kernels.items() if mma} == (
-      (gemvs if form == "mma" else set()) | ({"decode_attention"} if attn else set()))
-  if quantize:
-    assert "sub.bf16x2" in lowered.as_text() and "sitofp" not in lowered.as_text()
+      (gemvs if form != "fma" else set()) | ({"decode_attention"} if attn else set()))
+  text = lowered.as_text()
+  if quantize and form == "mma":
+    assert "sub.bf16x2" in text and "sitofp" not in text
+  if form == "mma-s8":   # int8 WGMMA in every GEMV kernel; no tile widened (the readout's
+    # int32 -> fp32 conversions are once per step and column)
+    assert {k for k, s8 in _kernels_with_wgmma(lowered, b".sync.aligned.m64n8k32.s32.s8.s8")
+            .items() if s8} == gemvs
+    assert "sub.bf16x2" not in text
 
 
 def _attention_case(Hq, Dh, S, L, extra, Hkv=2):

@@ -835,6 +835,14 @@ def op_table(cfg, kv_len: int, interpret, opts, repeats: int, iters: int = 50,
                         "rmsnorm_swiglu_2k", dict(gate_up_block=dict(mma, split_k=2),
                                                   down_block=dict(mma, split_k=8)))]
           mma_rows += attn_rows
+          # int8 WGMMA against the vector's int8 digits (gemv "mma-s8"; 128-byte rows)
+          s8 = dict(gemv="mma-s8")
+          mma_rows += [(f"{op} int8 gemv=mma-s8", f"{op} int8", dict(pallas_opts(op), **s8))
+                       for op in ("rmsnorm_swiglu", "rmsnorm_qkv", "out_proj_residual",
+                                  "lm_head_argmax")]
+          mma_rows += [("rmsnorm_swiglu int8 w_down_t_DF gemv=mma-s8",
+                        "rmsnorm_swiglu int8 w_down_t_DF",
+                        dict(pallas_opts("rmsnorm_swiglu"), **s8))]
       fill = mma_rows + fill
     elif "attn" in groups:
       fill = attn_rows + fill

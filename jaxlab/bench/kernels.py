@@ -55,7 +55,7 @@ class Launch:
   smem: int
   regs: int | None = None    # registers per thread (ptxas; --compile only)
   spill: int | None = None   # spill store + load bytes per thread (ptxas)
-  loops: tuple[tuple[int, int, int], ...] | None = None   # (SASS instructions, HGMMA,
+  loops: tuple[tuple[int, int, int], ...] | None = None   # (SASS instructions, H/IGMMA,
   #   shortest trip) per innermost loop, in code order (--sass only; sass_loops)
 
   @property
@@ -209,6 +209,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 _REGS = re.compile(r"Used (\d+) registers")
+_GMMA = re.compile(r"\b[HI]GMMA\.")   # a bf16 (HGMMA) or int8 (IGMMA) WGMMA instruction
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _DUMP_HEADER = "// -----// IR Dump"
 
@@ -230,7 +231,8 @@ _END = re.compile(r"^(EXIT|RET\b)")
 
 
 def sass_loops(sass: str) -> list[tuple[int, int, int]]:
-  """(instructions per trip, HGMMA instructions, instructions of the shortest trip) of each
+  """(instructions per trip, tensor-core instructions (HGMMA: bf16, IGMMA: int8), instructions
+  of the shortest trip) of each
   innermost natural loop of at least MIN_LOOP instructions in `nvdisasm -c` output,
   ordered by where the loop starts. The first two count every instruction of the loop;
   the shortest trip, header to header, skips the branches a trip may leave out (a setup
@@ -303,7 +305,8 @@ def sass_loops(sass: str) -> list[tuple[int, int, int]]:
   out = []
   for L in sorted(inner, key=min):
     idx = [i for b in L for i in range(starts[b], starts[b] + size(b))]
-    out.append((len(idx), sum("HGMMA" in instrs[i] for i in idx), _shortest_trip(L, header[L], succ, size)))
+    out.append((len(idx), sum(bool(_GMMA.search(instrs[i])) for i in idx),
+                _shortest_trip(L, header[L], succ, size)))
   return out
 
 
@@ -454,7 +457,7 @@ def table(rows: list[Launch]) -> str:
   head = (f"{'kernel':24s} {'grid':>5s} {'thr':>4s} {'SMEM KB':>8s} "
           + (f"{'regs':>4s} {'spill':>5s} " if regs else "")
           + f"{'fit/SM':>6s} {'CTAs/SM':>7s} {'warps/SM':>8s} {'waves':>5s}"
-          + ("  main loops: SASS instructions[/shortest trip] (HGMMA)" if loops else ""))
+          + ("  main loops: SASS instructions[/shortest trip] (HGMMA/IGMMA)" if loops else ""))
   lines = [head]
   for r in rows:
     lines.append(f"{r.name:24s} {r.grid:5d} {r.threads:4d} {r.smem / 1024:8.1f} "
