@@ -737,8 +737,9 @@ def gemv(v_K, w_t_NK, *, scale_K=None, w_scale_N=None, bias_N=None, resid_N=None
   Returns y [N] (out_dtype, default v.dtype), plus (block_max f32 [N/BN],
   block_argmax int32 [N/BN]) when argmax=True. `split_k` (None: `pick_split`;
   never with argmax) splits the reduction over that many CTAs per row block. v_K may
-  be Unfinished (finished block by block as it streams). gemv: "fma" (CUDA cores) or
-  "mma" (tensor cores, bf16 W; mma_swizzle) (module docstring).
+  be Unfinished (finished block by block as it streams). gemv: "fma" (CUDA cores),
+  "mma" (tensor cores, bf16 or int8 W; mma_swizzle) or "mma-s8" (int8 tensor cores, int8
+  W) (module docstring).
   """
   N, K = w_t_NK.shape
   rows, vec = _rows(v_K)

@@ -222,6 +222,7 @@ def test_generate_command_pallas_impl(ckpt, model, tmp_path, capsys):
   assert rc == 2 and err.count("\n") == 1 and "--impl pallas" in err and "qk_norm" in err
 
 
+@pytest.mark.slow   # ~10 s; default run under 15 min (the --impl pallas test stays); CI runs it
 def test_generate_command_pallas_int8_impl(ckpt, capsys):
   """--impl pallas-int8 prints what the int8 decoder computes through the Python API
   (the XLA form of the same int8 step; greedy, no EOS in 10 tokens or stopped at it)."""

@@ -275,8 +275,11 @@ def gated_tokens(gated):
   return np.asarray(generate(gated, np.array([PROMPT]), max_new_tokens=N)["tokens"][0])
 
 
-# xla: ~13 s, slow (CI runs it); the default run keeps the Pallas step
-@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
+# ~13 s (xla) and ~33 s with the fixture (pallas): slow, CI runs them; the default run keeps
+# the gated step against the ops (tests/test_kernels_integration.py) and the llama
+# model's 64-token runs
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_gated_greedy_64_tokens_identical(gated, gated_tokens, impl):
   """PaTH-FoX and FoX layers (the forget gate as the attention kernels' score bias) and
   plain Mamba-2 / GDN layers (the state kernel with one accumulating state)."""

@@ -720,7 +720,8 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
 
 
 def _check_gemv_group(group: dict):
-  """kernel_options["gemv"]: {"form": "fma" | "mma", "swizzle": 32 | 64 | 128 (mma)}."""
+  """kernel_options["gemv"]: {"form": "fma" | "mma" | "mma-s8" (int8 weights), "swizzle":
+  32 | 64 | 128 (mma)}."""
   from kernels._gemv import GEMV_FORMS, MMA_SWIZZLES
   if not group:
     return

@@ -26,6 +26,10 @@ rows and leaves in one store (store_once's form, always); with W_down^T [D, F] t
 tile [BD, BF] is A and B [BF, NB] holds h (hi / lo columns), built once. int8 weights enter
 as A only (widened to bf16 in registers, _gemv), so with int8 W_down [F, D] the down
 phase stays on the CUDA cores; W_down^T puts it on the tensor cores too.
+
+gemv="mma-s8" (int8 weights) does the same on the int8 tensor cores: the gate / up tiles
+against one B^T of x * g's int8 digits per step (_gemv.s8_step), and with W_down^T the
+down tiles against h's digits, built once with one scale for all of h.
 """
 
 from __future__ import annotations
