@@ -155,6 +155,12 @@ S8_B = s8_b_layout(128)
 S8_VEC = S8_B.reduce(0)   # [BK] vector of the "mma-s8" form: 8 consecutive values a thread
 
 
+def strided(n: int):
+  """[n] vector spread over the warpgroup with no copies: n / 128 consecutive values a
+  thread (the cheapest layout for elementwise work; none of WGMMA's)."""
+  return plgpu.Layout.WG_STRIDED((n,), vec_size=max(1, n // 128))
+
+
 @dataclasses.dataclass(frozen=True)
 class Ctx:
   """Per-kernel switches that differ between compiling and interpreting.

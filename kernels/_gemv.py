@@ -248,13 +248,13 @@ def with_s8_scratch(ctx: C.Ctx, fn, *, BK: int, width: int = 128, relayout: bool
 
 
 def to_s8_vec(ctx: C.Ctx, v, mm):
-  """v [BK] (ROW layout) in S8_VEC, through with_s8_scratch's fp32 buffer: one store, a
-  warpgroup barrier and a load. The slice is built (loaded, normed, merged, finished) in
-  ROW, which holds an element in 4 threads where S8_VEC holds it in 32 (8 rows of B^T):
-  built in S8_VEC, the merged O-projection's loop took 1618 SASS instructions per step
-  and spilled, against 928 (llama-1b-bench, int8, 256-column steps; QKV 319 against 290).
-  Reusing the buffer is safe: every thread has read it before the s8_step barrier that
-  precedes the next step's store."""
+  """v [BK] (C.strided layout) in S8_VEC, through with_s8_scratch's fp32 buffer: one
+  store, a warpgroup barrier and a load. The slice is built (loaded, normed, merged,
+  finished) in the strided layout, where each element lives in one thread, against 4 in
+  ROW and 32 in S8_VEC (8 rows of B^T). llama-1b-bench int8, 256-column steps, SASS
+  instructions per step built in S8_VEC / ROW / strided: the merged O-projection 1618
+  (and spills) / 928 / 764, QKV 319 / 290 / 247. Reusing the buffer is safe: every
+  thread has read it before the s8_step barrier that precedes the next step's store."""
   if ctx.interpret:
     return v
   v_s = mm[1]
@@ -380,10 +380,10 @@ def _body(*refs, ctx: C.Ctx, N, K, BN, BK, S, eps, has_norm, has_wscale, has_bia
   f32 = jnp.float32
   rows = pl.ds(n * BN, BN)
   tr = C.weight_transforms(BK, w_g.dtype, mma)
-  # the vector's register layout: along the tile's columns (fma), along B's rows (mma;
-  # mma-s8 builds it there too, then moves it to B^T's columns: to_s8_vec)
+  # the vector's register layout: along the tile's columns (fma), along B's rows (mma),
+  # or (mma-s8) strided, then moved to B^T's columns (to_s8_vec)
   s8_moved = mma == S8
-  VL = C.COL if mma is None else C.ROW
+  VL = C.COL if mma is None else (C.strided(BK) if s8_moved else C.ROW)
   # PDL "prefetch": this CTA's first weight tiles head for L2 before the wait.
   ctx.begin(prefetch=[(w_g.at[rows, pl.ds((s * ks + j) * BK, BK)], tr)
                       for j in range(min(prefetch or stages, ks))])

@@ -131,10 +131,10 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
   p = ctx.axis("f")
   f32 = jnp.float32
   tr = C.weight_transforms(BK, wg_g.dtype, mma)
-  # x's register layout: along the tiles' columns (fma), along B's rows (mma; mma-s8
-  # builds it there too, then moves it to B^T's columns: _gemv.to_s8_vec)
+  # x's register layout: along the tiles' columns (fma), along B's rows (mma), or
+  # (mma-s8) strided, then moved to B^T's columns (_gemv.to_s8_vec)
   s8_moved = mma == _gemv.S8
-  VL = C.COL if mma is None else C.ROW
+  VL = C.COL if mma is None else (C.strided(BK) if s8_moved else C.ROW)
   NB = None if mma in (None, _gemv.S8) else mma // 2
   dtype = x_in[0].dtype
   # PDL "prefetch": the first gate and up tiles head for L2 before the wait.
