@@ -443,7 +443,8 @@ def stages_mma_a(ctx: Ctx, w_dtype) -> bool:
 def weight_transforms(cols: int, dtype, mma: int | None) -> tuple:
   """SMEM transforms of a [rows, cols] weight tile: read into registers (the "fma" form, and
   int8 in the "mma" form, widened there to an A operand), or bf16 A straight from SMEM
-  ("mma", swizzle `mma` bytes, shared with B)."""
+  ("mma", swizzle `mma` bytes, shared with B). int8 tiles in the "mma-s8" form are A
+  straight from SMEM in the first kind (128-byte rows: the swizzle of its B^T)."""
   if mma is None or jnp.dtype(dtype) == jnp.int8:
     return tile_transforms(cols, dtype)
   return mma_transforms(mma)
