@@ -206,7 +206,8 @@ def s8_digits(ctx: C.Ctx, v, *, width: int = 128):
 def s8_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int):
   """The "mma-s8" mma_step: accs[i] [BN, 8] fp32 + (w_tiles[i] [BN, BK] int8 @ digits(v))
   * w for each weight tile, through a fresh int32 WGMMA accumulator per step (the digits'
-  scale changes per step), or ("hlo") the same integer products in XLA. mm = (B's SMEM,)."""
+  scale changes per step), or ("hlo") the same integer products in XLA. mm: with_s8_scratch's
+  (B's SMEM, relayout buffer); v in S8_VEC (to_s8_vec)."""
   f32 = jnp.float32
   q, w = s8_digits(ctx, v)
   BN = w_tiles[0].shape[0]
