@@ -151,8 +151,7 @@ def s8_b_layout(width: int):
   raise ValueError(f"s8_b_layout: width {width} (expected 128 or 64)")
 
 
-S8_B = s8_b_layout(128)
-S8_VEC = S8_B.reduce(0)   # [BK] vector of the "mma-s8" form: 8 consecutive values a thread
+S8_VEC = s8_b_layout(128).reduce(0)   # [BK] vector of the "mma-s8" form: 8 values a thread
 
 
 def strided(n: int):

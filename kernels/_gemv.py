@@ -203,33 +203,40 @@ def s8_digits(ctx: C.Ctx, v, *, width: int = 128):
   return q, w
 
 
-def s8_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int):
-  """The "mma-s8" mma_step: accs[i] [BN, 8] fp32 + (w_tiles[i] [BN, BK] int8 @ digits(v))
-  * w for each weight tile, through a fresh int32 WGMMA accumulator per step (the digits'
-  scale changes per step), or ("hlo") the same integer products in XLA. mm: with_s8_scratch's
-  (B's SMEM, relayout buffer); v in S8_VEC (to_s8_vec)."""
+def s8_products(ctx: C.Ctx, w_tiles, q, w, b_s):
+  """(w_tiles[i] [BN, BK] int8 @ the digits q) * w, fp32 [BN, 8] (WGMMA layout) per tile:
+  s8 WGMMAs against B^T in b_s (written and committed by the caller) into fresh int32
+  accumulators, then one wait; or ("hlo") the same integer products in XLA."""
   f32 = jnp.float32
-  q, w = s8_digits(ctx, v)
   BN = w_tiles[0].shape[0]
   if not ctx.tma:
     qi = q.astype(jnp.int32)
-    return tuple(a + jnp.dot(t[...].astype(jnp.int32), qi,
-                             preferred_element_type=jnp.int32).astype(f32) * w[None, :]
-                 for t, a in zip(w_tiles, accs))
-  b_s = mm[0]
-  b_s[...] = q.astype(jnp.int8)
-  C.plgpu.commit_smem()   # B^T visible to the tensor cores; warpgroup barrier
-  b = b_s if ctx.interpret else C.plgpu.transpose_ref(b_s, (1, 0))
+    outs = [jnp.dot(t[...].astype(jnp.int32), qi, preferred_element_type=jnp.int32)
+            for t in w_tiles]
+  else:
+    b = b_s if ctx.interpret else C.plgpu.transpose_ref(b_s, (1, 0))
 
-  def products(*acc_refs):
-    for t, r in zip(w_tiles, acc_refs):
-      C.plgpu.wgmma(r, t, b)
-    C.plgpu.wgmma_wait(0)   # the weight slots and B^T are free again
-    return tuple(r[...] for r in acc_refs)
+    def products(*acc_refs):
+      for t, r in zip(w_tiles, acc_refs):
+        C.plgpu.wgmma(r, t, b)
+      C.plgpu.wgmma_wait(0)   # the weight slots and B^T are free again
+      return tuple(r[...] for r in acc_refs)
 
-  outs = pl.run_scoped(products, *[C.plgpu.ACC((BN, 8), jnp.int32)] * len(w_tiles))
+    outs = pl.run_scoped(products, *[C.plgpu.ACC((BN, 8), jnp.int32)] * len(w_tiles))
   wb = C.bcast_rows(w, (BN, 8))
-  return tuple(a + o.astype(f32) * wb for a, o in zip(accs, outs))
+  return tuple(o.astype(f32) * wb for o in outs)
+
+
+def s8_step(ctx: C.Ctx, w_tiles, v, accs, mm, *, BK: int):
+  """The "mma-s8" mma_step: accs[i] [BN, 8] fp32 + s8_products of this step's digits of v
+  (v in S8_VEC: to_s8_vec), through fresh int32 accumulators per step (the digits' scale
+  changes per step). mm: with_s8_scratch's (B's SMEM, relayout buffer)."""
+  q, w = s8_digits(ctx, v)
+  if ctx.tma:
+    mm[0][...] = q.astype(jnp.int8)
+    C.plgpu.commit_smem()   # B^T visible to the tensor cores; warpgroup barrier
+  outs = s8_products(ctx, w_tiles, q, w, mm[0] if mm else None)
+  return tuple(a + o for a, o in zip(accs, outs))
 
 
 def with_s8_scratch(ctx: C.Ctx, fn, *, BK: int, width: int = 128, relayout: bool = False):

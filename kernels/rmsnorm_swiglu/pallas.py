@@ -220,19 +220,7 @@ def _body(*refs, ctx: C.Ctx, D, BF, BK, BD, eps, stages, store_once, int8, x_par
                                  transforms=C.weight_transforms(BF, wd_g.dtype, mma))
 
     def down_product(wd_s, b_s):
-      f32i = jnp.int32
-      if not ctx.tma:
-        o = jnp.dot(wd_s[...].astype(f32i), op.astype(f32i), preferred_element_type=f32i)
-      else:
-        b = b_s if ctx.interpret else C.plgpu.transpose_ref(b_s, (1, 0))
-
-        def product(acc):
-          C.plgpu.wgmma(acc, wd_s, b)
-          C.plgpu.wgmma_wait(0)
-          return acc[...]
-
-        o = pl.run_scoped(product, C.plgpu.ACC((BD, 8), f32i))
-      return jnp.sum(o.astype(f32) * C.bcast_rows(w8, (BD, 8)), axis=1)
+      return jnp.sum(_gemv.s8_products(ctx, (wd_s,), op, w8, b_s)[0], axis=1)
     down_layout = C.ROW
   elif mma_down:   # A = the [BD, BF] tile, B [BF, NB] = h's hi / lo columns, built once
     op = _gemv.mma_b(ctx, h, BK=BF, NB=NB)   # (lo = 0 unless h is fp32: int8 W, fp32 x)
