@@ -36,6 +36,41 @@ def test_summarize_trace_counts_kernels_busy_time_and_gaps():
       ("b", 20.0, 1.0), ("a", 10.0, 1.0)]
 
 
+def test_summarize_trace_reads_the_hosts_command_buffer_work():
+  """Per step: the dispatch (nested PjitFunction events count once), command-buffer
+  updates and graph launches, as XLA's runtime names them in its host trace."""
+  t = _trace()
+  h = lambda name, ts, dur: dict(ph="X", name=name, pid=1, tid=3, ts=ts, dur=dur)
+  step, launch = "PjitFunction(_step_unrolled)", "cuGraphLaunch (CudaGraph:2)"
+  t["traceEvents"] += [h(step, 0, 40), h(step, 1, 38), h("command_buffer::update", 2, 10),
+                       h(launch, 12, 20), h(step, 50, 30), h(launch, 52, 6),
+                       h("$profiler.py:307 trace", 0, 5000)]
+  host = decode.summarize_trace(t, n_steps=2)["host"]
+  assert host["dispatch_us_per_step"] == 35.0                  # (40 + 30) / 2
+  assert host["updates_per_step"] == 0.5 and host["update_us_per_step"] == 5.0
+  assert host["graph_launch_us_per_step"] == 13.0
+  assert host["top"][0]["name"] == "host"                      # the longest; Python frames left out
+  assert all(not e["name"].startswith("$") for e in host["top"])
+
+
+def test_cpu_smoke_run_in_place_loop(tmp_path):
+  """--loop inplace: rows '<variant>+inplace', checked against xla-unrolled's in-place row,
+  with the host's dispatch time per token."""
+  p = argparse.ArgumentParser()
+  decode.add_arguments(p)
+  out = tmp_path / "r.json"
+  args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
+                       "--variants", "xla-unrolled,pallas", "--loop", "inplace",
+                       "--json", str(out)])
+  assert decode.main(args) == 0
+  res = json.loads(out.read_text())
+  assert sorted(res["variants"]) == ["pallas+inplace", "xla-unrolled+inplace"]
+  r = res["variants"]["pallas+inplace"]
+  assert r["reference"] == "xla-unrolled+inplace" and r["argmax_match_xla"] is True
+  assert r["logits_rel_err"] < 1e-4 and "tokens" not in r
+  assert 0 < r["dispatch_ms_per_token"] <= r["ms_per_token"]
+
+
 def test_summarize_trace_without_gpu_events_says_so():
   s = decode.summarize_trace({"traceEvents": _trace()["traceEvents"][:1]}, n_steps=1)
   assert s["note"].startswith("no GPU stream events")
@@ -48,7 +83,7 @@ def test_cpu_smoke_run_records_every_variant(tmp_path):
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
                        "--variants", "xla-unrolled,pallas,xla-int8,pallas-int8,pallas-unfused,"
-                       "pallas-prefetch",
+                       "pallas-prefetch", "--loop", "step",
                        "--profile", str(tmp_path / "prof"), "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
@@ -83,7 +118,7 @@ def test_cpu_smoke_run_hybrid_config(tmp_path):
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "hybrid-tiny", "--steps", "2", "--repeats", "1",
                        "--warmup", "1", "--variants", "xla-unrolled,pallas,model",
-                       "--json", str(out)])
+                       "--loop", "step", "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
   assert res["variants"]["pallas"]["argmax_match_xla"] is True

@@ -7,6 +7,8 @@ slots changes nothing; the end of the cache is an error, not a wrap."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,6 +167,87 @@ def test_make_decoder_rejects_bad_arguments(model):
           rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="qk_norm"):
     make_decoder(qk, "xla", 16)
+
+
+# ------------------------------------------------------------- buffers kept from step to step
+
+def _aliases(lowered, donated, after: int = 0):
+  """{path of a donated input leaf: path of the result it aliases or None}, read from the
+  lowered module (JAX writes `tf.aliasing_output` on each aliased argument); `after`
+  arguments follow the donated ones."""
+  text = lowered.as_text()
+  sig = re.search(r"func\.func public @main\((.*?)\) -> \((.*?)\) \{", text, re.S)
+  args = re.split(r"%arg\d+: ", sig.group(1))[1:]
+  results = re.findall(r'jax\.result_info = "([^"]*)"', sig.group(2))
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(donated)[0]]
+  assert len(args) >= len(paths)
+  out = {}
+  for path, arg in zip(paths, args[len(args) - len(paths) - after:]):
+    m = re.search(r"tf\.aliasing_output = (\d+)", arg)
+    out[path] = None if m is None else results[int(m.group(1))]
+  return out, results
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_every_state_leaf_keeps_its_buffer(model, impl):
+  """Donation pairs each state leaf with its own result. (It pairs by shape and dtype in
+  result order: with the token first among the results, the int32 position went to the
+  token and came back in a new buffer each step; on a GPU a moved buffer makes XLA
+  update its CUDA graph and trace each Mosaic kernel reading it again, every step.)
+  In place, the token and logits slots too, and no result has a new buffer."""
+  dec = make_decoder(model, impl, 16)
+  _, state = dec.prefill(PROMPT[:3])
+  aliases, _ = _aliases(dec.step_fn.lower(dec.weights, state, jnp.int32(1)), state, after=1)
+  assert "['pos']" in aliases and len(aliases) == 2 * 2 + 1          # k, v per layer, pos
+  assert aliases == {p: f"result[0]{p}" for p in aliases}
+  slots = dec.inplace_slots(state, 1)
+  aliases, results = _aliases(dec.step_fn.inplace.lower(dec.weights, slots), slots)
+  assert {"['token']", "['logits']"} <= set(aliases)
+  assert aliases == {p: f"result{p}" for p in aliases}
+  assert sorted(results) == sorted(aliases.values())                  # every result aliased
+  assert "jit__step_unrolled" in dec.step_fn.lower(dec.weights, state, jnp.int32(1)).as_text()
+
+
+@pytest.mark.parametrize("impl,layers", [("xla", "unrolled"), ("xla", "scan"),
+                                         ("pallas", "unrolled")])
+def test_inplace_step_decodes_like_step(model, impl, layers):
+  """step_inplace reads its token slot and writes the same logits and greedy token as
+  step; past the end of the cache it raises, as step does."""
+  dec = make_decoder(model, impl, len(PROMPT) + 5, layers=layers)
+  logits, state = dec.prefill(PROMPT)
+  tok = jnp.argmax(logits).astype(jnp.int32)
+  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  for _ in range(4):
+    logits, tok, state = dec.step(state, tok)
+    slots = dec.step_inplace(slots)
+    np.testing.assert_array_equal(np.asarray(slots["logits"]), np.asarray(logits))
+    assert int(slots["token"]) == int(tok) and int(slots["pos"]) == int(state["pos"])
+  for name in ("k", "v"):
+    for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(slots[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  slots = dec.step_inplace(slots)   # the last slot
+  with pytest.raises(ValueError, match=f"position {len(PROMPT) + 5}"):
+    dec.step_inplace(slots)
+  with pytest.raises(ValueError, match="without logits / token"):
+    dec.inplace_slots(slots, 1)
+
+
+@pytest.mark.slow   # ~20 s; the default run keeps the attention model's in-place steps
+def test_inplace_step_of_a_hybrid_model(hybrid):
+  """PaTH, log-linear and attention layers: the in-place step carries their conv, level and
+  key states as step does."""
+  dec = make_decoder(hybrid, "xla", len(PROMPT) + 4)
+  logits, state = dec.prefill(PROMPT)
+  tok = jnp.argmax(logits).astype(jnp.int32)
+  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  for _ in range(3):
+    logits, tok, state = dec.step(state, tok)
+    slots = dec.step_inplace(slots)
+    assert int(slots["token"]) == int(tok)
+  np.testing.assert_array_equal(np.asarray(slots["logits"]), np.asarray(logits))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(
+      {k: v for k, v in slots.items() if k not in ("token", "logits")})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------- PaTH and log-linear layers

@@ -50,6 +50,10 @@ Variants (each decodes the same greedy continuation from the same cache):
                 weight tiles into L2. Needs JAX >= 0.11 on the GPU; older JAX runs them
                 as plain launches
 
+Each decoder variant runs with `--loop step` (Decoder.step_fn: new token and logits
+buffers every step), `inplace` (step_fn.inplace: token and logits in donated slots of the
+state, so no buffer moves between steps; rows `<variant>+inplace`) or both (default).
+
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
 against xla-unrolled (int8 variants: xla-int8). Bandwidth is compared with a lone
@@ -166,6 +170,10 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-int8-s8": {"gemv": {"form": "mma-s8"}, "layout": {"w_down": "DF"}}}
 
 
+LOOPS = ("step", "inplace", "both")
+INPLACE_SUFFIX = "+inplace"   # the row of a variant's in-place loop
+
+
 def sweep_groups(text: str | None) -> set[str]:
   """The SWEEPS groups named by --sweep's value ("all", or a comma-separated subset)."""
   if not text:
@@ -215,6 +223,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="also trace 16 steps of each make_decoder variant with "
                       "jax.profiler into DIR/<variant>/ and summarize device time per kernel, "
                       "kernels per step and idle time between them")
+  p.add_argument("--loop", default="both", choices=LOOPS,
+                 help="how steps are chained: 'step' (Decoder.step_fn: new token and logits "
+                      "buffers each step), 'inplace' (step_fn.inplace: every buffer reused, rows "
+                      f"'<variant>{INPLACE_SUFFIX}'), or both")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -336,31 +348,60 @@ def _synthetic_hybrid_state(dec, cfg, pos: int, key):
               levels=tuple(rnd(a, 0.01) for a in st["levels"]))
 
 
-def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key):
-  """Compile, warm up, then time `steps` chained greedy steps (no host syncs)."""
+class _Loop:
+  """How the bench chains a decoder's steps: `Decoder.step_fn` (the token in, logits and
+  token out in new buffers each step) or, `inplace`, `step_fn.inplace` (token and logits in
+  donated slots of the state: no buffer of the step is new, so XLA's command buffer has
+  nothing to update between steps). The carry is (state, token) or the slots."""
+
+  def __init__(self, dec, inplace: bool):
+    self.dec, self.inplace = dec, inplace
+
+  def start(self, state, token):
+    tok = jnp.int32(token)
+    return self.dec.inplace_slots(state, tok) if self.inplace else (state, tok)
+
+  def step(self, carry):
+    """-> (carry, logits, token) of one step."""
+    if self.inplace:
+      carry = self.dec.step_fn.inplace(self.dec.weights, carry)
+      return carry, carry["logits"], carry["token"]
+    logits, tok, state = self.dec.step_fn(self.dec.weights, *carry)
+    return (state, tok), logits, tok
+
+
+def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key,
+                 inplace: bool = False):
+  """Compile, warm up, then time `steps` chained greedy steps (no host syncs). Also the
+  host's share: the time until the last step is dispatched (the host runs ahead of the
+  device by at most a few dozen steps, so near the full time means host-bound)."""
   out = {}
-  state = _synthetic_state(dec, cfg, kv_len, key)
-  tok = jnp.int32(first_token)
+  loop = _Loop(dec, inplace)
+  carry = loop.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
   t = time.perf_counter()
-  logits, tok, state = dec.step_fn(dec.weights, state, tok)
+  carry, logits, tok = loop.step(carry)
   tok.block_until_ready()
   out["compile_s"] = time.perf_counter() - t
-  out["logits0"] = np.asarray(logits, np.float32).reshape(-1)
+  out["logits0"] = np.asarray(logits, np.float32).reshape(-1)   # before the next step
   for _ in range(warmup):
-    _, tok, state = dec.step_fn(dec.weights, state, tok)
+    carry, _, tok = loop.step(carry)
   tok.block_until_ready()
-  ts, tokens = [], []
+  ts, dispatch, tokens = [], [], []
   for _ in range(repeats):
     toks = []
     t = time.perf_counter()
     for _ in range(steps):
-      _, tok, state = dec.step_fn(dec.weights, state, tok)
-      toks.append(tok)
+      carry, _, tok = loop.step(carry)
+      if not inplace:    # (in place, the next step reuses the token's buffer)
+        toks.append(tok)
+    dispatch.append(time.perf_counter() - t)
     tok.block_until_ready()
     ts.append(time.perf_counter() - t)
     tokens = [int(x) for x in toks]
   out["ms_per_token"] = 1e3 * statistics.median(ts) / steps
-  out["tokens"] = tokens
+  out["dispatch_ms_per_token"] = 1e3 * statistics.median(dispatch) / steps
+  if tokens:
+    out["tokens"] = tokens
   return out
 
 
@@ -382,41 +423,77 @@ def summarize_trace(trace, n_steps: int, top: int = 12) -> dict:
   dev = [e for e in on_gpu if threads.get((e.get("pid"), e.get("tid")), "") in streams]
   if not dev:
     return {"note": "no GPU stream events in the trace", "threads": names}
-  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
-  busy, cur_s, cur_e = 0.0, *spans[0]
-  for s0, e0 in spans[1:]:
-    if s0 > cur_e:
-      busy += cur_e - cur_s
-      cur_s, cur_e = s0, e0
-    else:
-      cur_e = max(cur_e, e0)
-  busy += cur_e - cur_s
+  spans = sorted(_interval(e) for e in dev)
+  busy = _union_us(spans)
   span = max(e for _, e in spans) - spans[0][0]
   by_name: dict[str, list[float]] = {}
   for e in dev:
     by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
   ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+  host = [e for e in events if e.get("ph") == "X" and "host" in procs.get(e.get("pid"), "").lower()]
   return dict(threads=streams, kernels_per_step=len(dev) / n_steps,
               busy_us_per_step=busy / n_steps,
               span_us_per_step=span / n_steps, idle_fraction=1.0 - busy / span if span else 0.0,
               top=[dict(name=n[:80], calls_per_step=len(d) / n_steps,
-                        us_per_step=sum(d) / n_steps) for n, d in ranked])
+                        us_per_step=sum(d) / n_steps) for n, d in ranked],
+              host=_host_summary(host, n_steps, top))
 
 
-def _profile_decoder(dec, cfg, kv_len, first_token, key, trace_dir, n_steps: int = 16) -> dict:
+def _interval(e) -> tuple[float, float]:
+  return float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))
+
+
+def _union_us(spans) -> float:
+  """Length of the union of (start, end) intervals."""
+  spans = sorted(spans)
+  if not spans:
+    return 0.0
+  total, (cur_s, cur_e) = 0.0, spans[0]
+  for s0, e0 in spans[1:]:
+    if s0 > cur_e:
+      total += cur_e - cur_s
+      cur_s, cur_e = s0, e0
+    else:
+      cur_e = max(cur_e, e0)
+  return total + cur_e - cur_s
+
+
+def _host_summary(host: list, n_steps: int, top: int) -> dict:
+  """What the host does per step (the XLA runtime's own trace events). XLA updates a
+  command buffer (`command_buffer::update`) when a buffer one of its commands uses
+  moved since the last run, and traces each Mosaic kernel on such a buffer again; with
+  every buffer in place it only launches the graph (`cuGraphLaunch`)."""
+  by_name: dict[str, list] = {}
+  for e in host:
+    if not e.get("name", "").startswith("$"):   # (Python frames)
+      by_name.setdefault(e["name"], []).append(e)
+  pick = lambda f: [e for n, es in by_name.items() if f(n) for e in es]
+  per = lambda es: _union_us([_interval(e) for e in es]) / n_steps
+  updates = pick(lambda n: n == "command_buffer::update")
+  ranked = sorted(by_name.items(), key=lambda kv: -sum(float(e.get("dur", 0)) for e in kv[1]))
+  return dict(
+      dispatch_us_per_step=per(pick(lambda n: n.startswith("PjitFunction("))),
+      updates_per_step=len(updates) / n_steps, update_us_per_step=per(updates),
+      graph_launch_us_per_step=per(pick(lambda n: n.startswith("cuGraphLaunch"))),
+      top=[dict(name=n[:80], calls_per_step=len(es) / n_steps, us_per_step=per(es))
+           for n, es in ranked[:top]])
+
+
+def _profile_decoder(dec, cfg, kv_len, first_token, key, trace_dir, n_steps: int = 16,
+                     inplace: bool = False) -> dict:
   """Trace n_steps chained steps (after a warm-up) and summarize the device time."""
   import glob
   import gzip
   import os
-  state = _synthetic_state(dec, cfg, kv_len, key)
-  tok = jnp.int32(first_token)
+  loop = _Loop(dec, inplace)
+  carry = loop.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
   for _ in range(3):
-    _, tok, state = dec.step_fn(dec.weights, state, tok)
+    carry, _, tok = loop.step(carry)
   tok.block_until_ready()
   os.makedirs(trace_dir, exist_ok=True)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(n_steps):
-      _, tok, state = dec.step_fn(dec.weights, state, tok)
+      carry, _, tok = loop.step(carry)
     tok.block_until_ready()
   files = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
   if not files:
@@ -901,8 +978,9 @@ def _guarded(what: str, fn) -> dict:
     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     _log(f"{what}: FAILED {msg}")
     return {"error": msg}
-  _log(f"{what}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()
-                               if isinstance(v, float)))
+  said = ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))
+  if said:
+    _log(f"{what}: {said}")
   return r
 
 
@@ -949,42 +1027,58 @@ def run(args) -> dict:
   res["bytes_per_token"] = bytes_tok
   full_weights = _decode_weight_bytes(jax.eval_shape(lambda: prepare_weights(model)))
 
-  def one(v):
-    if v == "model" and not attention_only:
-      raise ValueError("variant model: the bench builds attention caches only "
-                       "(use pallas / xla-unrolled for hybrid configs)")
-    if v == "model":
-      r = _run_model(model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats,
-                     key)
-    else:
-      impl, layers, quantize, share = _DECODER_VARIANTS[v]
-      kopts = dict(opts or {}, **_VARIANT_OPTIONS.get(v, {})) if impl == "pallas" else both_impls
-      dec = make_decoder(model, impl, max_len, layers=layers,
-                         interpret=args.interpret if impl == "pallas" else None,
-                         kernel_options=kopts,
-                         quantize=quantize,
-                         share_layers=share)
-      r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key)
-      if quantize:   # the same cache traffic; the weights as this decoder stores them
-        r["bytes_per_token"] = bytes_tok + _decode_weight_bytes(dec.weights) - full_weights
-      if args.profile:
-        import os
-        r["profile"] = _guarded(f"profile {v}", lambda: _profile_decoder(
-            dec, cfg, kv_len, first, key, os.path.join(args.profile, v)))
-      del dec
+  loops = {"step": (False,), "inplace": (True,), "both": (False, True)}[args.loop]
+
+  def rate(r):
     r["gbps"] = r.setdefault("bytes_per_token", bytes_tok) / (r["ms_per_token"] * 1e-3) / 1e9
     r["frac_of_gemv"] = r["gbps"] / res["gemv"]["gbps"]
     return r
 
+  def one(v):
+    """Time variant v with each loop; each row is logged as it finishes."""
+    if v == "model" and not attention_only:
+      raise ValueError("variant model: the bench builds attention caches only "
+                       "(use pallas / xla-unrolled for hybrid configs)")
+    if v == "model":   # (the LM's own extend: no in-place form)
+      res["variants"][v] = _guarded(f"variant {v}", lambda: rate(_run_model(
+          model, cfg, kv_len, max_len, first, args.steps, args.warmup, args.repeats, key)))
+      return
+    impl, layers, quantize, share = _DECODER_VARIANTS[v]
+    kopts = dict(opts or {}, **_VARIANT_OPTIONS.get(v, {})) if impl == "pallas" else both_impls
+    dec = make_decoder(model, impl, max_len, layers=layers,
+                       interpret=args.interpret if impl == "pallas" else None,
+                       kernel_options=kopts, quantize=quantize, share_layers=share)
+    for inplace in loops:
+      name = v + INPLACE_SUFFIX if inplace else v
+
+      def timed(inplace=inplace, name=name):
+        r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key,
+                         inplace=inplace)
+        if quantize:   # the same cache traffic; the weights as this decoder stores them
+          r["bytes_per_token"] = bytes_tok + _decode_weight_bytes(dec.weights) - full_weights
+        if args.profile:
+          import os
+          r["profile"] = _guarded(f"profile {name}", lambda: _profile_decoder(
+              dec, cfg, kv_len, first, key, os.path.join(args.profile, name), inplace=inplace))
+        return rate(r)
+
+      res["variants"][name] = _guarded(f"variant {name}", timed)
+    del dec
+
   for v in variants:
-    res["variants"][v] = _guarded(f"variant {v}", functools.partial(one, v))
+    built = _guarded(f"decoder {v}", lambda v=v: one(v) or {})
+    if "error" in built:   # (the decoder itself failed: its row says so)
+      res["variants"][v] = built
   if args.ops:
     res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
   for v, r in res["variants"].items():
     # pallas-int8 against the same int8 step in XLA; xla-int8 against the unquantized
     # step (its row then shows the quantization error).
-    ref_v = "xla-int8" if v.startswith("pallas-int8") and "logits0" in res["variants"].get(
-        "xla-int8", {}) else "xla-unrolled"
+    has = lambda name: "logits0" in res["variants"].get(name, {})
+    ref_v = "xla-int8" if v.startswith("pallas-int8") and (
+        has("xla-int8") or has("xla-int8" + INPLACE_SUFFIX)) else "xla-unrolled"
+    if not has(ref_v):   # (--loop inplace: the references' in-place rows)
+      ref_v += INPLACE_SUFFIX
     ref = res["variants"].get(ref_v, {}).get("tokens")
     ref_logits = res["variants"].get(ref_v, {}).get("logits0")
     if ref_logits is not None and v != ref_v:
@@ -1014,14 +1108,16 @@ def format_table(res: dict) -> str:
   if "note" in res:
     lines.append(f"NOTE: {res['note']}")
   vw = max([18] + [len(v) for v in res["variants"]])
-  lines.append(f"{'variant':{vw}s} {'ms/token':>9s} {'MB/tok':>7s} {'GB/s':>8s} {'of GEMV':>8s} "
-               f"{'compile s':>9s} {'vs':>12s} {'tokens=':>7s} {'logits err':>10s} "
-               f"{'argmax=':>7s}")
+  lines.append(f"{'variant':{vw}s} {'ms/token':>9s} {'host ms':>8s} {'MB/tok':>7s} {'GB/s':>8s} "
+               f"{'of GEMV':>8s} {'compile s':>9s} {'vs':>12s} {'tokens=':>7s} "
+               f"{'logits err':>10s} {'argmax=':>7s}")
   for v, r in res["variants"].items():
     if "error" in r:
       lines.append(f"{v:{vw}s} FAILED {r['error']}")
       continue
-    lines.append(f"{v:{vw}s} {r['ms_per_token']:9.3f} {r['bytes_per_token'] / 1e6:7.1f} "
+    lines.append(f"{v:{vw}s} {r['ms_per_token']:9.3f} "
+                 f"{r.get('dispatch_ms_per_token', float('nan')):8.3f} "
+                 f"{r['bytes_per_token'] / 1e6:7.1f} "
                  f"{r['gbps']:8.1f} {r['frac_of_gemv']:8.1%} {r['compile_s']:9.1f} "
                  f"{r.get('reference', '-'):>12s} {r.get('tokens_match_xla', '-'):>7s} "
                  f"{r.get('logits_rel_err', float('nan')):10.2e} "
@@ -1035,6 +1131,15 @@ def format_table(res: dict) -> str:
       for k in prof["top"]:
         lines.append(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
                      f"{k['name']}")
+      h = prof.get("host")
+      if h:
+        lines.append(f"  host {v}: dispatch {h['dispatch_us_per_step']:.0f} us/step, command-"
+                     f"buffer updates {h['updates_per_step']:.2f}/step "
+                     f"({h['update_us_per_step']:.0f} us), graph launch "
+                     f"{h['graph_launch_us_per_step']:.0f} us/step")
+        for k in h["top"]:
+          lines.append(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
+                       f"{k['name']}")
     elif prof:
       lines.append(f"profile {v}: {prof.get('note') or prof.get('error')}")
   if "ops" in res:

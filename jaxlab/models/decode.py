@@ -26,6 +26,14 @@ Usage (what `jaxlab generate --impl pallas` does):
       logits, greedy, state = dec.step(state, tok)  # greedy: int32 argmax of logits
       tok = int(greedy)                             # or sample from logits
 
+Greedy decoding with every buffer kept from step to step (no command-buffer update
+between steps on a GPU; see StepFn):
+
+    slots = dec.inplace_slots(state, tok)
+    for _ in range(n - 1):
+      slots = dec.step_inplace(slots)               # slots["token"], slots["logits"]
+      out.append(int(slots["token"]))               # read before the next step
+
 make_decoder(..., quantize="int8") stores the GEMV weights (QKV, O, MLP, LM head) as
 int8 with one fp32 scale per output channel (kernels.quant) for either impl.
 
@@ -600,8 +608,12 @@ class Decoder:
 
   prefill(tokens) -> (logits [V] fp32, state)
   step(state, token) -> (logits [V] fp32, greedy token int32, state)   (state donated)
-  prefill_fn(model_state, tokens_T), step_fn(weights, state, token): the raw
-  jitted functions (no host-side position check; see the module docstring).
+  inplace_slots(state, token) -> slots;  step_inplace(slots) -> slots: the same step with
+    its token and logits in donated slots ("token", "logits"), so that no buffer of the
+    step is new from step to step (StepFn.inplace; the faster loop on a GPU)
+  prefill_fn(model_state, tokens_T), step_fn(weights, state, token),
+  step_fn.inplace(weights, slots): the raw jitted functions (no host-side position
+  check; see the module docstring).
   """
   impl: str
   max_len: int
@@ -622,11 +634,29 @@ class Decoder:
     return self.prefill_fn(self.model_state, toks)
 
   def step(self, state, token):
+    self._check_pos(state)
+    return self.step_fn(self.weights, state, jnp.asarray(token, jnp.int32))
+
+  def inplace_slots(self, state, token) -> dict:
+    """The state of `step_inplace`: `state` plus the token to read next and a logits slot."""
+    if not isinstance(state, Mapping) or any(k in state for k in INPLACE_SLOTS):
+      raise ValueError("inplace_slots: expects a decode state from prefill or step "
+                       f"(a dict without {' / '.join(INPLACE_SLOTS)})")
+    V = self.weights["w_head_t"].shape[0]   # [V, D]
+    return dict(state, token=jnp.asarray(token, jnp.int32).reshape(()),
+                logits=jnp.zeros((V,), jnp.float32))
+
+  def step_inplace(self, slots):
+    """One step on `inplace_slots` state: reads slots["token"], writes the step's logits
+    and greedy token into slots["logits"] / slots["token"] (the input slots are donated)."""
+    self._check_pos(slots)
+    return self.step_fn.inplace(self.weights, slots)
+
+  def _check_pos(self, state):
     pos = int(state["pos"])
     if not 0 <= pos < self.max_len:
       raise ValueError(f"decode step: position {pos} is past the end of the KV cache "
                        f"(max_len={self.max_len}); make a decoder with a larger max_len")
-    return self.step_fn(self.weights, state, jnp.asarray(token, jnp.int32))
 
 
 def make_decoder(model, impl: str, max_len: int, *, layers: str = "unrolled",
@@ -674,7 +704,8 @@ def step_function(cfg: ModelConfig, impl: str, max_len: int, *, layers: str = "u
                   interpret: bool | str | None = None,
                   kernel_options: Mapping[str, Mapping[str, Any]] | None = None,
                   share_layers: bool = False):
-  """(jitted step_fn(weights, state, token) -> (logits, token, state), cache_len).
+  """(step_fn(weights, state, token) -> (logits, token, state), cache_len): a StepFn,
+  with the in-place form as `step_fn.inplace`.
 
   Usable on abstract inputs, e.g. to lower the step for another platform."""
   _check_args(impl, max_len, layers)
@@ -812,10 +843,68 @@ def _prefill_fn(graphdef, cache_len: int, layers: str):
   return prefill_fn
 
 
+# The in-place step's own slots in its state (see StepFn.inplace).
+INPLACE_SLOTS = ("logits", "token")
+
+
+def _named(fn, name: str):
+  fn.__name__ = fn.__qualname__ = name   # the jitted module's name in dumps and profiles
+  return fn
+
+
+def _state_first(step_impl, spec: _Spec):
+  def step(weights, state, token):
+    logits, tok, new = step_impl(spec, weights, state, token)
+    return new, logits, tok
+  return _named(step, step_impl.__name__)
+
+
+def _inplace(step_impl, spec: _Spec):
+  def step(weights, slots):
+    state = {k: v for k, v in slots.items() if k not in INPLACE_SLOTS}
+    logits, tok, new = step_impl(spec, weights, state, slots["token"])
+    return dict(new, logits=logits.astype(slots["logits"].dtype), token=tok)
+  return _named(step, step_impl.__name__ + "_inplace")
+
+
+class StepFn:
+  """The jitted decode step: `step(weights, state, token) -> (logits, token, state)`,
+  state donated.
+
+  JAX pairs each donated input with the first result of the same shape and dtype. With
+  the token first among the results, the int32 position went to the token, and the new
+  position came back in a new buffer every step. On a GPU a buffer address that changes
+  between steps makes XLA update its command buffer (CUDA graph) and trace every Mosaic
+  kernel reading that buffer again on the host, each step. So the jitted function
+  (`.jitted`; `trace` / `lower` are its own) returns the state first, and every state
+  leaf keeps its buffer.
+
+  `.inplace(weights, slots) -> slots`: the same step with the token it reads and the
+  logits and token it writes held in the state too ("token" int32 [], "logits" [V] fp32;
+  Decoder.inplace_slots builds them), all donated. No buffer of the step is new, so a
+  step's addresses stay put from step to step, as in a replayed CUDA graph with static
+  buffers (gpt-fast). Read a slot before the next step: that step reuses its buffer."""
+
+  def __init__(self, spec: _Spec):
+    step_impl = _step_scan if spec.layers == "scan" else _step_unrolled
+    self.jitted = jax.jit(_state_first(step_impl, spec), donate_argnums=(1,))
+    self.inplace = jax.jit(_inplace(step_impl, spec), donate_argnums=(1,),
+                           keep_unused=True)   # the logits slot is only written
+
+  def __call__(self, weights, state, token):
+    new, logits, tok = self.jitted(weights, state, token)
+    return logits, tok, new
+
+  def trace(self, *args, **kwargs):
+    return self.jitted.trace(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self.jitted.lower(*args, **kwargs)
+
+
 @functools.lru_cache(maxsize=32)
-def _step_fn(spec: _Spec):
-  step_impl = _step_scan if spec.layers == "scan" else _step_unrolled
-  return jax.jit(functools.partial(step_impl, spec), donate_argnums=(1,))
+def _step_fn(spec: _Spec) -> StepFn:
+  return StepFn(spec)
 
 
 def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
