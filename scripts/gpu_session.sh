@@ -8,10 +8,12 @@
 #      cuda; PYTEST_FILES, PYTEST_TIMEOUT): the tensor-core forms first, the fused ops,
 #      the decode tests (64 greedy tokens pallas == xla, PDL), then every op and int8;
 #      tests/test_kernels_s8.py second: the first run of int8 WGMMA (gemv "mma-s8")
-#   2. jaxlab bench decode --config llama-1b-bench, each step chained two ways (--loop both,
-#      B1_LOOP / B1B_LOOP: rows <variant> and <variant>+inplace, the step with every buffer
-#      kept from step to step, twenty-first session; the profile's "host" lines say how
-#      many command-buffer updates each step had), in two runs: (a) xla-unrolled, pallas,
+#   2. jaxlab bench decode --config llama-1b-bench, each step chained several ways (--loop,
+#      twenty-first session; B1_LOOP, default step,inplace,device, and B1B_LOOP, default
+#      step,inplace: rows <variant>, <variant>+inplace, the step with every buffer kept
+#      from step to step, and <variant>+device, all steps of a repeat in one call; the
+#      profile's "host" lines say how many command-buffer updates each step had), in two
+#      runs: (a) xla-unrolled, pallas,
 #      pallas-mma-128, pallas-mma-1k (B1_VARIANTS; each Pallas step compiled in ~70 s on
 #      JAX 0.11.2 until the seventeenth session, which lowers each kernel once per step
 #      instead of once per layer: expect seconds, and check the "compile s" column);
@@ -103,7 +105,7 @@ PROF=$(mktemp -d)
 DUMP=$(mktemp -d)
 XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$DUMP" \
   timeout $(cap ${B1_TIMEOUT:-300}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-  ${B1_ARGS-} --loop ${B1_LOOP:-both} \
+  ${B1_ARGS-} --loop ${B1_LOOP:-step,inplace,device} \
   --variants ${B1_VARIANTS:-xla-unrolled,pallas,pallas-mma-128,pallas-mma-1k} \
   --profile "$PROF" --json "$OUT/llama-1b.json" > "$OUT/llama-1b.txt" 2>&1
 stamp "llama-1b-bench ops rc=$?"
@@ -115,7 +117,7 @@ rm -rf "$DUMP"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --loop ${B1B_LOOP:-both} --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-int8-s8,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
+    --loop ${B1B_LOOP:-step,inplace} --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-int8-s8,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

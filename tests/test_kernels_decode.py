@@ -232,6 +232,26 @@ def test_inplace_step_decodes_like_step(model, impl, layers):
     dec.inplace_slots(slots, 1)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_device_loop_decodes_like_step(model, impl):
+  """decode_inplace: n greedy steps in one call give step's tokens, and its slots the last
+  step's logits; n steps that would pass the end of the cache raise."""
+  dec = make_decoder(model, impl, len(PROMPT) + 6)
+  logits, state = dec.prefill(PROMPT)
+  tok = jnp.argmax(logits).astype(jnp.int32)
+  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  want = []
+  for _ in range(5):
+    logits, tok, state = dec.step(state, tok)
+    want.append(int(tok))
+  with pytest.raises(ValueError, match=f"position {len(PROMPT) + 6}"):
+    dec.decode_inplace(slots, 7)
+  slots, tokens = dec.decode_inplace(slots, 5)
+  np.testing.assert_array_equal(np.asarray(tokens), want)
+  np.testing.assert_array_equal(np.asarray(slots["logits"]), np.asarray(logits))
+  assert int(slots["pos"]) == int(state["pos"])
+
+
 @pytest.mark.slow   # ~20 s; the default run keeps the attention model's in-place steps
 def test_inplace_step_of_a_hybrid_model(hybrid):
   """PaTH, log-linear and attention layers: the in-place step carries their conv, level and

@@ -50,9 +50,11 @@ Variants (each decodes the same greedy continuation from the same cache):
                 weight tiles into L2. Needs JAX >= 0.11 on the GPU; older JAX runs them
                 as plain launches
 
-Each decoder variant runs with `--loop step` (Decoder.step_fn: new token and logits
-buffers every step), `inplace` (step_fn.inplace: token and logits in donated slots of the
-state, so no buffer moves between steps; rows `<variant>+inplace`) or both (default).
+Each decoder variant runs with the loops of `--loop` (default step,inplace): `step`
+(Decoder.step_fn: new token and logits buffers every step), `inplace` (step_fn.inplace:
+token and logits in donated slots of the state, so no buffer moves between steps; rows
+`<variant>+inplace`) and `device` (step_fn.loop: all --steps steps in one call, a loop on
+the device; rows `<variant>+device`).
 
 Bytes per token = every weight read once (QKV, O, MLP, LM head) + the live KV
 cache read (int8 variants: their int8 weights and scales). Agreement is checked
@@ -170,8 +172,17 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-int8-s8": {"gemv": {"form": "mma-s8"}, "layout": {"w_down": "DF"}}}
 
 
-LOOPS = ("step", "inplace", "both")
-INPLACE_SUFFIX = "+inplace"   # the row of a variant's in-place loop
+LOOPS = ("step", "inplace", "device")
+LOOP_SUFFIX = {"step": "", "inplace": "+inplace", "device": "+device"}   # their rows
+
+
+def _loops_arg(text: str) -> tuple[str, ...]:
+  loops = tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+  bad = [w for w in loops if w not in LOOPS]
+  if bad or not loops:
+    raise argparse.ArgumentTypeError(f"unknown loop {', '.join(bad) or repr(text)} (known: "
+                                     f"{', '.join(LOOPS)})")
+  return loops
 
 
 def sweep_groups(text: str | None) -> set[str]:
@@ -223,10 +234,12 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="also trace 16 steps of each make_decoder variant with "
                       "jax.profiler into DIR/<variant>/ and summarize device time per kernel, "
                       "kernels per step and idle time between them")
-  p.add_argument("--loop", default="both", choices=LOOPS,
-                 help="how steps are chained: 'step' (Decoder.step_fn: new token and logits "
-                      "buffers each step), 'inplace' (step_fn.inplace: every buffer reused, rows "
-                      f"'<variant>{INPLACE_SUFFIX}'), or both")
+  p.add_argument("--loop", default=("step", "inplace"), type=_loops_arg, metavar="LOOPS",
+                 help="how steps are chained, comma-separated (default step,inplace): 'step' "
+                      "(Decoder.step_fn: new token and logits buffers each step), 'inplace' "
+                      "(step_fn.inplace: every buffer reused; rows '<variant>+inplace'), "
+                      "'device' (step_fn.loop: --steps steps per call, looped on the device; "
+                      "rows '<variant>+device')")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -349,59 +362,74 @@ def _synthetic_hybrid_state(dec, cfg, pos: int, key):
 
 
 class _Loop:
-  """How the bench chains a decoder's steps: `Decoder.step_fn` (the token in, logits and
-  token out in new buffers each step) or, `inplace`, `step_fn.inplace` (token and logits in
-  donated slots of the state: no buffer of the step is new, so XLA's command buffer has
-  nothing to update between steps). The carry is (state, token) or the slots."""
+  """How the bench chains a decoder's steps: "step", `Decoder.step_fn` (the token in,
+  logits and token out in new buffers each step); "inplace", `step_fn.inplace` (token and
+  logits in donated slots of the state: no buffer of the step is new, so XLA's command
+  buffer has nothing to update between steps); "device", `step_fn.loop` (`n` in-place
+  steps per call, looped on the device). The carry is (state, token) or the slots."""
 
-  def __init__(self, dec, inplace: bool):
-    self.dec, self.inplace = dec, inplace
+  def __init__(self, dec, kind: str, n: int = 1):
+    self.dec, self.kind = dec, kind
+    self.per_call = n if kind == "device" else 1
 
   def start(self, state, token):
     tok = jnp.int32(token)
-    return self.dec.inplace_slots(state, tok) if self.inplace else (state, tok)
+    return (state, tok) if self.kind == "step" else self.dec.inplace_slots(state, tok)
 
   def step(self, carry):
-    """-> (carry, logits, token) of one step."""
-    if self.inplace:
+    """-> (carry, logits or None, tokens) of one call: the step's logits and token, or the
+    device loop's tokens [n] (its first step's logits are gone)."""
+    if self.kind == "device":
+      carry, tokens = self.dec.step_fn.loop(self.dec.weights, carry, self.per_call)
+      return carry, None, tokens
+    if self.kind == "inplace":
       carry = self.dec.step_fn.inplace(self.dec.weights, carry)
       return carry, carry["logits"], carry["token"]
     logits, tok, state = self.dec.step_fn(self.dec.weights, *carry)
     return (state, tok), logits, tok
 
 
+def _loop_positions(loop: str, steps: int, warmup: int, repeats: int) -> tuple[int, float]:
+  """(positions a loop advances in all, its mean position offset while timed): the device
+  loop's compiling call and its warm-up run `steps` steps each."""
+  first = steps if loop == "device" else 1 + warmup
+  return first + repeats * steps, first + repeats * steps / 2
+
+
 def _run_decoder(dec, cfg, kv_len, first_token, steps, warmup, repeats, key,
-                 inplace: bool = False):
+                 loop: str = "step"):
   """Compile, warm up, then time `steps` chained greedy steps (no host syncs). Also the
   host's share: the time until the last step is dispatched (the host runs ahead of the
   device by at most a few dozen steps, so near the full time means host-bound)."""
   out = {}
-  loop = _Loop(dec, inplace)
-  carry = loop.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
+  lp = _Loop(dec, loop, steps)
+  carry = lp.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
   t = time.perf_counter()
-  carry, logits, tok = loop.step(carry)
+  carry, logits, tok = lp.step(carry)
   tok.block_until_ready()
   out["compile_s"] = time.perf_counter() - t
-  out["logits0"] = np.asarray(logits, np.float32).reshape(-1)   # before the next step
-  for _ in range(warmup):
-    carry, _, tok = loop.step(carry)
+  if logits is not None:
+    out["logits0"] = np.asarray(logits, np.float32).reshape(-1)   # before the next step
+  else:   # the device loop: its tokens from the same cache
+    out["tokens"] = np.asarray(tok).tolist()
+  for _ in range(warmup if loop != "device" else 0):
+    carry, _, tok = lp.step(carry)
   tok.block_until_ready()
-  ts, dispatch, tokens = [], [], []
+  ts, dispatch = [], []
   for _ in range(repeats):
     toks = []
     t = time.perf_counter()
-    for _ in range(steps):
-      carry, _, tok = loop.step(carry)
-      if not inplace:    # (in place, the next step reuses the token's buffer)
+    for _ in range(steps // lp.per_call):
+      carry, _, tok = lp.step(carry)
+      if loop == "step":    # (in place, the next step reuses the token's buffer)
         toks.append(tok)
     dispatch.append(time.perf_counter() - t)
     tok.block_until_ready()
     ts.append(time.perf_counter() - t)
-    tokens = [int(x) for x in toks]
+    if toks:
+      out["tokens"] = [int(x) for x in toks]
   out["ms_per_token"] = 1e3 * statistics.median(ts) / steps
   out["dispatch_ms_per_token"] = 1e3 * statistics.median(dispatch) / steps
-  if tokens:
-    out["tokens"] = tokens
   return out
 
 
@@ -480,20 +508,22 @@ def _host_summary(host: list, n_steps: int, top: int) -> dict:
 
 
 def _profile_decoder(dec, cfg, kv_len, first_token, key, trace_dir, n_steps: int = 16,
-                     inplace: bool = False) -> dict:
-  """Trace n_steps chained steps (after a warm-up) and summarize the device time."""
+                     loop: str = "step") -> dict:
+  """Trace n_steps chained steps (after a warm-up) and summarize the device time (the
+  device loop: one call of its n steps, n_steps ignored)."""
   import glob
   import gzip
   import os
-  loop = _Loop(dec, inplace)
-  carry = loop.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
-  for _ in range(3):
-    carry, _, tok = loop.step(carry)
+  lp = _Loop(dec, loop, n_steps)
+  carry = lp.start(_synthetic_state(dec, cfg, kv_len, key), first_token)
+  for _ in range(3 if loop != "device" else 1):
+    carry, _, tok = lp.step(carry)
   tok.block_until_ready()
+  n_steps = max(n_steps, lp.per_call)
   os.makedirs(trace_dir, exist_ok=True)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(n_steps):
-      carry, _, tok = loop.step(carry)
+    for _ in range(n_steps // lp.per_call):
+      carry, _, tok = lp.step(carry)
     tok.block_until_ready()
   files = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
   if not files:
@@ -1012,22 +1042,25 @@ def run(args) -> dict:
                    "meaningless (and XLA CPU timings say nothing about a GPU)")
   res["gemv"] = gemv_bandwidth(args.gemv_size or default_gemv, args.repeats)
   model = LM(cfg, rngs=nnx.Rngs(args.seed))
-  total = args.warmup + 1 + args.repeats * args.steps
-  max_len = kv_len + total
+  positions = {lp: _loop_positions(lp, args.steps, args.warmup, args.repeats)
+               for lp in LOOPS}
+  max_len = kv_len + max(positions[lp][0] for lp in ("step",) + tuple(args.loop))
   key = jax.random.key(args.seed + 1)
   first = 1
-  mean_len = kv_len + 1 + args.warmup + (args.repeats * args.steps) / 2
-  if attention_only:
-    bytes_tok = res["weight_bytes"] + _kv_bytes(cfg, mean_len)
-  else:
+  if not attention_only:
     from jaxlab.models.decode import SLOT_MULTIPLE, init_state
     res["weight_bytes"] = _model_weight_bytes(model)
     shapes = jax.eval_shape(lambda: init_state(cfg, -(-max_len // SLOT_MULTIPLE) * SLOT_MULTIPLE))
-    bytes_tok = res["weight_bytes"] + _cache_bytes(cfg, shapes, mean_len)
-  res["bytes_per_token"] = bytes_tok
-  full_weights = _decode_weight_bytes(jax.eval_shape(lambda: prepare_weights(model)))
 
-  loops = {"step": (False,), "inplace": (True,), "both": (False, True)}[args.loop]
+  def bytes_in(loop: str) -> float:
+    """Bytes per token of a loop: every weight + the live caches at its mean length."""
+    mean_len = kv_len + positions[loop][1]
+    if attention_only:
+      return res["weight_bytes"] + _kv_bytes(cfg, mean_len)
+    return res["weight_bytes"] + _cache_bytes(cfg, shapes, mean_len)
+
+  bytes_tok = res["bytes_per_token"] = bytes_in("step")
+  full_weights = _decode_weight_bytes(jax.eval_shape(lambda: prepare_weights(model)))
 
   def rate(r):
     r["gbps"] = r.setdefault("bytes_per_token", bytes_tok) / (r["ms_per_token"] * 1e-3) / 1e9
@@ -1048,18 +1081,20 @@ def run(args) -> dict:
     dec = make_decoder(model, impl, max_len, layers=layers,
                        interpret=args.interpret if impl == "pallas" else None,
                        kernel_options=kopts, quantize=quantize, share_layers=share)
-    for inplace in loops:
-      name = v + INPLACE_SUFFIX if inplace else v
+    for loop in args.loop:
+      name = v + LOOP_SUFFIX[loop]
 
-      def timed(inplace=inplace, name=name):
+      def timed(loop=loop, name=name):
         r = _run_decoder(dec, cfg, kv_len, first, args.steps, args.warmup, args.repeats, key,
-                         inplace=inplace)
-        if quantize:   # the same cache traffic; the weights as this decoder stores them
-          r["bytes_per_token"] = bytes_tok + _decode_weight_bytes(dec.weights) - full_weights
+                         loop=loop)
+        # the same cache traffic; int8: the weights as this decoder stores them
+        r["bytes_per_token"] = bytes_in(loop) + (
+            _decode_weight_bytes(dec.weights) - full_weights if quantize else 0)
         if args.profile:
           import os
           r["profile"] = _guarded(f"profile {name}", lambda: _profile_decoder(
-              dec, cfg, kv_len, first, key, os.path.join(args.profile, name), inplace=inplace))
+              dec, cfg, kv_len, first, key, os.path.join(args.profile, name),
+              n_steps=args.steps if loop == "device" else 16, loop=loop))
         return rate(r)
 
       res["variants"][name] = _guarded(f"variant {name}", timed)
@@ -1071,23 +1106,32 @@ def run(args) -> dict:
       res["variants"][v] = built
   if args.ops:
     res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
-  for v, r in res["variants"].items():
+  rows = res["variants"]
+  for v, r in rows.items():
+    base, suffix = v, ""
+    for lp in LOOPS[1:]:
+      if v.endswith(LOOP_SUFFIX[lp]):
+        base, suffix = v[:-len(LOOP_SUFFIX[lp])], LOOP_SUFFIX[lp]
     # pallas-int8 against the same int8 step in XLA; xla-int8 against the unquantized
     # step (its row then shows the quantization error).
-    has = lambda name: "logits0" in res["variants"].get(name, {})
-    ref_v = "xla-int8" if v.startswith("pallas-int8") and (
-        has("xla-int8") or has("xla-int8" + INPLACE_SUFFIX)) else "xla-unrolled"
-    if not has(ref_v):   # (--loop inplace: the references' in-place rows)
-      ref_v += INPLACE_SUFFIX
-    ref = res["variants"].get(ref_v, {}).get("tokens")
-    ref_logits = res["variants"].get(ref_v, {}).get("logits0")
-    if ref_logits is not None and v != ref_v:
-      r["reference"] = ref_v
-    if ref is not None and "tokens" in r:
+    ref_v = "xla-int8" if base.startswith("pallas-int8") and any(
+        "xla-int8" + LOOP_SUFFIX[lp] in rows for lp in LOOPS) else "xla-unrolled"
+    # Tokens against the reference's row of the same loop (the same positions); the first
+    # step's logits against its first row that has them (the device loop has none).
+    same = rows.get(ref_v + suffix, {})
+    with_logits = [ref_v + LOOP_SUFFIX[lp] for lp in LOOPS
+                   if "logits0" in rows.get(ref_v + LOOP_SUFFIX[lp], {})]
+    tok_ref = ref_v + suffix if ref_v + suffix != v and "tokens" in same else None
+    log_ref = with_logits[0] if with_logits and with_logits[0] != v else None
+    if (log_ref and "logits0" in r) or (tok_ref and "tokens" in r):
+      r["reference"] = log_ref if log_ref and "logits0" in r else tok_ref
+    if tok_ref and "tokens" in r:
+      ref = same["tokens"]
       r["tokens_match_xla"] = f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}"
-    if ref_logits is not None and "logits0" in r:
+    if log_ref and "logits0" in r:
       # Same cache, same token: the first step's logits must agree up to bf16 rounding.
       # (Chained greedy tokens of a random-init bf16 model diverge at the first near-tie.)
+      ref_logits = rows[log_ref]["logits0"]
       r["logits_rel_err"] = float(np.max(np.abs(r["logits0"] - ref_logits))
                                   / max(float(np.max(np.abs(ref_logits))), 1e-30))
       r["argmax_match_xla"] = bool(np.argmax(r["logits0"]) == np.argmax(ref_logits))

@@ -610,7 +610,8 @@ class Decoder:
   step(state, token) -> (logits [V] fp32, greedy token int32, state)   (state donated)
   inplace_slots(state, token) -> slots;  step_inplace(slots) -> slots: the same step with
     its token and logits in donated slots ("token", "logits"), so that no buffer of the
-    step is new from step to step (StepFn.inplace; the faster loop on a GPU)
+    step is new from step to step (StepFn.inplace; the faster loop on a GPU);
+    decode_inplace(slots, n) -> (slots, tokens [n]): n of them in one call (StepFn.loop)
   prefill_fn(model_state, tokens_T), step_fn(weights, state, token),
   step_fn.inplace(weights, slots): the raw jitted functions (no host-side position
   check; see the module docstring).
@@ -652,8 +653,16 @@ class Decoder:
     self._check_pos(slots)
     return self.step_fn.inplace(self.weights, slots)
 
-  def _check_pos(self, state):
-    pos = int(state["pos"])
+  def decode_inplace(self, slots, n: int):
+    """n greedy steps on the device in one call (StepFn.loop) from `inplace_slots` state:
+    -> (slots, tokens int32 [n]); the slots hold the last step's logits and token."""
+    if n < 1:
+      raise ValueError(f"decode_inplace: n must be >= 1, got {n}")
+    self._check_pos(slots, n)
+    return self.step_fn.loop(self.weights, slots, n)
+
+  def _check_pos(self, state, n: int = 1):
+    pos = int(state["pos"]) + n - 1   # the last step's position
     if not 0 <= pos < self.max_len:
       raise ValueError(f"decode step: position {pos} is past the end of the KV cache "
                        f"(max_len={self.max_len}); make a decoder with a larger max_len")
@@ -867,6 +876,18 @@ def _inplace(step_impl, spec: _Spec):
   return _named(step, step_impl.__name__ + "_inplace")
 
 
+def _on_device(step_impl, spec: _Spec):
+  one = _inplace(step_impl, spec)
+
+  def steps(weights, slots, n: int):
+    def body(i, carry):
+      slots, tokens = carry
+      slots = one(weights, slots)
+      return slots, tokens.at[i].set(slots["token"])
+    return jax.lax.fori_loop(0, n, body, (slots, jnp.zeros((n,), jnp.int32)))
+  return _named(steps, step_impl.__name__ + "_loop")
+
+
 class StepFn:
   """The jitted decode step: `step(weights, state, token) -> (logits, token, state)`,
   state donated.
@@ -883,13 +904,18 @@ class StepFn:
   logits and token it writes held in the state too ("token" int32 [], "logits" [V] fp32;
   Decoder.inplace_slots builds them), all donated. No buffer of the step is new, so a
   step's addresses stay put from step to step, as in a replayed CUDA graph with static
-  buffers (gpt-fast). Read a slot before the next step: that step reuses its buffer."""
+  buffers (gpt-fast). Read a slot before the next step: that step reuses its buffer.
+
+  `.loop(weights, slots, n) -> (slots, tokens [n])`: n in-place greedy steps in one
+  call (a fori_loop on the device, n static): no host work between steps at all."""
 
   def __init__(self, spec: _Spec):
     step_impl = _step_scan if spec.layers == "scan" else _step_unrolled
     self.jitted = jax.jit(_state_first(step_impl, spec), donate_argnums=(1,))
     self.inplace = jax.jit(_inplace(step_impl, spec), donate_argnums=(1,),
                            keep_unused=True)   # the logits slot is only written
+    self.loop = jax.jit(_on_device(step_impl, spec), static_argnums=(2,), donate_argnums=(1,),
+                        keep_unused=True)
 
   def __call__(self, weights, state, token):
     new, logits, tok = self.jitted(weights, state, token)
