@@ -98,6 +98,14 @@ def test_streamer_interface_for_the_cli(model, reference_tokens):
   assert list(s.stream(PROMPT, N, eos_ids=(eos,)))[-1] == eos
   with pytest.raises(ValueError, match="exceeds"):
     next(s.stream(PROMPT, N + 1))
+  # Sampling reads the logits of Decoder.step (greedy runs the in-place step): the same
+  # seed samples the same tokens from the Pallas and the XLA step (fp32, logits to ~1e-6).
+  from jaxlab.models.decode import XLADecodeStreamer
+  from jaxlab.models.sampling import SamplingConfig
+  hot = SamplingConfig(temperature=1.0, top_k=8)
+  sampled = [list(cls(model, max_len=MAX_LEN, sampling=hot, seed=3).stream(PROMPT, 12))
+             for cls in (DecodeStreamer, XLADecodeStreamer)]
+  assert sampled[0] == sampled[1] and len(set(sampled[0])) > 3
 
 
 def _poisoned(dec, clean):

@@ -963,7 +963,9 @@ class DecodeStreamer:
   It has no `.state` attribute on purpose: the CLI's streamer cache then builds a
   new one per model (cheap: the jitted steps are cached per decoder shape). Its decoder
   inlines its layers, the fastest step measured; each kernel is still lowered once per
-  step, so the compile stays short."""
+  step, so the compile stays short. Greedy decoding runs the in-place step
+  (Decoder.step_inplace: its own argmax token, no buffer new per step); sampling reads the
+  logits of Decoder.step."""
 
   def __init__(self, model, *, max_len: int, sampling=None, seed: int = 0, impl: str = "pallas",
                interpret: bool | str | None = None, quantize: str | None = None):
@@ -981,6 +983,15 @@ class DecodeStreamer:
       raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_len={self.max_len}")
     logits, state = self.dec.prefill(list(prompt))
+    if self.sampling.greedy:   # the step's own greedy token, every buffer kept in place
+      slots = None
+      for i in range(max_new_tokens):
+        t = int(jnp.argmax(logits) if slots is None else slots["token"])
+        yield t
+        if t in eos_ids or i == max_new_tokens - 1:
+          return
+        slots = self.dec.step_inplace(self.dec.inplace_slots(state, t) if slots is None
+                                      else slots)
     for i in range(max_new_tokens):
       self.rng, sub = jax.random.split(self.rng)
       t = int(sample_logits(logits[None], sub, self.sampling)[0])
