@@ -19,7 +19,8 @@
 #      instead of once per layer: expect seconds, and check the "compile s" column);
 #      B1_ARGS="--ops --sweep mma,fill" adds the per-op table and sweep
 #      (~2 min; measured 2026-11-27); (b) xla-unrolled again as this run's baseline, then
-#      pallas-mma-best, pallas-prefetch, pallas-pdl, pallas-mma-down-t, then int8:
+#      pallas-mma-best, pallas-prefetch, pallas-mma-prefetch (pallas-mma-128 with PDL
+#      prefetch), pallas-pdl, pallas-mma-down-t, then int8:
 #      xla-int8, pallas-int8 and pallas-int8-mma (int8 tiles on the tensor cores,
 #      eighteenth session), pallas-int8-s8 (int8 WGMMA against the vector's int8
 #      digits, twentieth session), then pallas-mlp2k, pallas-mlp2k-prefetch,
@@ -117,7 +118,7 @@ rm -rf "$DUMP"
 if room 60 "llama-1b-bench variants"; then
   { echo; echo "=== llama-1b-bench: more variants ==="; } >> "$OUT/llama-1b.txt"
   timeout $(cap ${B1B_TIMEOUT:-230}) $PY -m jaxlab.bench.decode --config llama-1b-bench \
-    --loop ${B1B_LOOP:-step,inplace} --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-int8-s8,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
+    --loop ${B1B_LOOP:-step,inplace} --variants ${B1B_VARIANTS:-xla-unrolled,pallas-mma-best,pallas-prefetch,pallas-mma-prefetch,pallas-pdl,pallas-mma-down-t,xla-int8,pallas-int8,pallas-int8-mma,pallas-int8-s8,pallas-mlp2k,pallas-mlp2k-prefetch,pallas-mlp2k-fill,pallas-mlp2k-nochain,pallas-unfused} \
     --profile "$PROF" --json "$OUT/llama-1b-variants.json" >> "$OUT/llama-1b.txt" 2>&1
   stamp "llama-1b-bench variants rc=$?"
 fi

@@ -28,11 +28,11 @@ Variants (each decodes the same greedy continuation from the same cache):
   pallas-mma    pallas-mlp2k with every GEMV kernel's inner product on the tensor cores
                 (kernel_options gemv form "mma", kernels/_gemv.py): QKV, O-projection, both
                 MLP kernels and the LM head
-  pallas-mma-1k, pallas-mma-down-t, pallas-mma-128, pallas-mma-best
+  pallas-mma-1k, pallas-mma-down-t, pallas-mma-128, pallas-mma-best, pallas-mma-prefetch
                 pallas (the one-kernel MLP) with the same option, that with W_down^T,
-                that with 128-byte B rows (gemv swizzle 128), and that with the
+                that with 128-byte B rows (gemv swizzle 128), that with the
                 O-projection's rows at 32 bytes (each op's fastest row of the H100
-                per-op sweep of 2026-11-27)
+                per-op sweep of 2026-11-27), and pallas-mma-128 with PDL "prefetch"
   pallas-int8-mma
                 pallas-int8 with every GEMV on the tensor cores (gemv form "mma": int8
                 tiles widened to bf16 in registers as WGMMA's A operand) and W_down^T
@@ -109,7 +109,7 @@ VARIANTS = ("pallas", "xla-unrolled", "xla-scan", "model", "pallas-int8", "xla-i
             "pallas-pdl", "pallas-prefetch", "pallas-mlp2k", "pallas-mlp2k-nochain",
             "pallas-mlp2k-prefetch", "pallas-mlp2k-fill", "pallas-mma", "pallas-mma-1k",
             "pallas-mma-down-t", "pallas-mma-attn", "pallas-mma-128", "pallas-mma-best",
-            "pallas-int8-mma", "pallas-int8-s8")
+            "pallas-mma-prefetch", "pallas-int8-mma", "pallas-int8-s8")
 # variant -> (impl, layers, quantize, share_layers) for the make_decoder variants
 # ("-shared": one jitted block per layer kind; the others inline every layer into one
 # flat step, make_decoder's default)
@@ -134,6 +134,7 @@ _DECODER_VARIANTS = {
     "pallas-mma-attn": ("pallas", "unrolled", None, False),
     "pallas-mma-128": ("pallas", "unrolled", None, False),
     "pallas-mma-best": ("pallas", "unrolled", None, False),
+    "pallas-mma-prefetch": ("pallas", "unrolled", None, False),
     "pallas-int8-mma": ("pallas", "unrolled", "int8", False),
     "pallas-int8-s8": ("pallas", "unrolled", "int8", False)}
 # --sweep groups: attention num_splits and GEMV split-K; MLP store / tile options (bf16
@@ -167,6 +168,9 @@ _VARIANT_OPTIONS = {"pallas-unfused": {"fuse": {"qkv_rope": False, "out_mlp": Fa
                     "pallas-mma-best": {"gemv": {"form": "mma", "swizzle": 128},
                                         "out_proj_residual": {"gemv": "mma",
                                                               "mma_swizzle": 32}},
+                    # and each kernel launched early, its first weight tiles prefetched
+                    "pallas-mma-prefetch": {"gemv": {"form": "mma", "swizzle": 128},
+                                            "launch": {"pdl": "prefetch"}},
                     # int8 tiles enter WGMMA as A only: W_down^T puts the down phase there
                     "pallas-int8-mma": {"gemv": {"form": "mma"}, "layout": {"w_down": "DF"}},
                     "pallas-int8-s8": {"gemv": {"form": "mma-s8"}, "layout": {"w_down": "DF"}}}
