@@ -1012,7 +1012,11 @@ def _guarded(what: str, fn) -> dict:
     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     _log(f"{what}: FAILED {msg}")
     return {"error": msg}
-  said = ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))
+  flat = {k: v for k, v in r.items() if isinstance(v, float)}
+  for k, sub in r.items():   # (one level down: the profile's host summary)
+    if isinstance(sub, dict):
+      flat.update({f"{k}.{kk}": vv for kk, vv in sub.items() if isinstance(vv, float)})
+  said = ", ".join(f"{k}={v:.4g}" for k, v in flat.items())
   if said:
     _log(f"{what}: {said}")
   return r

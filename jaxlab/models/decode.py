@@ -938,8 +938,8 @@ def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                   layers: str = "unrolled", quantize: str | None = None,
                   share_layers: bool = False,
                   kernel_options: Mapping[str, Mapping[str, Any]] | None = None) -> np.ndarray:
-  """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n]); the options
-  are make_decoder's."""
+  """Greedy batch-1 decoding: the n tokens after the prompt (int32 [n]), the steps in
+  one call (Decoder.decode_inplace); the options are make_decoder's."""
   if n < 1:
     raise ValueError(f"decode_greedy: n must be >= 1, got {n}")
   max_len = len(prompt_tokens) + n if max_len is None else max_len
@@ -947,11 +947,11 @@ def decode_greedy(model, prompt_tokens: Sequence[int], n: int, *, impl: str,
                      quantize=quantize, share_layers=share_layers, kernel_options=kernel_options)
   logits, state = dec.prefill(prompt_tokens)
   tok = jnp.argmax(logits).astype(jnp.int32)
-  out = [tok]
-  for _ in range(n - 1):
-    _, tok, state = dec.step(state, tok)
-    out.append(tok)
-  return np.asarray(jnp.stack(out))
+  if n == 1:
+    return np.asarray(tok).reshape(1)
+  # the n - 1 steps in one call, on the device (Decoder.decode_inplace)
+  _, tokens = dec.decode_inplace(dec.inplace_slots(state, tok), n - 1)
+  return np.concatenate([np.asarray(tok).reshape(1), np.asarray(tokens)])
 
 
 class DecodeStreamer:
