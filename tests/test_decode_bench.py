@@ -56,25 +56,26 @@ def test_summarize_trace_reads_the_hosts_command_buffer_work():
 def test_cpu_smoke_run_in_place_and_device_loops(tmp_path):
   """--loop inplace,device: rows '<variant>+inplace' (first-step logits checked against
   xla-unrolled's in-place row) and '<variant>+device' (all steps in one call: its tokens
-  against xla-unrolled's device loop), with the host's dispatch time per token."""
+  against xla-unrolled's device loop), with the host's dispatch time per token. (XLA
+  variants, for time: tests/test_kernels_decode.py runs the Pallas step both ways.)"""
   p = argparse.ArgumentParser()
   decode.add_arguments(p)
   out = tmp_path / "r.json"
   args = p.parse_args(["--config", "tiny", "--steps", "3", "--repeats", "1", "--warmup", "1",
-                       "--variants", "xla-unrolled,pallas", "--loop", "inplace,device",
+                       "--variants", "xla-unrolled,xla-scan", "--loop", "inplace,device",
                        "--json", str(out)])
   assert decode.main(args) == 0
   res = json.loads(out.read_text())
-  assert sorted(res["variants"]) == ["pallas+device", "pallas+inplace", "xla-unrolled+device",
-                                     "xla-unrolled+inplace"]
-  r = res["variants"]["pallas+inplace"]
+  assert sorted(res["variants"]) == ["xla-scan+device", "xla-scan+inplace",
+                                     "xla-unrolled+device", "xla-unrolled+inplace"]
+  r = res["variants"]["xla-scan+inplace"]
   assert r["reference"] == "xla-unrolled+inplace" and r["argmax_match_xla"] is True
   assert r["logits_rel_err"] < 1e-4 and "tokens_match_xla" not in r
   assert 0 < r["dispatch_ms_per_token"] <= r["ms_per_token"]
-  r = res["variants"]["pallas+device"]
+  r = res["variants"]["xla-scan+device"]
   assert r["reference"] == "xla-unrolled+device" and r["tokens_match_xla"] == "3/3"
   # the device loop's timed steps sit 3 positions later (its compiling call ran 3 steps)
-  assert r["bytes_per_token"] > res["variants"]["pallas+inplace"]["bytes_per_token"]
+  assert r["bytes_per_token"] > res["variants"]["xla-scan+inplace"]["bytes_per_token"]
 
 
 def test_loop_argument_names_the_unknown_loop():

@@ -216,15 +216,20 @@ def test_every_state_leaf_keeps_its_buffer(model, impl):
   assert "jit__step_unrolled" in dec.step_fn.lower(dec.weights, state, jnp.int32(1)).as_text()
 
 
+def _prefilled(model, impl, max_len, layers="unrolled"):
+  """(decoder, state after the prompt, its greedy token, in-place slots of a copy)."""
+  dec = make_decoder(model, impl, max_len, layers=layers)
+  logits, state = dec.prefill(PROMPT)
+  tok = jnp.argmax(logits).astype(jnp.int32)
+  return dec, state, tok, dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+
+
 @pytest.mark.parametrize("impl,layers", [("xla", "unrolled"), ("xla", "scan"),
                                          ("pallas", "unrolled")])
 def test_inplace_step_decodes_like_step(model, impl, layers):
   """step_inplace reads its token slot and writes the same logits and greedy token as
   step; past the end of the cache it raises, as step does."""
-  dec = make_decoder(model, impl, len(PROMPT) + 5, layers=layers)
-  logits, state = dec.prefill(PROMPT)
-  tok = jnp.argmax(logits).astype(jnp.int32)
-  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  dec, state, tok, slots = _prefilled(model, impl, len(PROMPT) + 5, layers)
   for _ in range(4):
     logits, tok, state = dec.step(state, tok)
     slots = dec.step_inplace(slots)
@@ -244,10 +249,7 @@ def test_inplace_step_decodes_like_step(model, impl, layers):
 def test_device_loop_decodes_like_step(model, impl):
   """decode_inplace: n greedy steps in one call give step's tokens, and its slots the last
   step's logits; n steps that would pass the end of the cache raise."""
-  dec = make_decoder(model, impl, len(PROMPT) + 6)
-  logits, state = dec.prefill(PROMPT)
-  tok = jnp.argmax(logits).astype(jnp.int32)
-  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  dec, state, tok, slots = _prefilled(model, impl, len(PROMPT) + 6)
   want = []
   for _ in range(5):
     logits, tok, state = dec.step(state, tok)
@@ -264,10 +266,7 @@ def test_device_loop_decodes_like_step(model, impl):
 def test_inplace_step_of_a_hybrid_model(hybrid):
   """PaTH, log-linear and attention layers: the in-place step carries their conv, level and
   key states as step does."""
-  dec = make_decoder(hybrid, "xla", len(PROMPT) + 4)
-  logits, state = dec.prefill(PROMPT)
-  tok = jnp.argmax(logits).astype(jnp.int32)
-  slots = dec.inplace_slots(jax.tree.map(jnp.copy, state), tok)
+  dec, state, tok, slots = _prefilled(hybrid, "xla", len(PROMPT) + 4)
   for _ in range(3):
     logits, tok, state = dec.step(state, tok)
     slots = dec.step_inplace(slots)
