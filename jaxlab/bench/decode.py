@@ -1129,10 +1129,12 @@ def run(args) -> dict:
     same = rows.get(ref_v + suffix, {})
     with_logits = [ref_v + LOOP_SUFFIX[lp] for lp in LOOPS
                    if "logits0" in rows.get(ref_v + LOOP_SUFFIX[lp], {})]
-    tok_ref = ref_v + suffix if ref_v + suffix != v and "tokens" in same else None
-    log_ref = with_logits[0] if with_logits and with_logits[0] != v else None
-    if (log_ref and "logits0" in r) or (tok_ref and "tokens" in r):
-      r["reference"] = log_ref if log_ref and "logits0" in r else tok_ref
+    # (the reference's own row compares with itself, as a check of the check)
+    tok_ref = ref_v + suffix if "tokens" in same else None
+    log_ref = with_logits[0] if with_logits else None
+    named = log_ref if log_ref and "logits0" in r else tok_ref if "tokens" in r else None
+    if named and named != v:
+      r["reference"] = named
     if tok_ref and "tokens" in r:
       ref = same["tokens"]
       r["tokens_match_xla"] = f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}"
