@@ -103,9 +103,9 @@ def test_streamer_interface_for_the_cli(model, reference_tokens):
   from jaxlab.models.decode import XLADecodeStreamer
   from jaxlab.models.sampling import SamplingConfig
   hot = SamplingConfig(temperature=1.0, top_k=8)
-  sampled = [list(cls(model, max_len=MAX_LEN, sampling=hot, seed=3).stream(PROMPT, 12))
+  sampled = [list(cls(model, max_len=MAX_LEN, sampling=hot, seed=3).stream(PROMPT, 6))
              for cls in (DecodeStreamer, XLADecodeStreamer)]
-  assert sampled[0] == sampled[1] and len(set(sampled[0])) > 3
+  assert sampled[0] == sampled[1] and len(set(sampled[0])) > 2
 
 
 def _poisoned(dec, clean):
@@ -245,7 +245,8 @@ def test_inplace_step_decodes_like_step(model, impl, layers):
     dec.inplace_slots(slots, 1)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+# pallas: slow (~10 s; CI runs it); decode_greedy runs the Pallas loop in the default run
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_device_loop_decodes_like_step(model, impl):
   """decode_inplace: n greedy steps in one call give step's tokens, and its slots the last
   step's logits; n steps that would pass the end of the cache raise."""
@@ -430,7 +431,9 @@ def test_gated_nan_tails_and_end_of_cache(gated, impl):
   _full_cache_is_refused(dec, _steps_agree(dec, clean, _poisoned(dec, clean)))
 
 
-@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+# both slow (~25 s; CI runs them): the default run stays under 15 min on the 2-core VM
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow),
+                                  pytest.param("pallas", marks=pytest.mark.slow)])
 def test_scatter_row_write_decodes_the_same(model, reference_tokens, gated, gated_tokens, impl):
   """kernel_options={"rope_append": {"write": "scatter"}} (the cache row written by one
   scatter that drops an out-of-range slot) gives the same tokens as generate() for

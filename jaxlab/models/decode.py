@@ -655,7 +655,8 @@ class Decoder:
 
   def decode_inplace(self, slots, n: int):
     """n greedy steps on the device in one call (StepFn.loop) from `inplace_slots` state:
-    -> (slots, tokens int32 [n]); the slots hold the last step's logits and token."""
+    -> (slots, tokens int32 [n]); the slots hold the last step's logits and token. n is
+    static: each new n compiles the loop once."""
     if n < 1:
       raise ValueError(f"decode_inplace: n must be >= 1, got {n}")
     self._check_pos(slots, n)
