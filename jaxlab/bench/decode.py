@@ -1103,7 +1103,7 @@ def run(args) -> dict:
           r["profile"] = _guarded(f"profile {name}", lambda: _profile_decoder(
               dec, cfg, kv_len, first, key, os.path.join(args.profile, name),
               n_steps=args.steps if loop == "device" else 16, loop=loop))
-        return rate(r)
+        return rate(dict(r, variant=v, loop=loop))
 
       res["variants"][name] = _guarded(f"variant {name}", timed)
     del dec
@@ -1115,20 +1115,18 @@ def run(args) -> dict:
   if args.ops:
     res["ops"] = op_table(cfg, kv_len, args.interpret, opts, args.repeats, sweep=args.sweep)
   rows = res["variants"]
+  ran = lambda name: "ms_per_token" in rows.get(name, {})
   for v, r in rows.items():
-    base, suffix = v, ""
-    for lp in LOOPS[1:]:
-      if v.endswith(LOOP_SUFFIX[lp]):
-        base, suffix = v[:-len(LOOP_SUFFIX[lp])], LOOP_SUFFIX[lp]
+    suffix = LOOP_SUFFIX[r.get("loop", "step")]
     # pallas-int8 against the same int8 step in XLA; xla-int8 against the unquantized
     # step (its row then shows the quantization error).
-    ref_v = "xla-int8" if base.startswith("pallas-int8") and any(
-        "xla-int8" + LOOP_SUFFIX[lp] in rows for lp in LOOPS) else "xla-unrolled"
+    ref_v = "xla-int8" if r.get("variant", v).startswith("pallas-int8") and any(
+        ran("xla-int8" + sfx) for sfx in LOOP_SUFFIX.values()) else "xla-unrolled"
     # Tokens against the reference's row of the same loop (the same positions); the first
     # step's logits against its first row that has them (the device loop has none).
     same = rows.get(ref_v + suffix, {})
-    with_logits = [ref_v + LOOP_SUFFIX[lp] for lp in LOOPS
-                   if "logits0" in rows.get(ref_v + LOOP_SUFFIX[lp], {})]
+    with_logits = [ref_v + sfx for sfx in LOOP_SUFFIX.values()
+                   if "logits0" in rows.get(ref_v + sfx, {})]
     # (the reference's own row compares with itself, as a check of the check)
     tok_ref = ref_v + suffix if "tokens" in same else None
     log_ref = with_logits[0] if with_logits else None
@@ -1182,18 +1180,16 @@ def format_table(res: dict) -> str:
       lines.append(f"profile {v}: {prof['kernels_per_step']:.0f} kernels/step, device busy "
                    f"{prof['busy_us_per_step']:.0f} of {prof['span_us_per_step']:.0f} us/step "
                    f"(idle {prof['idle_fraction']:.0%})")
-      for k in prof["top"]:
-        lines.append(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
-                     f"{k['name']}")
+      row = lambda k: (f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
+                       f"{k['name']}")
+      lines += [row(k) for k in prof["top"]]
       h = prof.get("host")
       if h:
         lines.append(f"  host {v}: dispatch {h['dispatch_us_per_step']:.0f} us/step, command-"
                      f"buffer updates {h['updates_per_step']:.2f}/step "
                      f"({h['update_us_per_step']:.0f} us), graph launch "
                      f"{h['graph_launch_us_per_step']:.0f} us/step")
-        for k in h["top"]:
-          lines.append(f"    {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f} calls  "
-                       f"{k['name']}")
+        lines += [row(k) for k in h["top"]]
     elif prof:
       lines.append(f"profile {v}: {prof.get('note') or prof.get('error')}")
   if "ops" in res:

@@ -984,22 +984,23 @@ class DecodeStreamer:
       raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_len={self.max_len}")
     logits, state = self.dec.prefill(list(prompt))
-    if self.sampling.greedy:   # the step's own greedy token, every buffer kept in place
-      slots = None
-      for i in range(max_new_tokens):
-        t = int(jnp.argmax(logits) if slots is None else slots["token"])
-        yield t
-        if t in eos_ids or i == max_new_tokens - 1:
-          return
-        slots = self.dec.step_inplace(self.dec.inplace_slots(state, t) if slots is None
-                                      else slots)
+    greedy, slots = self.sampling.greedy, None   # greedy: the in-place step's own token
     for i in range(max_new_tokens):
-      self.rng, sub = jax.random.split(self.rng)
-      t = int(sample_logits(logits[None], sub, self.sampling)[0])
+      if slots is not None:
+        t = int(slots["token"])
+      elif greedy:
+        t = int(jnp.argmax(logits))
+      else:
+        self.rng, sub = jax.random.split(self.rng)
+        t = int(sample_logits(logits[None], sub, self.sampling)[0])
       yield t
       if t in eos_ids or i == max_new_tokens - 1:
         return
-      logits, _, state = self.dec.step(state, t)
+      if greedy:
+        slots = self.dec.step_inplace(self.dec.inplace_slots(state, t) if slots is None
+                                      else slots)
+      else:
+        logits, _, state = self.dec.step(state, t)
 
 
 class XLADecodeStreamer(DecodeStreamer):
